@@ -1,0 +1,3 @@
+from fercache.cli import main
+
+main()

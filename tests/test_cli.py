@@ -1,0 +1,78 @@
+"""The command line: help text for everything, clean errors, and `inspect` end to end."""
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fercache.cli import app
+from tests.test_affwild2 import EXPR_HEADER, write_annotation, write_images
+
+runner = CliRunner()
+COMMANDS = sorted(typer.main.get_command(app).commands)
+
+
+def test_top_level_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert name in result.output
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_option_and_argument_has_help(name):
+    command = typer.main.get_command(app).commands[name]
+    assert command.help, f"{name} has no description"
+    undocumented = [p.name for p in command.params if not getattr(p, "help", None)]
+    assert undocumented == [], f"{name}: parameters without help: {undocumented}"
+    result = runner.invoke(app, [name, "--help"])
+    assert result.exit_code == 0
+    for param in command.params:
+        for flag in getattr(param, "opts", []):
+            if flag.startswith("--"):
+                assert flag in result.output
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("fercache ")
+
+
+def test_domain_error_is_one_clean_line_with_exit_code_2(tmp_path):
+    write_annotation(tmp_path, f"{EXPR_HEADER}\n1\nseven\n", "video1")
+    write_images(tmp_path, "video1", [1, 2])
+
+    result = runner.invoke(app, ["inspect", str(tmp_path), "--no-progress"])
+
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "video1.txt:3: 'seven' for frame 2" in result.stderr
+
+
+def test_inspect_tabulates_a_tree_and_writes_json(tmp_path):
+    write_annotation(tmp_path, f"{EXPR_HEADER}\n0\n4\n4\n-1\n", "a_left")
+    write_annotation(tmp_path, f"{EXPR_HEADER}\n7\n7\n", "a_right")
+    write_annotation(tmp_path, f"{EXPR_HEADER}\n3\n3\n", "b", split="Validation_Set")
+    write_images(tmp_path, "a_left", [1, 2])
+    write_images(tmp_path, "a_right", [1, 2])
+    write_images(tmp_path, "b", [2])
+    write_images(tmp_path, "test_video", [1, 2, 3])
+    out = tmp_path / "summary.json"
+
+    result = runner.invoke(app, ["inspect", str(tmp_path), "--json", str(out), "--no-progress"])
+
+    assert result.exit_code == 0, result.output
+    assert "a_left, a_right" in result.output
+    assert "test_video" in result.output
+    summary = json.loads(out.read_text())
+    train = next(s for s in summary["splits"] if s["split"] == "train")
+    assert train["videos"] == 2 and train["frames"] == 6
+    assert train["labelled"] == 5 and train["invalid"] == 1
+    assert train["frames_without_image"] == 2 and train["labelled_without_image"] == 1
+    assert train["distribution"]["Happiness"] == 2 and train["distribution"]["Other"] == 2
+    val = next(s for s in summary["splits"] if s["split"] == "val")
+    assert val["labelled_without_image"] == 1 and val["distribution"]["Fear"] == 2
+    assert summary["unannotated_videos"] == ["test_video"]
+    assert summary["note_counts"] == {"annotation_longer": 1}
+    assert summary["images"] == 8
