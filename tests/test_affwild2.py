@@ -129,16 +129,14 @@ def test_utf8_bom_and_spaces_are_tolerated(tmp_path):
 def test_non_utf8_file_is_reported(tmp_path):
     path = write_annotation(tmp_path, "", "binary")
     path.write_bytes(b"\xff\xfe\x00\x81garbage")
-    with pytest.raises(FercacheError, match="binary.txt: not a UTF-8 text annotation file"):
+    with pytest.raises(FercacheError, match=r"binary\.txt: not a UTF-8 text annotation file"):
         read_annotation(path, EXPR)
 
 
 def test_au_and_va_files(tmp_path):
     au_rows = ["1,0,0,0,0,0,1,0,0,0,1,0", ",".join(["-1"] * 12), "0,0,1,0,1,0,0,0,1,1,0,0"]
     au_path = write_annotation(tmp_path, "\n".join([AU_HEADER, *au_rows]), "v", "AU_Set")
-    va_path = write_annotation(
-        tmp_path, "valence,arousal\n0.25,-0.5\n-5,-5\n1,1\n", "v", "VA_Set"
-    )
+    va_path = write_annotation(tmp_path, "valence,arousal\n0.25,-0.5\n-5,-5\n1,1\n", "v", "VA_Set")
 
     au, _ = read_annotation(au_path, AU)
     va, _ = read_annotation(va_path, VA)

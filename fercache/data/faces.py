@@ -2,9 +2,10 @@
 
 A face is a stack of polygons and lines in *face units*: x to the right, y down, origin just
 above the nose tip, the head about 1.8 units wide. Points are projected with a pseudo-3D head
-pose (features lie on an ellipsoid, so yaw shifts them sideways and compresses the far side),
-drawn at twice the output size and downsampled for anti-aliasing, then degraded by blur,
-lighting, colour cast and sensor noise. Nothing here draws random numbers of its own except
+pose (features lie on an ellipsoid, so a turned head compresses its far side) and re-centred as
+Aff-Wild2's landmark alignment would (so yaw moves the outline, ears and hair around the
+features), drawn at twice the output size and downsampled for anti-aliasing, then degraded by
+blur, lighting, colour cast and sensor noise. Nothing here draws random numbers of its own except
 `sample_identity` / `sample_background` (from the caller's generator) and the sensor noise
 (from `Nuisance.noise_seed`): the same inputs always give the same pixels.
 """
@@ -21,6 +22,7 @@ _ORIGIN = (0.5, 0.5)  # canvas position of the face origin, as fractions of the 
 _HEAD_Y = -0.08  # centre of the head ellipse
 _HEAD_DEPTH = 0.8  # how far the face surface stands out of the silhouette plane
 _EYE_Y, _BROW_Y, _MOUTH_Y = -0.22, -0.40, 0.42
+_ALIGNED_Y = 0.1  # the face point that landmark alignment keeps in place (around the nose)
 _MOUTH_INTERIOR = (70, 25, 30)
 _TEETH = (236, 232, 220)
 _SCLERA = (236, 234, 228)
@@ -183,7 +185,7 @@ def sample_identity(rng: np.random.Generator) -> Identity:
     """A random person."""
     skin_tone = rng.beta(1.4, 1.4)
     skin = ((1 - skin_tone) * _SKIN_LIGHT + skin_tone * _SKIN_DARK) * rng.normal(1, 0.03, 3)
-    lip = skin * np.array([0.88, 0.62, 0.62]) + np.array([25.0, 0.0, 0.0])
+    lip = skin * np.array([0.8, 0.5, 0.5]) + np.array([40.0, 0.0, 0.0])
     hair = np.array(_HAIR_COLOURS[rng.integers(len(_HAIR_COLOURS))]) * rng.uniform(0.85, 1.15)
     eyes_rest = rng.normal(0, 0.12)
     brows_rest = rng.normal(0, 0.1)
@@ -205,7 +207,7 @@ def sample_identity(rng: np.random.Generator) -> Identity:
         mouth_size=rng.uniform(0.85, 1.15),
         lip_thickness=rng.uniform(0.7, 1.3),
         lip=_colour(lip),
-        expressiveness=rng.uniform(0.75, 1.15),
+        expressiveness=rng.uniform(0.85, 1.15),
         rest=Geometry(
             mouth_curve=rng.normal(0, 0.2),
             brow_inner=rng.normal(0, 0.15),
@@ -258,13 +260,9 @@ class Nuisance:
     occluder: Occluder | None = None
 
 
-def _background_margin(size: int) -> int:
-    return size // 2  # room for the camera to move
-
-
 def sample_background(rng: np.random.Generator, size: int = 112) -> Image.Image:
     """An out-of-focus cluttered scene, larger than the image so that it can pan."""
-    side = size + _background_margin(size)
+    side = size + size // 2  # the margin lets the camera pan
     base = rng.uniform(40, 210, 3)
     image = Image.new("RGB", (side, side), _colour(base))
     draw = ImageDraw.Draw(image)
@@ -294,14 +292,29 @@ class _Painter:
         self.cos_yaw, self.sin_yaw = np.cos(nuisance.yaw), np.sin(nuisance.yaw)
         self.cos_pitch, self.sin_pitch = np.cos(nuisance.pitch), np.sin(nuisance.pitch)
         self.radius_x, self.radius_y = identity.head_width, identity.head_height
+        # Aff-Wild2's crops are aligned on facial landmarks: the middle of the face stays put
+        # and a turned head shows as its outline (ears, hair, cheeks) moving around it.
+        centre_depth = float(self._depth(np.array(0.0), np.array(_ALIGNED_Y)))
+        self.align_x = centre_depth * self.sin_yaw
+        self.align_y = _ALIGNED_Y * (self.cos_pitch - 1) + centre_depth * self.sin_pitch
+
+    def _depth(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """How far face points stand out of the silhouette plane (the head is an ellipsoid)."""
+        inside = 1 - (x / self.radius_x) ** 2 - ((y - _HEAD_Y) / self.radius_y) ** 2
+        return _HEAD_DEPTH * np.sqrt(np.maximum(inside, 0.0))
+
+    def _turn(self, points: np.ndarray, lift: float) -> tuple[np.ndarray, np.ndarray]:
+        """x and y of face points after yaw, pitch and the alignment that re-centres them."""
+        x, y = points[:, 0], points[:, 1]
+        z = self._depth(x, y) + lift
+        return (
+            x * self.cos_yaw + z * self.sin_yaw - self.align_x,
+            y * self.cos_pitch + z * self.sin_pitch - self.align_y,
+        )
 
     def project(self, points: np.ndarray, lift: float = 0.0) -> list[float]:
         """Canvas coordinates, flat [x0, y0, x1, y1, ...]; `lift` raises points off the face."""
-        x, y = points[:, 0], points[:, 1]
-        inside = 1 - (x / self.radius_x) ** 2 - ((y - _HEAD_Y) / self.radius_y) ** 2
-        z = _HEAD_DEPTH * np.sqrt(np.maximum(inside, 0.0)) + lift
-        turned_x = x * self.cos_yaw + z * self.sin_yaw
-        turned_y = y * self.cos_pitch + z * self.sin_pitch
+        turned_x, turned_y = self._turn(points, lift)
         canvas = np.empty_like(points)
         canvas[:, 0] = turned_x * self.cos_roll - turned_y * self.sin_roll + self.origin_x
         canvas[:, 1] = turned_x * self.sin_roll + turned_y * self.cos_roll + self.origin_y
@@ -380,8 +393,11 @@ def _draw_hair_front(painter: _Painter, identity: Identity) -> None:
 
 def _draw_head(painter: _Painter, identity: Identity, geometry: Geometry) -> None:
     shadow = _shade(identity.skin, 0.82)
-    painter.polygon(_curve(np.array([-0.42, 0.42, 0.45, -0.45]), np.array([0.4, 0.4, 1.6, 1.6])),
-                    shadow, lift=-_HEAD_DEPTH)  # fmt: skip
+    painter.polygon(
+        _curve(np.array([-0.42, 0.42, 0.45, -0.45]), np.array([0.4, 0.4, 1.6, 1.6])),
+        shadow,
+        lift=-_HEAD_DEPTH,
+    )
     for side in (-1, 1):
         ear = _ellipse(side * identity.head_width * 0.98, -0.12, 0.11, 0.2, 14)
         painter.polygon(ear, shadow, lift=-0.3)
@@ -410,18 +426,19 @@ def _draw_folds(painter: _Painter, identity: Identity, geometry: Geometry) -> No
 
 
 def _eye_open_factor(openness: float) -> float:
-    return max(0.04, 1 + 0.7 * openness)
+    return max(0.04, 1 + openness)
 
 
-def _draw_eye(painter: _Painter, identity: Identity, side: int, openness: float,
-              cheek_raise: float) -> None:  # fmt: skip
+def _draw_eye(
+    painter: _Painter, identity: Identity, side: int, openness: float, cheek_raise: float
+) -> None:
     cx, half_w = side * 0.36 * identity.eye_spacing, 0.16 * identity.eye_size
     half_h = 0.075 * identity.eye_size * _eye_open_factor(openness)
     u = np.linspace(-1, 1, 11)
     xs = cx + half_w * u
     upper = _EYE_Y - half_h * (1 - u**2) ** 0.8 - 0.01 * side * u  # outer corner slightly higher
     lower = _EYE_Y + half_h * (0.8 - 0.35 * max(cheek_raise, 0.0)) * (1 - u**2) ** 0.9
-    painter.polygon(np.concatenate([_curve(xs, upper), _curve(xs[::-1], lower[::-1])]), _SCLERA)
+    painter.polygon(_loop(xs, upper, lower), _SCLERA)
     iris_r = 0.062 * identity.eye_size
     for radius, colour in ((iris_r, identity.iris), (0.45 * iris_r, (15, 12, 12))):
         disc = _ellipse(cx, _EYE_Y + 0.1 * half_h, radius, radius, 16)
@@ -437,24 +454,31 @@ def _draw_eye(painter: _Painter, identity: Identity, side: int, openness: float,
 
 
 def _draw_brows(painter: _Painter, identity: Identity, geometry: Geometry) -> None:
-    colour = _shade(identity.hair, 0.85)
+    colour = _shade(identity.hair, 0.6)
     for side, raise_ in ((-1, geometry.brow_raise_left), (1, geometry.brow_raise_right)):
         centre = side * 0.36 * identity.eye_spacing
         squeeze = 0.04 * max(-geometry.brow_inner, 0.0)
-        inner = (centre - side * (0.15 - squeeze), _BROW_Y - 0.09 * raise_ - 0.1 * geometry.brow_inner)
-        outer = (centre + side * 0.19, _BROW_Y - 0.08 * raise_ + 0.03 * geometry.brow_inner + 0.03)
+        inner = (
+            centre - side * (0.15 - squeeze),
+            _BROW_Y - 0.16 * raise_ - 0.17 * geometry.brow_inner,
+        )
+        outer = (centre + side * 0.19, _BROW_Y - 0.15 * raise_ + 0.05 * geometry.brow_inner + 0.03)
         arch = 0.02 + 0.05 * identity.brow_arch
-        middle = (centre + side * 0.03, _BROW_Y - arch - 0.1 * raise_ - 0.02 * geometry.brow_inner)
+        middle = (centre + side * 0.03, _BROW_Y - arch - 0.17 * raise_ - 0.04 * geometry.brow_inner)
         spine = _bezier(inner, middle, outer)
-        thickness = 0.035 * identity.brow_thickness * np.linspace(1.0, 0.45, len(spine))
-        painter.polygon(_loop(spine[:, 0], spine[:, 1] - thickness, spine[:, 1] + thickness / 2),
-                        colour)  # fmt: skip
+        thickness = 0.05 * identity.brow_thickness * np.linspace(1.0, 0.45, len(spine))
+        painter.polygon(
+            _loop(spine[:, 0], spine[:, 1] - thickness, spine[:, 1] + thickness / 2), colour
+        )
     lines = _shade(identity.skin, 0.75)
     frown = max(-geometry.brow_inner, 0.0)
     if frown > 0.15:  # vertical furrows between lowered brows
         for x in (-0.04, 0.04):
-            painter.line(_curve(np.array([x, x * 1.3]), np.array([-0.42, -0.3])),
-                         _shade(identity.skin, 1 - 0.3 * frown), 0.012)  # fmt: skip
+            painter.line(
+                _curve(np.array([x, x * 1.3]), np.array([-0.42, -0.3])),
+                _shade(identity.skin, 1 - 0.3 * frown),
+                0.012,
+            )
     lift = (geometry.brow_raise_left + geometry.brow_raise_right) / 2
     if lift > 0.25:  # forehead lines above raised brows
         for y in (-0.6, -0.68):
@@ -468,21 +492,26 @@ def _draw_nose(painter: _Painter, identity: Identity, geometry: Geometry) -> Non
     tip = 0.13 * identity.nose_length - 0.03 * wrinkle
     wing = 0.1 * identity.nose_width * (1 + 0.15 * wrinkle)
     painter.line(_bezier((0.06, -0.16), (0.09, 0.0), (0.07, tip - 0.03), 5), line, 0.012, 0.2)
-    painter.line(_bezier((-wing, tip - 0.02), (0.0, tip + 0.07), (wing, tip - 0.02), 7),
-                 line, 0.016, 0.25)  # fmt: skip
+    painter.line(
+        _bezier((-wing, tip - 0.02), (0.0, tip + 0.07), (wing, tip - 0.02), 7), line, 0.016, 0.25
+    )
     for side in (-1, 1):
         nostril = _ellipse(side * 0.045, tip + 0.015, 0.025, 0.013, 10)
         painter.polygon(nostril, _shade(identity.skin, 0.45), lift=0.22)
     if wrinkle > 0.2:
         crease = _shade(identity.skin, 1 - 0.35 * wrinkle)
         for y in (-0.13, -0.08, -0.03):
-            painter.line(_curve(np.array([-0.06, 0.0, 0.06]), np.array([y, y - 0.015, y])),
-                         crease, 0.01, 0.15)  # fmt: skip
+            painter.line(
+                _curve(np.array([-0.06, 0.0, 0.06]), np.array([y, y - 0.015, y])),
+                crease,
+                0.01,
+                0.15,
+            )
 
 
 def _mouth_corner_x(identity: Identity, geometry: Geometry) -> float:
     narrowing = 1 - 0.3 * max(geometry.mouth_round, 0.0)
-    return 0.25 * identity.mouth_size * (1 + 0.35 * geometry.mouth_width) * narrowing
+    return 0.28 * identity.mouth_size * (1 + 0.35 * geometry.mouth_width) * narrowing
 
 
 def _draw_mouth(painter: _Painter, identity: Identity, geometry: Geometry) -> None:
@@ -491,17 +520,17 @@ def _draw_mouth(painter: _Painter, identity: Identity, geometry: Geometry) -> No
     xs = 0.09 * geometry.mouth_shift + half_w * u
     centre = (
         _MOUTH_Y
-        - 0.08 * geometry.mouth_curve * (u**2 - 0.3)
+        - 0.14 * geometry.mouth_curve * (u**2 - 0.3)
         - 0.05 * geometry.mouth_tilt * u
         + 0.04 * abs(geometry.mouth_shift) * u**2
     )
-    opening = 0.2 * max(geometry.mouth_open, 0.0)
+    opening = 0.38 * max(geometry.mouth_open, 0.0)
     roundness = np.clip(geometry.mouth_round, 0.0, 1.0)
     profile = (1 - u**2) ** (1.0 - 0.5 * roundness)
     bared = 0.05 * max(geometry.upper_lip_raise, 0.0) * (1 - u**2) ** 0.5
     upper_inner = centre - 0.35 * opening * profile - bared
     lower_inner = centre + 0.65 * opening * profile
-    thickness = 0.045 * identity.lip_thickness * max(0.2, 1 - 0.75 * geometry.lip_press)
+    thickness = 0.05 * identity.lip_thickness * max(0.2, 1 - 0.75 * geometry.lip_press)
     rim = (1 - u**2) ** 0.6
     bow = 0.012 * np.exp(-((u * 6) ** 2))  # the dip of the cupid's bow
     upper_outer = upper_inner - 0.85 * thickness * rim + bow
@@ -532,19 +561,19 @@ def _draw_glasses(painter: _Painter, identity: Identity) -> None:
 def _draw_occluder(painter: _Painter, occluder: Occluder) -> None:
     cos_a, sin_a = np.cos(occluder.angle), np.sin(occluder.angle)
     rotation = np.array([[cos_a, sin_a], [-sin_a, cos_a]])
+    centre = np.array([occluder.x, occluder.y])
+    half_size = np.array([occluder.width, occluder.height]) / 2
     if occluder.kind == "bar":
-        shape = _curve(np.array([-1.0, 1.0, 1.0, -1.0]), np.array([-1.0, -1.0, 1.0, 1.0]))
-    else:  # a hand or a held object: a rounded blob
-        shape = _circle(20) * (1.0, 1.0)
-        shape = np.sign(shape) * np.abs(shape) ** (0.6 if occluder.kind == "object" else 0.9)
-    points = (shape * (occluder.width / 2, occluder.height / 2)) @ rotation + (occluder.x, occluder.y)
-    painter.polygon(points, occluder.colour, lift=0.5)
-    if occluder.kind == "hand":  # the gaps between fingers
+        shape = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    else:  # a hand or a held object: a rounded blob, squarer for an object
+        circle = _circle(20)
+        shape = np.sign(circle) * np.abs(circle) ** (0.6 if occluder.kind == "object" else 0.9)
+    painter.polygon((shape * half_size) @ rotation + centre, occluder.colour, lift=0.5)
+    if occluder.kind == "hand":  # the gaps between the fingers
+        crease = _shade(occluder.colour, 0.7)
         for k in (-1, 0, 1):
-            finger = np.array([[k * occluder.width / 6, -0.45 * occluder.height],
-                               [k * occluder.width / 6, 0.1 * occluder.height]])  # fmt: skip
-            painter.line(finger @ rotation + (occluder.x, occluder.y),
-                         _shade(occluder.colour, 0.7), 0.012, lift=0.5)  # fmt: skip
+            finger_gap = np.array([[k / 3, -0.9], [k / 3, 0.2]]) * half_size
+            painter.line(finger_gap @ rotation + centre, crease, 0.012, lift=0.5)
 
 
 @lru_cache(maxsize=4)
@@ -591,8 +620,9 @@ def _photometric(image: Image.Image, nuisance: Nuisance) -> Image.Image:
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
 
 
-def render_face(identity: Identity, geometry: Geometry, nuisance: Nuisance,
-                size: int = 112) -> Image.Image:  # fmt: skip
+def render_face(
+    identity: Identity, geometry: Geometry, nuisance: Nuisance, size: int = 112
+) -> Image.Image:
     """One RGB image of `identity` making `geometry`, seen through `nuisance`."""
     canvas_size = size * SUPERSAMPLE
     margin = nuisance.background.width - canvas_size
