@@ -1,0 +1,279 @@
+"""The feature store: one HDF5 file per video, plus a JSON manifest per cache folder.
+
+Schema of `<video>.h5` (format 1), readable with plain h5py or `h5dump`:
+
+- `features`  (N, D) float16 or float32: pooled pre-logits of the frozen backbone, one row per
+  frame that has an image, in increasing frame order; chunked (64, D) so a 64-frame window
+  costs one or two chunk reads.
+- `frames`    (N,) int32: the 1-based frame number of each row (row i is `{frames[i]:05d}.jpg`).
+- `logits`    (N, C) float32, only when the backbone has a classifier head (C classes).
+- attributes: `format_version`, `fercache_version`, `video`, `backbone`, `checkpoint`
+  (file name), `checkpoint_sha256` ("" for random init), `init_seed`, `input_size` (C, H, W),
+  `mean`, `std`, `interpolation`, `dtype`, `feature_dim`, `num_classes`, `fingerprint`
+  (hash of what determines the numbers), `skipped_frames` (frame numbers whose image could not
+  be decoded), `skipped_reasons` (JSON list of "file: reason"), and `complete` = 1, set last.
+
+A store is written under `.<video>.h5.tmp-<pid>` and renamed when complete, so a file under a
+final name is always whole. `manifest.json` lists the videos, their row counts and the
+provenance; it is written after every store exists.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from fercache import __version__
+from fercache.errors import FercacheError
+
+FORMAT_VERSION = 1
+CHUNK_FRAMES = 64
+MANIFEST_NAME = "manifest.json"
+STORE_SUFFIX = ".h5"
+TMP_MARK = ".h5.tmp-"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced the numbers in a store. Equal fingerprints mean interchangeable stores."""
+
+    backbone: str
+    checkpoint: str
+    checkpoint_sha256: str
+    init_seed: int
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    dtype: str
+    feature_dim: int
+    num_classes: int
+
+    @property
+    def fingerprint(self) -> str:
+        # The checkpoint's file name is left out: the same weights under another name give the
+        # same features. The fercache version is recorded but left out too, for the same reason.
+        determining = asdict(self)
+        determining.pop("checkpoint")
+        if self.checkpoint_sha256:
+            determining.pop("init_seed")
+        determining["format_version"] = FORMAT_VERSION
+        text = json.dumps(determining, sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_attrs(cls, attrs: h5py.AttributeManager | dict) -> "Provenance":
+        return cls(
+            backbone=str(attrs["backbone"]),
+            checkpoint=str(attrs["checkpoint"]),
+            checkpoint_sha256=str(attrs["checkpoint_sha256"]),
+            init_seed=int(attrs["init_seed"]),
+            input_size=tuple(int(v) for v in attrs["input_size"]),
+            mean=tuple(float(v) for v in attrs["mean"]),
+            std=tuple(float(v) for v in attrs["std"]),
+            interpolation=str(attrs["interpolation"]),
+            dtype=str(attrs["dtype"]),
+            feature_dim=int(attrs["feature_dim"]),
+            num_classes=int(attrs["num_classes"]),
+        )
+
+
+@dataclass
+class VideoFeatures:
+    """One video's store, read into memory."""
+
+    video: str
+    frames: np.ndarray
+    features: np.ndarray
+    logits: np.ndarray | None
+    provenance: Provenance
+    skipped_frames: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+
+
+def store_path(cache_dir: Path, video: str) -> Path:
+    return Path(cache_dir) / f"{video}{STORE_SUFFIX}"
+
+
+def write_store(
+    cache_dir: Path,
+    video: str,
+    frames: np.ndarray,
+    features: np.ndarray,
+    logits: np.ndarray | None,
+    provenance: Provenance,
+    skipped: Iterable[tuple[int, str]] = (),
+) -> Path:
+    """Write one video's store atomically; on any failure no file is left under either name."""
+    final = store_path(cache_dir, video)
+    tmp = final.with_name(f".{video}{TMP_MARK}{os.getpid()}")
+    skipped = sorted(skipped)
+    try:
+        with h5py.File(tmp, "w") as store:
+            _write_datasets(store, frames, features, logits, provenance.dtype)
+            attrs = store.attrs
+            for key, value in provenance.to_json().items():
+                attrs[key] = value
+            attrs["format_version"] = FORMAT_VERSION
+            attrs["fercache_version"] = __version__
+            attrs["video"] = video
+            attrs["skipped_frames"] = np.array([f for f, _ in skipped], dtype=np.int32)
+            attrs["skipped_reasons"] = json.dumps([reason for _, reason in skipped])
+            attrs["complete"] = 1
+        _fsync(tmp)
+        os.replace(tmp, final)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise FercacheError(
+            f"{final}: could not write the feature store ({error.strerror or error}). "
+            "Free disk space or choose another --out; finished stores are kept and a rerun "
+            "resumes."
+        ) from error
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def _write_datasets(
+    store: h5py.File,
+    frames: np.ndarray,
+    features: np.ndarray,
+    logits: np.ndarray | None,
+    dtype: str,
+) -> None:
+    rows = len(frames)
+    chunk_rows = max(1, min(CHUNK_FRAMES, rows))
+    store.create_dataset(
+        "features",
+        data=np.asarray(features, dtype=dtype).reshape(rows, -1),
+        chunks=(chunk_rows, features.shape[1]) if rows else None,
+    )
+    store.create_dataset("frames", data=np.asarray(frames, dtype=np.int32))
+    if logits is not None:
+        store.create_dataset("logits", data=np.asarray(logits, dtype=np.float32))
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def store_state(path: Path) -> tuple[str, Provenance | None]:
+    """('complete', provenance), ('incomplete', None) or ('missing', None) for a store path."""
+    if not path.exists():
+        return "missing", None
+    try:
+        with h5py.File(path, "r") as store:
+            if int(store.attrs.get("complete", 0)) != 1:
+                return "incomplete", None
+            return "complete", Provenance.from_attrs(store.attrs)
+    except (OSError, KeyError):
+        return "incomplete", None
+
+
+def read_store(path: Path) -> VideoFeatures:
+    """Read a whole store into memory; a clear error for anything that is not a complete store."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as store:
+            if int(store.attrs.get("complete", 0)) != 1:
+                raise FercacheError(f"{path}: incomplete feature store; rerun `fercache extract`")
+            return VideoFeatures(
+                video=str(store.attrs["video"]),
+                frames=store["frames"][:],
+                features=store["features"][:],
+                logits=store["logits"][:] if "logits" in store else None,
+                provenance=Provenance.from_attrs(store.attrs),
+                skipped_frames=np.asarray(store.attrs["skipped_frames"], dtype=np.int32),
+            )
+    except (OSError, KeyError) as error:
+        raise FercacheError(
+            f"{path}: not a readable fercache feature store ({error}); rerun `fercache extract`"
+        ) from error
+
+
+def remove_temporaries(cache_dir: Path) -> list[Path]:
+    """Delete stores left half-written by an interrupted run; return what was deleted."""
+    leftovers = sorted(Path(cache_dir).glob(f".*{TMP_MARK}*"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
+def write_manifest(cache_dir: Path, provenance: Provenance, videos: dict[str, dict]) -> Path:
+    """Write `manifest.json` atomically: provenance plus {video: {rows, skipped}} for all stores."""
+    path = Path(cache_dir) / MANIFEST_NAME
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fercache_version": __version__,
+        "provenance": provenance.to_json(),
+        "total_rows": sum(entry["rows"] for entry in videos.values()),
+        "videos": dict(sorted(videos.items())),
+    }
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise FercacheError(
+            f"{path}: no manifest; {cache_dir} is not a finished feature cache. "
+            "Run `fercache extract DATA --out CACHE_DIR` first (it resumes)."
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise FercacheError(f"{path}: unreadable manifest ({error}); rerun extract") from error
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """A finished cache folder: its manifest, and its stores by video name."""
+
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, cache_dir: Path) -> "FeatureCache":
+        root = Path(cache_dir)
+        if not root.is_dir():
+            raise FercacheError(f"{root}: no such feature cache folder")
+        return cls(root, read_manifest(root))
+
+    @property
+    def videos(self) -> list[str]:
+        return list(self.manifest["videos"])
+
+    @property
+    def provenance(self) -> dict:
+        return self.manifest["provenance"]
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.provenance["feature_dim"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.provenance["num_classes"])
+
+    def path(self, video: str) -> Path:
+        if video not in self.manifest["videos"]:
+            raise FercacheError(
+                f"{self.root}: no features for video '{video}'; extract it "
+                f"(`fercache extract DATA --out {self.root} --videos {video}`)"
+            )
+        return store_path(self.root, video)
+
+    def load(self, video: str) -> VideoFeatures:
+        return read_store(self.path(video))
