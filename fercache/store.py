@@ -153,7 +153,7 @@ def _write_datasets(
     chunk_rows = max(1, min(CHUNK_FRAMES, rows))
     store.create_dataset(
         "features",
-        data=np.asarray(features, dtype=dtype).reshape(rows, -1),
+        data=np.asarray(features, dtype=dtype),
         chunks=(chunk_rows, features.shape[1]) if rows else None,
     )
     store.create_dataset("frames", data=np.asarray(frames, dtype=np.int32))

@@ -1,0 +1,531 @@
+"""Extraction: the frozen backbone over every frame of every video, into per-video stores.
+
+Data flow: DataLoader workers read and decode JPEGs at native size as uint8 (batches run across
+video boundaries, so short videos never starve the device) -> pinned, non-blocking copy ->
+resize + normalise on the device -> `forward_features` + `forward_head(pre_logits=True)` (and
+the classifier, when the checkpoint has one) under autocast on CUDA -> a writer thread that
+assembles each video's rows and writes its store atomically (`fercache.store`) while the next
+batches compute. Under torchrun each rank takes a frame-count-balanced share of the videos.
+"""
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from fercache.backbone import Backbone, DataConfig, load_backbone
+from fercache.data.affwild2 import AffWild2, frame_filename
+from fercache.errors import FercacheError
+from fercache.progress import progress_counters
+from fercache.store import (
+    MANIFEST_NAME,
+    Provenance,
+    read_manifest,
+    remove_temporaries,
+    store_path,
+    store_state,
+    write_manifest,
+    write_store,
+)
+
+INTERPOLATIONS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
+WRITE_QUEUE_BATCHES = 8
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Everything `fercache extract` takes besides DATA and --out."""
+
+    backbone: str | None = None
+    checkpoint: Path | None = None
+    batch_size: int | None = None
+    workers: int | None = None
+    dtype: str = "float16"
+    device: str = "auto"
+    force: bool = False
+    videos: tuple[str, ...] = ()
+    input_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    init_seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class VideoJob:
+    """One video to extract: its frame numbers that have images, and their files."""
+
+    video: str
+    frames: np.ndarray
+    folder: Path
+
+    def path(self, frame: int) -> Path:
+        return self.folder / frame_filename(frame)
+
+
+@dataclass
+class ExtractReport:
+    """What a run did; `manifest` is None on ranks other than 0."""
+
+    extracted: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+    skipped_frames: list[str] = field(default_factory=list)
+    frames: int = 0
+    seconds: float = 0.0
+    manifest: Path | None = None
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds else 0.0
+
+
+def extract(data: Path, out: Path, options: ExtractOptions = ExtractOptions()) -> ExtractReport:
+    """Extract features of every frame of DATA's videos into OUT; resume where stores exist."""
+    if options.dtype not in ("float16", "float32"):
+        raise FercacheError(f"--dtype must be float16 or float32, not '{options.dtype}'")
+    rank, world = _distributed_context()
+    device = resolve_device(options.device, rank)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _extract(data, Path(out), options, device, rank, world)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _extract(
+    data: Path, out: Path, options: ExtractOptions, device: torch.device, rank: int, world: int
+) -> ExtractReport:
+    # Everything that can fail on the user's input fails here, before a file is written.
+    backbone = load_backbone(
+        options.backbone,
+        options.checkpoint,
+        options.init_seed,
+        options.input_size,
+        options.mean,
+        options.std,
+    )
+    provenance = _provenance(backbone, options)
+    dataset = AffWild2(data)
+    report = ExtractReport()
+    jobs = _video_jobs(dataset, options.videos, report)
+    _check_manifest(out, provenance, options.force)
+    # Shares are cut from all selected videos, not from the unfinished ones, so every rank
+    # computes the same split even while other ranks are already writing.
+    share = _rank_share(jobs, rank, world)
+    todo = [job for job in share if _needs_work(out, job, provenance, options.force)]
+    report.resumed = sorted({job.video for job in share} - {job.video for job in todo})
+    out.mkdir(parents=True, exist_ok=True)
+    for job in todo:
+        for leftover in out.glob(f".{job.video}.h5.tmp-*"):
+            leftover.unlink(missing_ok=True)
+    _run(backbone, provenance, todo, out, options, device, report)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        report.manifest = write_manifest(out, provenance, _finished_stores(out, provenance))
+        if world == 1:
+            remove_temporaries(out)
+    return report
+
+
+def _distributed_context() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def resolve_device(choice: str, rank: int) -> torch.device:
+    if choice not in ("auto", "cpu", "cuda"):
+        raise FercacheError(f"--device must be auto, cpu or cuda, not '{choice}'")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise FercacheError("--device cuda: no CUDA device is available here; use --device cpu")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def _provenance(backbone: Backbone, options: ExtractOptions) -> Provenance:
+    config = backbone.data_config
+    return Provenance(
+        backbone=backbone.name,
+        checkpoint=backbone.checkpoint,
+        checkpoint_sha256=backbone.checkpoint_sha256,
+        init_seed=options.init_seed,
+        input_size=config.input_size,
+        mean=config.mean,
+        std=config.std,
+        interpolation=_interpolation(config.interpolation),
+        dtype=options.dtype,
+        feature_dim=backbone.feature_dim,
+        num_classes=backbone.num_classes,
+    )
+
+
+def _interpolation(name: str) -> str:
+    # timm configs may name PIL filters torch cannot resize with on the device (e.g. lanczos);
+    # bicubic is the closest, and the store records what was really used.
+    return INTERPOLATIONS.get(name, "bicubic")
+
+
+def _video_jobs(
+    dataset: AffWild2, selected: Iterable[str], report: ExtractReport
+) -> list[VideoJob]:
+    names = dataset.videos()
+    selected = list(selected)
+    unknown = sorted(set(selected) - set(names))
+    if unknown:
+        raise FercacheError(
+            f"{dataset.images}: no image folder for video(s) {', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''}; --videos takes folder names under it"
+        )
+    jobs = []
+    for video in selected or names:
+        frames, _ = dataset.image_frames(video)
+        if len(frames) == 0:
+            report.empty.append(video)
+            continue
+        jobs.append(VideoJob(video, frames, dataset.images / video))
+    if not jobs:
+        raise FercacheError(f"{dataset.images}: no video folder holds frames named 00001.jpg ...")
+    return jobs
+
+
+def _check_manifest(out: Path, provenance: Provenance, force: bool) -> None:
+    if force or not (out / MANIFEST_NAME).exists():
+        return
+    recorded = read_manifest(out)["provenance"]
+    if recorded["fingerprint"] != provenance.fingerprint:
+        raise FercacheError(
+            f"{out / MANIFEST_NAME}: this cache holds features of {_describe(recorded)}, not of "
+            f"{_describe(provenance.to_json())}. Use another --out, or --force to replace them."
+        )
+
+
+def _describe(provenance: dict) -> str:
+    weights = provenance["checkpoint"] or f"random init (seed {provenance['init_seed']})"
+    size = "x".join(str(v) for v in provenance["input_size"][1:])
+    return f"{provenance['backbone']} [{weights}, {size}, {provenance['dtype']}]"
+
+
+def _needs_work(out: Path, job: VideoJob, provenance: Provenance, force: bool) -> bool:
+    state, found = store_state(store_path(out, job.video))
+    if state != "complete":
+        return True
+    if found.fingerprint == provenance.fingerprint:
+        return force
+    if force:
+        return True
+    raise FercacheError(
+        f"{store_path(out, job.video)}: a store of {_describe(found.to_json())} already lies "
+        f"here, not of {_describe(provenance.to_json())}. Use another --out, or --force to "
+        "replace it."
+    )
+
+
+def _rank_share(jobs: list[VideoJob], rank: int, world: int) -> list[VideoJob]:
+    """Rank's videos: greedy largest-first onto the least-loaded rank; disjoint, no padding."""
+    loads = [0] * world
+    owner: dict[str, int] = {}
+    for job in sorted(jobs, key=lambda job: (-len(job.frames), job.video)):
+        lightest = min(range(world), key=lambda r: (loads[r], r))
+        loads[lightest] += len(job.frames)
+        owner[job.video] = lightest
+    return [job for job in jobs if owner[job.video] == rank]
+
+
+def _finished_stores(out: Path, provenance: Provenance) -> dict[str, dict]:
+    """{video: {rows, skipped}} of every complete store in OUT with this provenance."""
+    finished = {}
+    for path in sorted(out.glob("*.h5")):
+        state, found = store_state(path)
+        if state == "complete" and found.fingerprint == provenance.fingerprint:
+            rows, skipped = _store_counts(path)
+            finished[path.stem] = {"rows": rows, "skipped": skipped}
+    return finished
+
+
+def _store_counts(path: Path) -> tuple[int, int]:
+    with h5py.File(path, "r") as store:
+        return int(store["frames"].shape[0]), len(store.attrs["skipped_frames"])
+
+
+class FrameDataset(Dataset):
+    """Every frame of the given videos, in order, decoded to uint8 CHW at native size.
+
+    An unreadable file yields an empty image and the reason, so one bad JPEG costs one row,
+    not the run.
+    """
+
+    def __init__(self, jobs: list[VideoJob]) -> None:
+        self.paths = [job.path(frame) for job in jobs for frame in job.frames]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                pixels = np.array(image.convert("RGB"))
+            return index, torch.from_numpy(pixels).permute(2, 0, 1), ""
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            return index, torch.empty(0, dtype=torch.uint8), f"{path}: {reason}"
+
+
+def collate_frames(items: list[tuple[int, torch.Tensor, str]]) -> dict:
+    """Stack the decoded frames (a list when sizes differ) and keep the failures apart."""
+    good = [(index, image) for index, image, reason in items if not reason]
+    images = [image for _, image in good]
+    same_size = len({image.shape for image in images}) <= 1
+    return {
+        "index": torch.tensor([index for index, _ in good], dtype=torch.long),
+        "images": torch.stack(images) if images and same_size else images,
+        "failed": [(index, reason) for index, _, reason in items if reason],
+    }
+
+
+def preprocess(images: torch.Tensor | list[torch.Tensor], config: DataConfig) -> torch.Tensor:
+    """uint8 frames (B, 3, h, w) on the device -> normalised float (B, 3, H, W), channels_last."""
+    if isinstance(images, list):
+        return torch.cat([preprocess(image[None], config) for image in images])
+    size = tuple(config.input_size[1:])
+    batch = images.float().div_(255)
+    if tuple(batch.shape[-2:]) != size:
+        mode = _interpolation(config.interpolation)
+        batch = F.interpolate(
+            batch,
+            size=size,
+            mode=mode,
+            antialias=mode != "nearest",
+            **({} if mode == "nearest" else {"align_corners": False}),
+        )
+    mean = torch.tensor(config.mean, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, device=batch.device).view(1, 3, 1, 1)
+    return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def forward_backbone(
+    model: torch.nn.Module, batch: torch.Tensor, with_logits: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pooled pre-logit features and, when the model has a head, its logits."""
+    with torch.autocast(
+        batch.device.type, dtype=torch.float16, enabled=batch.device.type == "cuda"
+    ):
+        pooled = model.forward_head(model.forward_features(batch), pre_logits=True)
+        logits = model.get_classifier()(pooled) if with_logits else None
+    return pooled.float(), logits.float() if logits is not None else None
+
+
+@dataclass
+class _VideoRows:
+    """A video's rows as batches deliver them; complete when every frame is accounted for."""
+
+    job: VideoJob
+    start: int
+    features: np.ndarray
+    logits: np.ndarray | None
+    ok: np.ndarray
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    seen: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.seen == len(self.job.frames)
+
+    def take(self, dataset_index: int, features: np.ndarray, logits: np.ndarray | None) -> None:
+        row = dataset_index - self.start
+        self.features[row] = features
+        if logits is not None:
+            self.logits[row] = logits
+        self.ok[row] = True
+        self.seen += 1
+
+    def fail(self, dataset_index: int, reason: str) -> None:
+        self.failed.append((int(self.job.frames[dataset_index - self.start]), reason))
+        self.seen += 1
+
+
+class StoreWriter:
+    """Assembles rows per video on a background thread and writes each finished store.
+
+    Rows arrive as (dataset index, features, logits) batches plus failures; the thread keeps
+    the GPU/CPU compute path free of HDF5 and file-system work. An error on the thread is
+    re-raised in the caller at the next `put` or at `close`.
+    """
+
+    def __init__(
+        self,
+        jobs: list[VideoJob],
+        out: Path,
+        provenance: Provenance,
+        on_video_done=lambda job: None,
+    ) -> None:
+        self.jobs, self.out, self.provenance = jobs, out, provenance
+        self.on_video_done = on_video_done
+        self.starts = np.cumsum([0] + [len(job.frames) for job in jobs])
+        self.pending: dict[int, _VideoRows] = {}
+        self.failed: list[str] = []
+        self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, name="fercache-store-writer")
+        self.thread.start()
+
+    def put(self, index: np.ndarray, features: np.ndarray, logits, failed) -> None:
+        self._raise_if_failed()
+        self.queue.put((index, features, logits, failed))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+        unfinished = [rows.job.video for rows in self.pending.values()]
+        if unfinished:
+            raise RuntimeError(f"frames of {unfinished} never reached the writer")
+
+    def abort(self) -> None:
+        """Stop the thread without writing anything more (the caller is failing)."""
+        self.error = self.error or RuntimeError("aborted")
+        self.queue.put(None)
+        self.thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _drain(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._add(*item)
+                except BaseException as error:  # handed to the main thread, never lost
+                    self.error = error
+
+    def _add(self, index: np.ndarray, features: np.ndarray, logits, failed) -> None:
+        for row, dataset_index in enumerate(index.tolist()):
+            self._rows_of(dataset_index).take(
+                dataset_index, features[row], logits[row] if logits is not None else None
+            )
+        for dataset_index, reason in failed:
+            self._rows_of(dataset_index).fail(dataset_index, reason)
+            self.failed.append(reason)
+        for video_index in [v for v, rows in self.pending.items() if rows.complete]:
+            self._write(self.pending.pop(video_index))
+
+    def _rows_of(self, dataset_index: int) -> _VideoRows:
+        video_index = int(np.searchsorted(self.starts, dataset_index, side="right")) - 1
+        if video_index not in self.pending:
+            job = self.jobs[video_index]
+            self.pending[video_index] = _VideoRows(
+                job=job,
+                start=int(self.starts[video_index]),
+                features=np.empty((len(job.frames), self.provenance.feature_dim), np.float32),
+                logits=(
+                    np.empty((len(job.frames), self.provenance.num_classes), np.float32)
+                    if self.provenance.num_classes
+                    else None
+                ),
+                ok=np.zeros(len(job.frames), bool),
+            )
+        return self.pending[video_index]
+
+    def _write(self, rows: _VideoRows) -> None:
+        keep = rows.ok
+        write_store(
+            self.out,
+            rows.job.video,
+            frames=rows.job.frames[keep],
+            features=rows.features[keep],
+            logits=rows.logits[keep] if rows.logits is not None else None,
+            provenance=self.provenance,
+            skipped=rows.failed,
+        )
+        self.on_video_done(rows.job)
+
+
+def _run(
+    backbone: Backbone,
+    provenance: Provenance,
+    todo: list[VideoJob],
+    out: Path,
+    options: ExtractOptions,
+    device: torch.device,
+    report: ExtractReport,
+) -> None:
+    if not todo:
+        return
+    model = backbone.model.to(device).to(memory_format=torch.channels_last)
+    loader = _loader(todo, options, device)
+    total_frames = sum(len(job.frames) for job in todo)
+    started = time.perf_counter()
+    with progress_counters(
+        {"videos": len(todo), "frames": total_frames}, enabled=options.progress
+    ) as advance:
+        writer = StoreWriter(todo, out, provenance, on_video_done=lambda job: advance("videos"))
+        try:
+            with torch.inference_mode():
+                for batch in loader:
+                    # A batch whose every file failed has nothing to compute.
+                    has_rows = len(batch["index"]) > 0
+                    features, logits = (
+                        _compute(model, batch, backbone, device) if has_rows else (None, None)
+                    )
+                    writer.put(batch["index"].numpy(), features, logits, batch["failed"])
+                    advance("frames", len(batch["index"]) + len(batch["failed"]))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+    report.seconds = time.perf_counter() - started
+    report.frames = total_frames
+    report.extracted = [job.video for job in todo]
+    report.skipped_frames = writer.failed
+
+
+def _loader(todo: list[VideoJob], options: ExtractOptions, device: torch.device) -> DataLoader:
+    workers = _default_workers() if options.workers is None else options.workers
+    batch_size = options.batch_size or (256 if device.type == "cuda" else 64)
+    return DataLoader(
+        FrameDataset(todo),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_frames,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
+def _default_workers() -> int:
+    # Decoding a 112x112 JPEG costs ~50 us; one worker per ~4 cores keeps any GPU fed, and on a
+    # small CPU machine one worker leaves the cores to the forward pass.
+    return max(1, min(8, (os.cpu_count() or 2) // 4))
+
+
+def _compute(
+    model: torch.nn.Module, batch: dict, backbone: Backbone, device: torch.device
+) -> tuple[np.ndarray, np.ndarray | None]:
+    images = batch["images"]
+    if isinstance(images, list):
+        images = [image.to(device, non_blocking=True) for image in images]
+    else:
+        images = images.to(device, non_blocking=True)
+    features, logits = forward_backbone(
+        model, preprocess(images, backbone.data_config), backbone.num_classes > 0
+    )
+    return features.cpu().numpy(), logits.cpu().numpy() if logits is not None else None
