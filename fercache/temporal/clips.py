@@ -1,0 +1,133 @@
+"""Which 64-frame windows a run reads, and how a batch of them is cut from the features.
+
+A window is a row `(video, start, stop)` of an int64 array: rows `start..stop-1` of one video,
+never more than `clip` rows and never crossing into another video.
+
+- Training: every epoch tiles each video with `clip`-row windows at a random phase, so every
+  labelled row falls in exactly one window per epoch; the tail is never dropped (a window cut
+  short by the video's end or start is padded), and windows without a labelled row are skipped.
+  With class-balanced sampling the epoch instead draws as many windows with replacement, each
+  with probability proportional to the mean class weight of its labelled rows.
+- Evaluation: windows of `clip` rows every `stride` rows plus one flush with the end, so every
+  row is covered (a video shorter than `clip` is one padded window); logits are averaged.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fercache.temporal.features import LazyFeatures, MemoryFeatures
+
+PAD_LABEL = -1  # padding rows carry the invalid label, so the loss ignores them
+
+
+def training_windows(labelled: list[np.ndarray], clip: int, rng: np.random.Generator) -> np.ndarray:
+    """One epoch's windows over videos whose rows are marked `labelled` (bool), shuffled."""
+    windows = []
+    for video, marks in enumerate(labelled):
+        phase = int(rng.integers(0, clip))  # drawn for every video: streams stay aligned
+        rows = len(marks)
+        starts = np.arange(phase - clip if phase else 0, rows, clip)
+        lows, highs = np.maximum(starts, 0), np.minimum(starts + clip, rows)
+        labelled_before = np.concatenate([[0], np.cumsum(marks)])
+        keep = labelled_before[highs] > labelled_before[lows]
+        windows.append(np.stack([np.full(keep.sum(), video), lows[keep], highs[keep]], axis=1))
+    plan = np.concatenate(windows) if windows else np.zeros((0, 3), np.int64)
+    return plan[rng.permutation(len(plan))].astype(np.int64)
+
+
+def balanced_windows(
+    windows: np.ndarray,
+    labels: list[np.ndarray],
+    class_weights: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """As many windows, drawn with replacement in proportion to their mean class weight."""
+    scores = np.empty(len(windows))
+    for position, (video, start, stop) in enumerate(windows):
+        window_labels = labels[video][start:stop]
+        scores[position] = class_weights[window_labels[window_labels >= 0]].mean()
+    return windows[rng.choice(len(windows), size=len(windows), p=scores / scores.sum())]
+
+
+def evaluation_starts(rows: int, clip: int, stride: int) -> np.ndarray:
+    """Start rows of the overlapping windows that cover all `rows` rows."""
+    if rows <= clip:
+        return np.zeros(1, np.int64)
+    starts = np.arange(0, rows - clip + 1, stride)
+    return starts if starts[-1] == rows - clip else np.append(starts, rows - clip)
+
+
+def rank_share(windows: np.ndarray, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+    """Rank `rank`'s disjoint share; every rank gets as many batches (DDP steps in lockstep).
+
+    Missing places are filled with empty windows (start == stop): all padding, zero loss.
+    """
+    per_rank = math.ceil(len(windows) / world_size / batch_size) * batch_size
+    filled = np.zeros((per_rank * world_size, 3), np.int64)
+    filled[: len(windows)] = windows
+    return filled[rank::world_size]
+
+
+@dataclass
+class ClipBatch:
+    """`features` (B, clip, D) float16, `labels` (B, clip) int64 (-1: no label or padding),
+    `padding` (B, clip) bool, True where a row is padding."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    padding: torch.Tensor
+
+    def pin_memory(self) -> "ClipBatch":
+        return ClipBatch(self.features.pin_memory(), self.labels.pin_memory(), self.padding)
+
+
+def assemble(
+    source: MemoryFeatures | LazyFeatures,
+    labels: list[np.ndarray],
+    windows: np.ndarray,
+    clip: int,
+) -> ClipBatch:
+    """Cut a batch of windows: one copy of each window into a preallocated array."""
+    features = np.empty((len(windows), clip, source.feature_dim), np.float16)
+    batch_labels = np.full((len(windows), clip), PAD_LABEL, np.int64)
+    padding = np.ones((len(windows), clip), bool)
+    for position, (video, start, stop) in enumerate(windows.tolist()):
+        length = stop - start
+        features[position, :length] = source.window(video, start, stop)
+        features[position, length:] = 0
+        batch_labels[position, :length] = labels[video][start:stop]
+        # An empty filler window keeps its rows visible to attention (masking every key of a
+        # row gives NaN); its labels are all -1, so it still adds nothing to the loss.
+        padding[position, : length if length else clip] = False
+    return ClipBatch(
+        torch.from_numpy(features), torch.from_numpy(batch_labels), torch.from_numpy(padding)
+    )
+
+
+class ClipBatches(Dataset):
+    """Item i is batch i of a window plan (use with `DataLoader(batch_size=None)`)."""
+
+    def __init__(
+        self,
+        source: MemoryFeatures | LazyFeatures,
+        labels: list[np.ndarray],
+        windows: np.ndarray,
+        clip: int,
+        batch_size: int,
+    ) -> None:
+        self.source = source
+        self.labels = labels
+        self.windows = windows
+        self.clip = clip
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.windows) / self.batch_size)
+
+    def __getitem__(self, index: int) -> ClipBatch:
+        rows = self.windows[index * self.batch_size : (index + 1) * self.batch_size]
+        return assemble(self.source, self.labels, rows, self.clip)

@@ -1,0 +1,198 @@
+"""Settings of a temporal training run: defaults, a YAML file, `--set key=value` overrides.
+
+`configs/temporal.yaml` documents every key and why its default was chosen. The resolved
+settings are written to the run folder as `config.yaml`, and `--resume` reads them back from
+there, so a resumed run can never silently change its own recipe.
+"""
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fercache.data.tasks import TASKS
+from fercache.errors import FercacheError
+
+CONFIG_FILE = "config.yaml"
+BALANCE_MODES = ("weights", "sampling", "none")
+TRAINED_TASKS = ("expr",)  # the loader reads any task; the model head so far classifies EXPR
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+@dataclass(frozen=True)
+class TemporalConfig:
+    """Every knob of a temporal run; `configs/temporal.yaml` justifies each default."""
+
+    task: str = "expr"
+    train_split: str = "train"
+    val_split: str = "val"
+    clip_frames: int = 64
+    eval_stride: int = 32
+    smooth_window: int = 30
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    ff_width: int = 1024
+    dropout: float = 0.1
+    input_dropout: float = 0.1
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    balance: str = "weights"
+    amp: bool = True
+    workers: int = 2
+    eval_batch: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = [
+            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}"),
+            (
+                self.task in TRAINED_TASKS,
+                f"task '{self.task}': the trainer so far has a head for {', '.join(TRAINED_TASKS)}",
+            ),
+            (self.clip_frames >= 2, "clip_frames must be at least 2"),
+            (1 <= self.eval_stride <= self.clip_frames, "eval_stride must lie in [1, clip_frames]"),
+            (self.smooth_window >= 1, "smooth_window must be at least 1"),
+            (min(self.width, self.layers, self.heads, self.ff_width) >= 1, "sizes must be >= 1"),
+            (self.width % self.heads == 0, "width must be a multiple of heads"),
+            (0 <= self.dropout < 1 and 0 <= self.input_dropout < 1, "dropouts lie in [0, 1)"),
+            (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1"),
+            (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0, weight_decay >= 0"),
+            (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must lie in [0, epochs]"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)"),
+            (self.balance in BALANCE_MODES, f"balance must be one of {', '.join(BALANCE_MODES)}"),
+            (self.workers >= 0 and self.eval_batch >= 1, "workers >= 0, eval_batch >= 1"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise FercacheError("temporal settings: " + "; ".join(problems))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def memory_budget_bytes(budget: str) -> int:
+    """'auto' (half the machine's RAM) or a size such as '16G', '512M', '2.5GiB' in bytes."""
+    if str(budget).strip().lower() == "auto":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    match = _SIZE.match(str(budget))
+    if not match:
+        raise FercacheError(
+            f"memory budget '{budget}': give 'auto' or a size such as 16G, 512M or 2.5GiB"
+        )
+    return int(float(match[1]) * _SIZE_UNITS[match[2].upper()])
+
+
+def load_config(
+    path: Path | None, overrides: list[str] | None = None, **options: Any
+) -> TemporalConfig:
+    """Defaults, then the YAML file, then `key=value` overrides, then non-None `options`."""
+    return _apply(TemporalConfig(), _given_values(path, overrides, options))
+
+
+def resumed_config(
+    run_dir: Path, path: Path | None, overrides: list[str] | None = None, **options: Any
+) -> TemporalConfig:
+    """The run's saved settings; anything given now that would change them is an error."""
+    saved_path = Path(run_dir) / CONFIG_FILE
+    saved = _apply(TemporalConfig(), _read_yaml(saved_path))
+    given = _apply(saved, _given_values(path, overrides, options))
+    changed = [key for key, value in given.to_json().items() if saved.to_json()[key] != value]
+    if changed:
+        shown = ", ".join(
+            f"{key} {saved.to_json()[key]!r} -> {given.to_json()[key]!r}" for key in changed
+        )
+        raise FercacheError(
+            f"{saved_path}: --resume continues the run with its saved settings, but the options "
+            f"given change {shown}. Drop those options, or train into a new --out."
+        )
+    return saved
+
+
+def write_config(config: TemporalConfig, run_dir: Path) -> Path:
+    path = Path(run_dir) / CONFIG_FILE
+    text = "# resolved settings of this run (fercache train); --resume reads them back\n"
+    path.write_text(text + yaml.safe_dump(config.to_json(), sort_keys=False))
+    return path
+
+
+def _given_values(path: Path | None, overrides: list[str] | None, options: dict) -> dict:
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(Path(path)))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        values[key] = value
+    values.update({key: value for key, value in options.items() if value is not None})
+    return values
+
+
+def _apply(base: TemporalConfig, values: dict[str, Any]) -> TemporalConfig:
+    config = dataclasses.replace(base, **_typed(values))
+    config.validate()
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FercacheError(f"{path}: no such config file")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise FercacheError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(loaded, dict):
+        raise FercacheError(f"{path}: expected a mapping of setting: value")
+    return {str(key): value for key, value in loaded.items()}
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise FercacheError(f"--set {item!r}: expected key=value, e.g. --set layers=2")
+    try:
+        return key.strip(), yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise FercacheError(f"--set {item!r}: value is not valid YAML ({error})") from error
+
+
+def _typed(values: dict[str, Any]) -> dict[str, Any]:
+    """Check names and coerce numbers (YAML reads `3e-4` as text, `1` where 1.0 is meant)."""
+    fields = {field.name: field for field in dataclasses.fields(TemporalConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise FercacheError(
+            f"unknown temporal setting(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}"
+        )
+    typed: dict[str, Any] = {}
+    for key, value in values.items():
+        default = fields[key].default
+        try:
+            typed[key] = _coerce(value, default)
+        except (TypeError, ValueError):
+            raise FercacheError(f"setting {key}={value!r} should be like {default!r}") from None
+    return typed
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError(value)
+        return int(float(value))
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
+    return str(value)

@@ -1,0 +1,94 @@
+"""The files of a run folder; each is written whole (temporary name, then rename).
+
+- `config.yaml`       resolved settings (`config.write_config`)
+- `model.json`        network config + classes, task, evaluation stride, caches trained on
+- `best.safetensors`  weights of the epoch with the best validation macro-F1
+- `last.pt`           what `--resume` needs: weights, optimizer state, epochs done, history
+- `metrics.jsonl`     one JSON record per finished epoch
+- `summary.json`      the best epoch, its figures, the run's inputs, at the end
+- `curves.png`        training loss and validation macro-F1 per epoch, at the end
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from safetensors.torch import save_file
+
+from fercache.errors import FercacheError
+from fercache.temporal.inference import BEST_WEIGHTS, MODEL_JSON
+
+LAST_CHECKPOINT = "last.pt"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CURVES_FILE = "curves.png"
+
+
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: dict) -> None:
+    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
+
+
+def write_best(run_dir: Path, state_dict: dict, model_details: dict) -> None:
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    _replace_atomically(run_dir / BEST_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    write_json(run_dir / MODEL_JSON, model_details)
+
+
+def write_last(run_dir: Path, checkpoint: dict) -> None:
+    _replace_atomically(run_dir / LAST_CHECKPOINT, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def read_last(run_dir: Path) -> dict:
+    path = run_dir / LAST_CHECKPOINT
+    if not path.is_file():
+        raise FercacheError(
+            f"{path}: no checkpoint to resume from (a run writes it after its first epoch); "
+            "start the run again without --resume"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise FercacheError(f"{path}: unreadable checkpoint ({error}); restart the run") from error
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """Rewrite `metrics.jsonl` from the checkpointed history: a resumed run never keeps a
+    record of an epoch that its checkpoint does not hold, nor loses one it does."""
+    text = "".join(json.dumps(record) + "\n" for record in history)
+    _replace_atomically(run_dir / METRICS_FILE, lambda tmp: tmp.write_text(text))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in (LAST_CHECKPOINT, METRICS_FILE, BEST_WEIGHTS))
+
+
+def plot_curves(run_dir: Path, history: list[dict]) -> None:
+    epochs = [record["epoch"] for record in history]
+    figure = Figure(figsize=(10, 4))  # no pyplot: no global figure state, no GUI backend
+    loss_axis, f1_axis = figure.subplots(1, 2)
+    loss_axis.plot(epochs, [record["train_loss"] for record in history], marker="o")
+    loss_axis.set(xlabel="epoch", ylabel="training loss (weighted CE)", title="training")
+    f1_axis.plot(epochs, [record["val_f1"] for record in history], marker="o", label="raw")
+    f1_axis.plot(
+        epochs, [record["val_f1_smoothed"] for record in history], marker="o", label="smoothed"
+    )
+    f1_axis.set(xlabel="epoch", ylabel="macro-F1", title="validation")
+    f1_axis.legend()
+    figure.tight_layout()
+    _replace_atomically(run_dir / CURVES_FILE, lambda tmp: figure.savefig(tmp, format="png"))

@@ -1,0 +1,353 @@
+"""The temporal trainer (issue 4): clips, loss masking, learning, determinism, resume, DDP,
+run-folder files and clear errors. Caches are written directly (no CNN) by tests/train_data.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from typer.testing import CliRunner
+
+from fercache.cli import app
+from fercache.errors import FercacheError
+from fercache.store import FeatureCache
+from fercache.temporal.clips import (
+    ClipBatches,
+    evaluation_starts,
+    rank_share,
+    training_windows,
+)
+from fercache.temporal.config import TemporalConfig, load_config
+from fercache.temporal.features import FusedVideo, MemoryFeatures, load_fused_features
+from fercache.temporal.inference import TemporalPredictor
+from fercache.temporal.loop import TrainRequest, train
+from fercache.temporal.model import ModelConfig, TemporalTransformer
+from fercache.temporal.rundir import read_metrics
+from fercache.temporal.step import masked_cross_entropy
+from tests.train_data import TreeSpec, write_cache, write_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ("width=16", "layers=1", "heads=2", "ff_width=32", "batch_size=8", "workers=1")
+RUN_FILES = {
+    "config.yaml",
+    "model.json",
+    "best.safetensors",
+    "last.pt",
+    "metrics.jsonl",
+    "summary.json",
+    "curves.png",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test machine is shared: one intra-op thread is faster and as deterministic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dict:
+    """A small label tree and one 16-dim cache of it."""
+    root = tmp_path_factory.mktemp("temporal")
+    labels = write_tree(root / "data", TreeSpec(train_videos=6, val_videos=3, frames=250))
+    write_cache(root / "cache", root / "data", labels)
+    return {"root": root, "data": root / "data", "cache": root / "cache", "labels": labels}
+
+
+def _request(*overrides: str, epochs: int = 2, **options) -> TrainRequest:
+    return TrainRequest(
+        overrides=TINY_MODEL + overrides, epochs=epochs, device="cpu", progress=False, **options
+    )
+
+
+def _without_timing(records: list[dict]) -> list[dict]:
+    return [{key: value for key, value in record.items() if key != "timing"} for record in records]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+# --- clips ----------------------------------------------------------------------------------
+
+
+def test_each_epoch_covers_every_labelled_row_exactly_once():
+    rng = np.random.default_rng(0)
+    lengths = [1, 5, 63, 64, 65, 130, 200, 0]
+    labelled = [rng.random(length) > 0.3 for length in lengths]
+    labelled[1][:] = False  # a video without a labelled row needs no window
+    for epoch in range(5):
+        windows = training_windows(labelled, 64, np.random.default_rng([1, epoch]))
+        covered = [np.zeros(length, int) for length in lengths]
+        for video, start, stop in windows:
+            assert 0 <= start < stop <= lengths[video] and stop - start <= 64
+            covered[video][start:stop] += 1
+        for marks, counts in zip(labelled, covered, strict=True):
+            assert (counts[marks] == 1).all()  # tails included, nothing twice
+            assert (counts <= 1).all()
+
+
+def test_evaluation_windows_cover_every_row():
+    for rows in (1, 10, 64, 65, 100, 129, 1000):
+        starts = evaluation_starts(rows, 64, 32)
+        counts = np.zeros(rows, int)
+        for start in starts:
+            counts[start : start + 64] += 1
+        assert (counts >= 1).all() and starts.max() + min(64, rows) == rows
+
+
+def test_rank_shares_are_disjoint_and_equal_in_batches():
+    windows = np.stack([np.zeros(21, int), np.arange(21), np.arange(21) + 1], axis=1)
+    shares = [rank_share(windows, rank, 2, 4) for rank in range(2)]
+    assert len(shares[0]) == len(shares[1]) == 12
+    real = np.concatenate([share[share[:, 2] > share[:, 1]] for share in shares])
+    assert sorted(real[:, 1].tolist()) == list(range(21))
+
+
+def test_unlabelled_rows_and_padding_add_zero_loss():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    lengths = (64, 40)
+    source = MemoryFeatures(
+        [
+            FusedVideo(np.arange(1, n + 1), rng.normal(size=(n, 6)).astype(np.float16))
+            for n in lengths
+        ]
+    )
+    labels = [rng.integers(0, 3, n) for n in lengths]
+    labels[0][10:30] = -1
+    batch = ClipBatches(source, labels, np.array([[0, 0, 64], [1, 0, 40]]), 64, 2)[0]
+    assert batch.padding[1, 40:].all() and not batch.padding[1, :40].any()
+    model = TemporalTransformer(ModelConfig(6, 3, 64, 8, 1, 2, 16, 0.0, 0.0)).eval()
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    logits = model(batch.features, batch.padding).detach().requires_grad_(True)
+    loss = masked_cross_entropy(logits, batch.labels, weights)
+
+    # The same figure by hand over the labelled rows only.
+    valid = batch.labels >= 0
+    per_row = torch.nn.functional.cross_entropy(
+        logits[valid], batch.labels[valid], reduction="none"
+    )
+    row_weights = weights[batch.labels[valid]]
+    assert torch.allclose(loss, (per_row * row_weights).sum() / row_weights.sum())
+
+    # No gradient reaches a -1 row or a padding row, whatever its logits.
+    loss.backward()
+    assert (logits.grad[~valid] == 0).all() and (logits.grad[valid] != 0).any()
+    garbage = logits.detach().clone()
+    garbage[~valid] = float("nan")
+    assert torch.equal(masked_cross_entropy(garbage, batch.labels, weights), loss.detach())
+
+    # Whatever the padding rows hold, the real rows' outputs (and so the loss) do not change.
+    scrambled = batch.features.clone()
+    scrambled[1, 40:] = torch.randn(24, 6).half() * 100
+    with torch.no_grad():
+        again = masked_cross_entropy(model(scrambled, batch.padding), batch.labels, weights)
+    assert torch.allclose(again, loss.detach(), atol=1e-6)
+
+
+# --- features -------------------------------------------------------------------------------
+
+
+def test_fused_features_concatenate_caches_on_frame_numbers(small, tmp_path):
+    second = write_cache(tmp_path / "second", small["data"], small["labels"], dim=5, seed=9)
+    fused = load_fused_features([small["cache"], second], ["train00", "val01"])
+    first = FeatureCache.open(small["cache"]).load("val01")
+    other = FeatureCache.open(second).load("val01")
+    video = fused["val01"]
+    assert video.frames.dtype == np.int32 and video.features.dtype == np.float16
+    assert video.features.shape == (len(first.frames), 21)
+    assert np.array_equal(video.frames, first.frames)
+    assert np.array_equal(video.features, np.concatenate([first.features, other.features], 1))
+
+
+def test_mismatched_frame_sets_name_the_video_and_caches(small, tmp_path):
+    data = tmp_path / "data"
+    labels = write_tree(data, TreeSpec(train_videos=6, val_videos=3, frames=250))
+    (data / "cropped_aligned" / "train02" / "00007.jpg").unlink(missing_ok=True)
+    (data / "cropped_aligned" / "train02" / "00008.jpg").unlink(missing_ok=True)
+    other = write_cache(tmp_path / "other", data, labels)
+    with pytest.raises(FercacheError, match=r"video 'train02'.*different frames") as error:
+        load_fused_features([small["cache"], other], ["train01", "train02"])
+    assert str(other) in str(error.value) and str(small["cache"]) in str(error.value)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def test_temporal_model_beats_a_per_frame_linear_classifier(tmp_path):
+    labels = write_tree(tmp_path / "data", TreeSpec(train_videos=8, val_videos=4, seed=1))
+    cache = write_cache(tmp_path / "cache", tmp_path / "data", labels, signal=1.0, occluded=0.5)
+    request = TrainRequest(
+        overrides=("width=32", "layers=2", "heads=4", "ff_width=64", "batch_size=8", "lr=2e-3",
+                   "dropout=0", "input_dropout=0"),
+        epochs=25,
+        device="cpu",
+        progress=False,
+    )  # fmt: skip
+    summary = train([cache], tmp_path / "data", tmp_path / "run", request)
+
+    def rows(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        stores = [FeatureCache.open(cache).load(v) for v in sorted(labels) if v.startswith(prefix)]
+        features = np.concatenate([store.features for store in stores]).astype(np.float32)
+        targets = np.concatenate([labels[store.video][store.frames - 1] for store in stores])
+        return features[targets >= 0], targets[targets >= 0]
+
+    linear = LogisticRegression(max_iter=1000).fit(*rows("train"))
+    features, targets = rows("val")
+    linear_f1 = f1_score(targets, linear.predict(features), average="macro", labels=range(8))
+    assert summary["best_val_f1"] > linear_f1 + 0.15, (summary["best_val_f1"], linear_f1)
+
+
+def test_same_seed_gives_identical_metrics_and_a_complete_run_folder(small, tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        train([small["cache"]], small["data"], run, _request("balance=sampling", epochs=3))
+    assert {path.name for path in runs[0].iterdir()} == RUN_FILES
+    first, second = (_without_timing(read_metrics(run)) for run in runs)
+    assert first == second and len(first) == 3
+    weights = [load_file(run / "best.safetensors") for run in runs]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+    # The predictor computes exactly what validation scored (same windows, same averaging).
+    predictor = TemporalPredictor.load(runs[0])
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert predictor.cache_fingerprints == [
+        FeatureCache.open(small["cache"]).provenance["fingerprint"]
+    ]
+    fused = load_fused_features([small["cache"]], ["val00", "val01", "val02"])
+    predicted, truth = [], []
+    for name, video in fused.items():
+        probabilities = predictor.predict(video.features)
+        assert probabilities.shape == (len(video.frames), 8)
+        assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+        predicted.append(probabilities.argmax(axis=1))
+        truth.append(small["labels"][name][video.frames - 1])
+    predicted, truth = np.concatenate(predicted), np.concatenate(truth)
+    valid = truth >= 0
+    f1 = f1_score(truth[valid], predicted[valid], average="macro", labels=range(8), zero_division=0)
+    assert f1 == pytest.approx(summary["best_val_f1"], abs=1e-9)
+
+
+def test_lazy_hdf5_windows_train_exactly_like_in_memory(small, tmp_path):
+    summaries = [
+        train([small["cache"]], small["data"], tmp_path / name, _request(memory_budget=budget))
+        for name, budget in (("memory", "auto"), ("lazy", "1K"))
+    ]
+    assert summaries[0]["features_in_memory"] and not summaries[1]["features_in_memory"]
+    assert _without_timing(read_metrics(tmp_path / "memory")) == _without_timing(
+        read_metrics(tmp_path / "lazy")
+    )
+
+
+def test_resume_after_sigkill_mid_epoch_ends_like_an_uninterrupted_run(small, tmp_path):
+    overrides = ("batch_size=1",)  # many short steps: an epoch lasts long enough to be hit
+    train([small["cache"]], small["data"], tmp_path / "whole", _request(*overrides, epochs=4))
+    command = [sys.executable, "-m", "fercache", "train", str(small["cache"]),
+               "--data", str(small["data"]), "--out", str(tmp_path / "killed"), "--epochs", "4",
+               "--device", "cpu", "--no-progress"]  # fmt: skip
+    for item in TINY_MODEL + overrides:
+        command += ["--set", item]
+    process = subprocess.Popen(command, env=_env(), stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    epoch_seconds = json.loads(metrics.read_text().splitlines()[0])["timing"]["train_seconds"]
+    time.sleep(epoch_seconds / 2)  # into the second epoch
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed, not finished
+    assert 1 <= len(read_metrics(tmp_path / "killed")) < 4
+
+    train(
+        [small["cache"]],
+        small["data"],
+        tmp_path / "killed",
+        _request(*overrides, epochs=4, resume=True),
+    )
+    assert _without_timing(read_metrics(tmp_path / "killed")) == _without_timing(
+        read_metrics(tmp_path / "whole")
+    )
+
+
+def test_two_cpu_processes_under_torchrun_train_a_loadable_checkpoint(small, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "fercache", "train", str(small["cache"]),
+               "--data", str(small["data"]), "--out", str(tmp_path / "ddp"), "--epochs", "2",
+               "--device", "cpu", "--no-progress"]  # fmt: skip
+    for item in TINY_MODEL:
+        command += ["--set", item]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictor = TemporalPredictor.load(tmp_path / "ddp")
+    features = np.random.default_rng(0).normal(size=(100, 16)).astype(np.float16)
+    assert predictor.predict(features).shape == (100, 8)
+    # Validation scored every rank's share: all labelled validation rows.
+    cache = FeatureCache.open(small["cache"])
+    expected = sum(
+        int((small["labels"][v][cache.load(v).frames - 1] >= 0).sum())
+        for v in ("val00", "val01", "val02")
+    )
+    assert all(record["val_frames"] == expected for record in read_metrics(tmp_path / "ddp"))
+
+
+# --- configuration and errors ---------------------------------------------------------------
+
+
+def test_config_file_holds_the_defaults():
+    assert load_config(ROOT / "configs" / "temporal.yaml") == TemporalConfig()
+    assert TemporalConfig().clip_frames == 64 and TemporalConfig().smooth_window == 30
+
+
+def test_unknown_config_key_lists_the_valid_keys(small, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["train", str(small["cache"]), "--data", str(small["data"]), "--out", str(tmp_path / "r"),
+         "--set", "layerz=2"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "unknown temporal setting(s) layerz" in result.output
+    assert "valid keys: task" in result.output and "layers" in result.output
+
+
+def test_missing_video_in_the_cache_is_named(small, tmp_path):
+    partial = write_cache(
+        tmp_path / "partial", small["data"], small["labels"], videos=["train00", "train01"]
+    )
+    with pytest.raises(FercacheError, match=r"no features for 4 video\(s\) of EXPR train: train02"):
+        train([partial], small["data"], tmp_path / "run", _request())
+
+
+def test_resume_with_a_cache_of_another_feature_dim_is_refused(small, tmp_path):
+    train([small["cache"]], small["data"], tmp_path / "run", _request(epochs=1))
+    wider = write_cache(tmp_path / "wider", small["data"], small["labels"], dim=24)
+    with pytest.raises(FercacheError, match=r"trained on 16-dim features .* give 24"):
+        train([wider], small["data"], tmp_path / "run", _request(epochs=1, resume=True))
+
+
+def test_resume_refuses_changed_settings_and_a_fresh_run_refuses_an_old_folder(small, tmp_path):
+    train([small["cache"]], small["data"], tmp_path / "run", _request(epochs=1))
+    with pytest.raises(FercacheError, match="change epochs 1 -> 3"):
+        train([small["cache"]], small["data"], tmp_path / "run", _request(epochs=3, resume=True))
+    with pytest.raises(FercacheError, match="already holds a training run"):
+        train([small["cache"]], small["data"], tmp_path / "run", _request(epochs=1))
+
+
+def test_config_values_are_checked():
+    with pytest.raises(FercacheError, match="width must be a multiple of heads"):
+        replace(TemporalConfig(), width=10, heads=4).validate()
+    with pytest.raises(FercacheError, match=r"setting lr='fast' should be like 0.0003"):
+        load_config(None, ["lr=fast"])

@@ -1,0 +1,117 @@
+"""Small label trees and feature caches for the temporal trainer's tests, built in milliseconds.
+
+The tree has the Aff-Wild2 layout with empty image files (the reader looks only at names) and
+EXPR annotations in segments of 20-120 frames with `-1` stretches and frames without images.
+Each cached feature is a noisy view of its segment's class prototype, and about half the frames
+are occluded (bursts of pure noise): a per-frame classifier can only guess there, while a
+temporal model can read the class from the neighbouring frames.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fercache.data.tasks import EXPR
+from fercache.store import Provenance, write_manifest, write_store
+
+CLASSES = 8
+ANNOTATIONS = "Annotations/EXPR_Recognition_Challenge"
+SPLIT_FOLDERS = {"train": "Train_Set", "val": "Validation_Set"}
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    train_videos: int = 6
+    val_videos: int = 3
+    frames: int = 300
+    seed: int = 0
+
+
+def write_tree(root: Path, spec: TreeSpec) -> dict[str, np.ndarray]:
+    """Write the label tree; return every video's labels (index i = frame i + 1)."""
+    rng = np.random.default_rng([spec.seed, 1])
+    labels_of: dict[str, np.ndarray] = {}
+    for split, count in (("train", spec.train_videos), ("val", spec.val_videos)):
+        folder = root / ANNOTATIONS / SPLIT_FOLDERS[split]
+        folder.mkdir(parents=True, exist_ok=True)
+        for number in range(count):
+            video = f"{split}{number:02d}"
+            labels = _segment_labels(rng, int(spec.frames * rng.uniform(0.7, 1.3)))
+            lines = [EXPR.header, *(str(label) for label in labels)]
+            (folder / f"{video}.txt").write_text("\n".join(lines) + "\n")
+            images = root / "cropped_aligned" / video
+            images.mkdir(parents=True)
+            for frame in _frames_with_images(rng, len(labels)):
+                (images / f"{frame:05d}.jpg").touch()
+            labels_of[video] = labels
+    return labels_of
+
+
+def _segment_labels(rng: np.random.Generator, frames: int) -> np.ndarray:
+    labels = []
+    while len(labels) < frames:
+        label = -1 if rng.random() < 0.08 else int(rng.integers(0, CLASSES))
+        labels += [label] * int(rng.integers(20, 120))
+    return np.array(labels[:frames], np.int64)
+
+
+def _frames_with_images(rng: np.random.Generator, frames: int) -> np.ndarray:
+    """All frames but a few scattered ones without a face (no image)."""
+    return np.flatnonzero(rng.random(frames) > 0.03) + 1
+
+
+def write_cache(
+    cache_dir: Path,
+    root: Path,
+    labels_of: dict[str, np.ndarray],
+    *,
+    dim: int = 16,
+    seed: int = 0,
+    videos: list[str] | None = None,
+    signal: float = 1.0,
+    occluded: float = 0.5,
+) -> Path:
+    """One store per video (rows = frames with images) plus the manifest."""
+    rng = np.random.default_rng([seed, 2])
+    prototypes = rng.normal(size=(CLASSES, dim))
+    provenance = Provenance(
+        backbone="synthetic-prototypes",
+        checkpoint="",
+        checkpoint_sha256="",
+        init_seed=seed,
+        input_size=(3, 112, 112),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        interpolation="bilinear",
+        dtype="float16",
+        feature_dim=dim,
+        num_classes=0,
+    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for video in sorted(videos if videos is not None else labels_of):
+        frames = np.array(sorted(int(p.stem) for p in (root / "cropped_aligned" / video).iterdir()))
+        labels = labels_of[video][frames - 1]
+        features = _noisy_views(rng, prototypes, labels, signal, occluded)
+        write_store(cache_dir, video, frames, features, None, provenance)
+        entries[video] = {"rows": len(frames), "skipped": 0}
+    write_manifest(cache_dir, provenance, entries)
+    return cache_dir
+
+
+def _noisy_views(
+    rng: np.random.Generator,
+    prototypes: np.ndarray,
+    labels: np.ndarray,
+    signal: float,
+    occluded: float,
+) -> np.ndarray:
+    shown = prototypes[np.maximum(labels, 0)] * signal
+    shown[labels < 0] = prototypes[rng.integers(0, CLASSES)] * signal  # unlabelled: anything
+    hidden = np.zeros(len(labels), bool)
+    while hidden.mean() < occluded:  # occlusion bursts of 2-12 frames
+        start = int(rng.integers(0, len(labels)))
+        hidden[start : start + int(rng.integers(2, 13))] = True
+    shown[hidden] = 0.0
+    return (shown + rng.normal(size=shown.shape)).astype(np.float16)
