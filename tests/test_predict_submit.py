@@ -1,0 +1,270 @@
+"""predict -> smooth -> evaluate -> submit on the synthetic tree, from a student cache whose
+logits are a noisy view of the labels; frame lists, submissions and bad input."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fercache.cli import app
+from fercache.data.affwild2 import AffWild2
+from fercache.errors import FercacheError
+from fercache.evaluate import evaluate
+from fercache.predict import PredictOptions, fill_from_nearest, predict, softmax
+from fercache.predictions import Predictions
+from fercache.store import Provenance, write_manifest, write_store
+from fercache.submit import HEADER, read_frame_list, read_submission, write_submission
+from fercache.temporal.features import load_fused_features
+from fercache.temporal.inference import TemporalPredictor
+from fercache.temporal.loop import TrainRequest, train
+from tests.train_data import TreeSpec, write_cache, write_tree
+
+runner = CliRunner()
+FEATURE_DIM = 16
+PROVENANCE = Provenance(
+    backbone="synthetic-noisy-student",
+    checkpoint="",
+    checkpoint_sha256="",
+    init_seed=0,
+    input_size=(3, 112, 112),
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    interpolation="bilinear",
+    dtype="float16",
+    feature_dim=FEATURE_DIM,
+    num_classes=8,
+)
+
+
+def write_student_cache(tree: Path, cache: Path, signal: float = 2.0, seed: int = 0) -> Path:
+    """Stores for every annotated video: random features, logits = signal x one-hot(label) plus
+    unit Gaussian noise on frames that have an image (random logits where the label is -1)."""
+    rng = np.random.default_rng(seed)
+    cache.mkdir(parents=True)
+    data = AffWild2(tree)
+    entries = {}
+    for split in data.splits("expr"):
+        for video in data.load("expr", split):
+            frames = video.image_frames
+            logits = rng.normal(size=(len(frames), 8)).astype(np.float32)
+            labels = video.image_labels
+            labelled = labels != -1
+            logits[labelled, labels[labelled]] += signal
+            features = rng.normal(size=(len(frames), FEATURE_DIM))
+            write_store(cache, video.video, frames, features, logits, PROVENANCE)
+            entries[video.video] = {"rows": len(frames), "skipped": 0}
+    write_manifest(cache, PROVENANCE, entries)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def student_cache(synthetic_tree, tmp_path_factory) -> Path:
+    return write_student_cache(synthetic_tree, tmp_path_factory.mktemp("cache") / "student")
+
+
+def val_frame_list(tree: Path, path: Path, drop: int = 0) -> Path:
+    """An organisers'-style list (header, one `video/00001.jpg,` row per annotated frame)."""
+    rows = [
+        f"{video.video}/{frame:05d}.jpg,"
+        for video in AffWild2(tree).load("expr", "val")
+        for frame in range(1, len(video.labels) + 1 - drop)
+    ]
+    path.write_text("\n".join([HEADER, *rows]) + "\n")
+    return path
+
+
+def test_fill_from_nearest_takes_the_nearest_frame_and_averages_midway():
+    have = np.array([2, 5, 9])
+    values = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    needed = np.array([1, 2, 3, 4, 7, 8, 12])
+    filled, has_image = fill_from_nearest(needed, have, values)
+    np.testing.assert_allclose(
+        filled, [[1, 0], [1, 0], [1, 0], [0, 1], [0.25, 0.75], [0.5, 0.5], [0.5, 0.5]]
+    )
+    assert has_image.tolist() == [False, True, False, False, False, False, False]
+    uniform, none = fill_from_nearest(np.array([1, 2]), np.array([]), np.zeros((0, 4)))
+    np.testing.assert_allclose(uniform, 0.25)
+    assert not none.any()
+
+
+def test_student_predictions_cover_every_annotated_frame(synthetic_tree, student_cache, tmp_path):
+    options = PredictOptions(split="val", data=synthetic_tree, source="student", progress=False)
+
+    predictions = predict(None, [student_cache], tmp_path / "raw.h5", options)
+
+    read = Predictions.read(tmp_path / "raw.h5")
+    assert read.split == "val" and "student logits" in read.source
+    for video in AffWild2(synthetic_tree).load("expr", "val"):
+        rows = read.videos[video.video]
+        np.testing.assert_array_equal(rows.frames, np.arange(1, len(video.labels) + 1))
+        np.testing.assert_array_equal(rows.has_image, np.isin(rows.frames, video.image_frames))
+        annotated = video.image_frames <= len(video.labels)
+        stored = softmax(_store_logits(student_cache, video.video))[annotated]
+        np.testing.assert_allclose(rows.probabilities[rows.has_image], stored, rtol=1e-6)
+        np.testing.assert_array_equal(rows.labels, rows.probabilities.argmax(axis=1))
+        assert (~rows.has_image).any()
+    assert predictions.frame_count == read.frame_count
+
+
+def _store_logits(cache: Path, video: str) -> np.ndarray:
+    import h5py
+
+    with h5py.File(cache / f"{video}.h5") as store:
+        return store["logits"][:]
+
+
+def test_predict_smooth_evaluate_submit_chain(synthetic_tree, student_cache, tmp_path):
+    raw, smooth = tmp_path / "raw.h5", tmp_path / "smooth.h5"
+    predict_args = ["--cache", str(student_cache), "--data", str(synthetic_tree), "--split", "val"]
+    result = runner.invoke(
+        app,
+        ["predict", *predict_args, "--out", str(raw), "--source", "student", "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["smooth", str(raw), "--out", str(smooth), "--window", "30"])
+    assert result.exit_code == 0, result.output
+    scores = {}
+    for name, pred in (("raw", raw), ("smooth", smooth)):
+        report = tmp_path / f"{name}.json"
+        result = runner.invoke(
+            app,
+            ["evaluate", str(pred), "--data", str(synthetic_tree), "--json", str(report)],
+        )
+        assert result.exit_code == 0, result.output
+        assert "EXPR macro F1" in result.output
+        scores[name] = json.loads(report.read_text())
+    assert 0.2 < scores["raw"]["expr_f1"] < 0.8
+    assert scores["smooth"]["expr_f1"] > scores["raw"]["expr_f1"] + 0.1
+    assert scores["smooth"]["smoothing"] == [{"window": 30, "mode": "centered"}]
+    assert Path(scores["smooth"]["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
+
+    submission = tmp_path / "submission.txt"
+    result = runner.invoke(app, ["submit", str(smooth), "--out", str(submission)])
+    assert result.exit_code == 0, result.output
+    lines = submission.read_text().splitlines()
+    assert lines[0] == HEADER
+    smoothed = Predictions.read(smooth)
+    assert len(lines) == 1 + smoothed.frame_count
+    for video, (frames, labels) in read_submission(submission).items():
+        np.testing.assert_array_equal(frames, smoothed.videos[video].frames)
+        np.testing.assert_array_equal(labels, smoothed.videos[video].labels)
+
+
+def test_test_split_frame_list_predicts_validates_and_round_trips(
+    synthetic_tree, student_cache, tmp_path
+):
+    frame_list = val_frame_list(synthetic_tree, tmp_path / "test_frames.txt")
+    options = PredictOptions(split="test", frames=frame_list, source="student", progress=False)
+    pred = tmp_path / "test.h5"
+    predictions = predict(None, [student_cache], pred, options)
+    assert predictions.split == "test"
+
+    rows = write_submission(pred, tmp_path / "submission.txt", frames=frame_list)
+
+    listed = read_frame_list(frame_list)
+    assert rows == sum(len(frames) for frames in listed.values())
+    submitted = read_submission(tmp_path / "submission.txt")
+    assert list(submitted) == list(listed)
+    for video, (frames, labels) in submitted.items():
+        np.testing.assert_array_equal(frames, listed[video])
+        np.testing.assert_array_equal(labels, predictions.videos[video].labels)
+    # A submission is itself a valid frame list.
+    assert {v: f.tolist() for v, f in read_frame_list(tmp_path / "submission.txt").items()} == {
+        v: f.tolist() for v, f in listed.items()
+    }
+
+
+def test_submission_missing_frames_is_refused(synthetic_tree, student_cache, tmp_path):
+    short_list = val_frame_list(synthetic_tree, tmp_path / "short.txt", drop=3)
+    full_list = val_frame_list(synthetic_tree, tmp_path / "full.txt")
+    options = PredictOptions(split="test", frames=short_list, source="student", progress=False)
+    predict(None, [student_cache], tmp_path / "short.h5", options)
+    out = tmp_path / "submission.txt"
+
+    result = runner.invoke(
+        app, ["submit", str(tmp_path / "short.h5"), "--out", str(out), "--frames", str(full_list)]
+    )
+
+    assert result.exit_code == 2
+    assert "no prediction for 3 required frame(s) of '21-30-1280x720'" in result.stderr
+    assert "full.txt" in result.stderr and not out.exists()
+
+
+def test_frame_list_naming_a_video_not_in_the_cache_is_an_error(student_cache, tmp_path):
+    frame_list = tmp_path / "frames.txt"
+    frame_list.write_text("video16/00001.jpg\nghost_video/00001.jpg\n")
+    options = PredictOptions(split="test", frames=frame_list, source="student", progress=False)
+    with pytest.raises(FercacheError, match=r"names video.*not in the feature cache.*ghost_video"):
+        predict(None, [student_cache], tmp_path / "out.h5", options)
+    assert not (tmp_path / "out.h5").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("video1/1.jpg\nvideo1/00001.jpg\n", "video1/00001.jpg is listed more than once"),
+        ("image_location,Neutral\nvideo1/00000.jpg\n", ":2: 'video1/00000.jpg' is not an"),
+        ("video1/00001.png\n", ":1: 'video1/00001.png' is not an image location"),
+    ],
+)
+def test_malformed_frame_lists_name_the_line(tmp_path, text, message):
+    path = tmp_path / "frames.txt"
+    path.write_text(text)
+    with pytest.raises(FercacheError, match=re.escape(message)):
+        read_frame_list(path)
+
+
+def test_test_split_needs_a_frame_list_and_temporal_needs_a_run(student_cache, tmp_path):
+    with pytest.raises(FercacheError, match="--frames FILE"):
+        predict(None, [student_cache], tmp_path / "x.h5", PredictOptions(split="test"))
+    frame_list = tmp_path / "frames.txt"
+    frame_list.write_text("video16/00001.jpg\n")
+    options = PredictOptions(split="test", frames=frame_list, progress=False)
+    with pytest.raises(FercacheError, match="RUN_DIR"):
+        predict(None, [student_cache], tmp_path / "x.h5", options)
+
+
+@pytest.fixture(scope="module")
+def temporal_run(tmp_path_factory) -> dict:
+    """A one-epoch tiny temporal run (issue 4's trainer) on the trainer's test tree and cache."""
+    root = tmp_path_factory.mktemp("temporal")
+    labels = write_tree(root / "data", TreeSpec(train_videos=4, val_videos=2, frames=200))
+    write_cache(root / "cache", root / "data", labels)
+    tiny = ("width=16", "layers=1", "heads=2", "ff_width=32", "batch_size=8", "workers=0")
+    request = TrainRequest(overrides=tiny, epochs=1, device="cpu", progress=False)
+    train([root / "cache"], root / "data", root / "run", request)
+    return {"root": root, "data": root / "data", "cache": root / "cache", "run": root / "run"}
+
+
+def test_temporal_run_predicts_every_annotated_frame(temporal_run, tmp_path):
+    pred = tmp_path / "temporal.h5"
+    result = runner.invoke(
+        app,
+        [
+            *("predict", str(temporal_run["run"]), "--cache", str(temporal_run["cache"])),
+            *("--data", str(temporal_run["data"]), "--split", "val", "--out", str(pred)),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+    predictions = Predictions.read(pred)
+    assert predictions.source.startswith("temporal run")
+    predictor = TemporalPredictor.load(temporal_run["run"])
+    fused = load_fused_features([temporal_run["cache"]], list(predictions.videos))
+    for video, rows in predictions.videos.items():
+        expected = predictor.predict(fused[video].features)
+        np.testing.assert_array_equal(rows.frames[rows.has_image], fused[video].frames)
+        np.testing.assert_allclose(rows.probabilities[rows.has_image], expected, atol=1e-6)
+    report = evaluate(pred, temporal_run["data"], "val")
+    assert 0 <= report["expr_f1"] <= 1 and report["videos"] == 2
+
+
+def test_temporal_run_refuses_a_cache_it_was_not_trained_on(temporal_run, tmp_path):
+    labels = {video: np.zeros(400, np.int64) for video in ("val00", "val01")}  # any labels
+    other = write_cache(tmp_path / "other", temporal_run["data"], labels, seed=1)
+    options = PredictOptions(split="val", data=temporal_run["data"], progress=False)
+    with pytest.raises(FercacheError, match="trained on caches with fingerprints"):
+        predict(temporal_run["run"], [other], tmp_path / "x.h5", options)
