@@ -128,5 +128,409 @@ def inspect(
         console.print(f"summary written to {json_out}")
 
 
+LISTED_SKIPS = 20  # unreadable images named on the terminal; the stores record all of them
+
+
+def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise FercacheError(f"{option} takes three comma-separated numbers (R,G,B), not '{text}'")
+    return values
+
+
+@app.command()
+def extract(
+    data: Annotated[Path, typer.Argument(help="Aff-Wild2 root: holds cropped_aligned/<video>/.")],
+    out: Annotated[
+        Path, typer.Option(help="Cache folder: one <video>.h5 per video plus manifest.json.")
+    ],
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            help="timm model name. Default: the checkpoint's own (fercache checkpoints record "
+            "it), else resnet50 as in the paper."
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Weights: a fercache phase-1 student.safetensors, a plain state dict (.pt/.pth) "
+            "or safetensors. Without one, a seeded random init (for tests and benchmarks)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Frames per forward pass; batches span videos. Default 256 GPU, 64 CPU."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="DataLoader processes decoding JPEGs (0: decode in this process). "
+            "Default: a quarter of the cores, 1 to 8."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Stored feature type: float16 (half the disk) or float32.")
+    ] = "float16",
+    device: Annotated[
+        str,
+        typer.Option(help="auto (CUDA when present), cpu or cuda. AMP and channels_last on CUDA."),
+    ] = "auto",
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Recompute every selected video, replacing stores of any provenance. Without it "
+            "finished stores of the same provenance are skipped (resume) and stores of another "
+            "provenance are an error."
+        ),
+    ] = False,
+    videos: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--videos", help="Only these video folders (repeat the option). Default: all."
+        ),
+    ] = None,
+    input_size: Annotated[
+        int | None,
+        typer.Option(help="Square input size in pixels. Default: the model's data config."),
+    ] = None,
+    mean: Annotated[
+        str | None, typer.Option(help="Normalisation mean 'R,G,B'. Default: the model's.")
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option(help="Normalisation std 'R,G,B'. Default: the model's.")
+    ] = None,
+    init_seed: Annotated[
+        int, typer.Option(help="Seed of the random init used when no --checkpoint is given.")
+    ] = 0,
+    progress: ProgressOption = True,
+) -> None:
+    """Run the frozen backbone over every frame into per-video HDF5 feature stores (resumable)."""
+    from fercache.extract import ExtractOptions
+    from fercache.extract import extract as run_extract
+
+    options = ExtractOptions(
+        backbone=backbone,
+        checkpoint=checkpoint,
+        batch_size=batch_size,
+        workers=workers,
+        dtype=dtype,
+        device=device,
+        force=force,
+        videos=tuple(videos or ()),
+        input_size=input_size,
+        mean=_triple(mean, "--mean"),
+        std=_triple(std, "--std"),
+        init_seed=init_seed,
+        progress=progress,
+    )
+    report = run_extract(data, out, options)
+    for video in report.empty:
+        error_console.print(f"[yellow]warning:[/] {video}: empty image folder, skipped")
+    for reason in report.skipped_frames[:LISTED_SKIPS]:
+        error_console.print(f"[yellow]warning:[/] unreadable image skipped: {reason}")
+    if len(report.skipped_frames) > LISTED_SKIPS:
+        error_console.print(
+            f"[yellow]warning:[/] {len(report.skipped_frames) - LISTED_SKIPS} more unreadable "
+            "images skipped; each store lists its own in the attribute skipped_reasons"
+        )
+    console.print(
+        f"extracted {len(report.extracted)} videos ({report.frames:,} frames, "
+        f"{report.frames_per_second:,.0f} frames/s), {len(report.resumed)} already done"
+        + (f"; manifest: {report.manifest}" if report.manifest else "")
+    )
+
+
+@app.command()
+def pretrain(
+    labelled: Annotated[
+        list[Path],
+        typer.Option(
+            help="Labelled images (repeat to combine): an Aff-Wild2 root (EXPR train frames), "
+            "a CSV with columns path,label, or a folder with one sub-folder per class."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Run folder: student/teacher .safetensors + .json, metrics.jsonl, state.pt."
+        ),
+    ],
+    unlabelled: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Unlabelled face images (repeat to combine): a folder (searched recursively) "
+            "or a list (.txt, one path a line; .csv with a path column). Not used by "
+            "--recipe supervised."
+        ),
+    ] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="timm model name for teacher and student (default resnet50).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML settings file, e.g. configs/pretrain.yaml (default: built-in)."),
+    ] = None,
+    set_values: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override one setting, key=value (repeatable), e.g. --set mu=4."
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Training steps (default from the config: 100000).")
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="mpl (teacher/student with feedback, the default) or supervised (the baseline: "
+            "labelled data only, same schedule)."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run in --out from its state.pt with its saved settings "
+            "(--steps may raise or lower the total)."
+        ),
+    ] = False,
+    init_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local weights (.safetensors/.pth) to start both networks from, e.g. ImageNet; "
+            "a head of another class count is replaced."
+        ),
+    ] = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Phase 1: semi-supervised (Meta Pseudo Labels) pretraining of the frozen student."""
+    from fercache.pretrain import load_config, saved_settings
+    from fercache.pretrain import pretrain as run_pretrain
+
+    base = saved_settings(out) if resume else None
+    settings = load_config(config, set_values, base, backbone=backbone, steps=steps, recipe=recipe)
+    report = run_pretrain(
+        labelled,
+        unlabelled or [],
+        out,
+        settings,
+        resume=resume,
+        init_checkpoint=init_checkpoint,
+        progress=progress,
+    )
+    for problem in report.problems[:10]:
+        error_console.print(f"[yellow]warning:[/] left out: {problem}", highlight=False)
+    if len(report.problems) > 10:
+        error_console.print(
+            f"[yellow]warning:[/] {len(report.problems) - 10} more, all in {out}/problems.txt"
+        )
+    shown = ", ".join(f"{key} {value:.3f}" for key, value in report.evaluation.items())
+    console.print(
+        f"{report.steps} steps; wrote {out}/student.safetensors"
+        + (f"; held-out: {shown}" if shown else "")
+    )
+
+
+@app.command()
+def predict(
+    cache: Annotated[
+        list[Path],
+        typer.Option(
+            help="Feature cache folder (repeat for a run trained on fused caches, same order)."
+        ),
+    ],
+    split: Annotated[str, typer.Option(help="Split to predict: train, val or test.")],
+    out: Annotated[Path, typer.Option(help="PRED file to write (HDF5, format in the README).")],
+    run_dir: Annotated[
+        Path | None,
+        typer.Argument(help="Temporal training run folder (not needed with --source student)."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Aff-Wild2 root: its EXPR annotations list the frames to predict."),
+    ] = None,
+    frames: Annotated[
+        Path | None,
+        typer.Option(
+            help="Frame list ('<video>/00001.jpg' per line, e.g. the organisers' test list): "
+            "predict exactly these frames. Required for --split test."
+        ),
+    ] = None,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(help="Folder to search for annotation sets (default: DATA)."),
+    ] = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="temporal (the run in RUN_DIR) or student (softmax of the logits stored in the "
+            "cache: the per-frame baseline)."
+        ),
+    ] = "temporal",
+    device: Annotated[str, typer.Option(help="Device of the temporal model: cpu or cuda.")] = "cpu",
+    progress: ProgressOption = True,
+) -> None:
+    """Per-frame class probabilities for every frame of a split that needs a prediction."""
+    from fercache.predict import PredictOptions
+    from fercache.predict import predict as run_predict
+
+    options = PredictOptions(
+        split=split,
+        data=data,
+        frames=frames,
+        annotations=annotations,
+        source=source,
+        device=device,
+        progress=progress,
+    )
+    predictions = run_predict(run_dir, cache, out, options)
+    filled = sum(int((~rows.has_image).sum()) for rows in predictions.videos.values())
+    console.print(
+        f"wrote {out}: {len(predictions.videos)} videos, {predictions.frame_count:,} frames "
+        f"({filled:,} without features, filled from their nearest frames)"
+    )
+
+
+@app.command()
+def smooth(
+    pred: Annotated[Path, typer.Argument(help="PRED file to smooth (from `fercache predict`).")],
+    out: Annotated[Path, typer.Option(help="PRED file to write with the voted labels.")],
+    window: Annotated[int, typer.Option(help="Vote window in frames (the paper uses 30).")] = 30,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="centered: each frame takes the most frequent label around it; block: windows "
+            "tile the video and every frame takes its window's most frequent label."
+        ),
+    ] = "centered",
+) -> None:
+    """Sliding-window majority vote over each video's predicted labels (never across videos)."""
+    from fercache.smooth import smooth_predictions
+
+    smoothed = smooth_predictions(pred, out, window=window, mode=mode)
+    console.print(
+        f"wrote {out}: {smoothed.frame_count:,} frames voted, window {window}, mode {mode}"
+    )
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="PRED file to score (raw or smoothed).")],
+    data: Annotated[Path, typer.Option(help="Aff-Wild2 root holding the split's annotations.")],
+    split: Annotated[str, typer.Option(help="Split the PRED file holds: train or val.")] = "val",
+    annotations: Annotated[
+        Path | None,
+        typer.Option(help="Folder to search for annotation sets (default: DATA)."),
+    ] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Also write every figure (per class, confusion) as JSON."),
+    ] = None,
+    confusion: Annotated[
+        Path | None,
+        typer.Option(help="Confusion-matrix PNG to write (default: PRED's name + -confusion.png)."),
+    ] = None,
+) -> None:
+    """Macro-F1 (EXPR) pooled over all valid frames, per-class figures, AU F1 and VA CCC."""
+    from fercache.evaluate import evaluate as run_evaluate
+    from fercache.evaluate import render, write_report
+
+    report = run_evaluate(pred, data, split, annotations=annotations, confusion_png=confusion)
+    console.print(render(report))
+    console.print(f"confusion matrix: {report['confusion_png']}")
+    if json_out:
+        console.print(f"report written to {write_report(report, json_out)}")
+
+
+@app.command()
+def submit(
+    pred: Annotated[Path, typer.Argument(help="PRED file (usually smoothed) to submit.")],
+    out: Annotated[Path, typer.Option(help="Submission text file to write.")],
+    frames: Annotated[
+        Path | None,
+        typer.Option(
+            help="The organisers' frame list: the submission then holds exactly these frames, "
+            "and any one PRED lacks is an error. Default: every frame of PRED."
+        ),
+    ] = None,
+) -> None:
+    """Write the ABAW EXPR submission file, validated first (every frame once, labels 0-7)."""
+    from fercache.submit import write_submission
+
+    rows = write_submission(pred, out, frames)
+    console.print(f"wrote {out}: {rows:,} frames")
+
+
+@app.command()
+def train(
+    caches: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Feature cache folder(s); several are fused by concatenating each frame's "
+            "features in the order given."
+        ),
+    ],
+    data: Annotated[Path, typer.Option(help="Aff-Wild2 root: the labels are read from it.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Run folder: config.yaml, model.json, best.safetensors, last.pt, "
+            "metrics.jsonl, summary.json, curves.png."
+        ),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML settings file, e.g. configs/temporal.yaml (default: built-in)."),
+    ] = None,
+    set_values: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override one setting, key=value (repeatable), e.g. layers=2."),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default from the config).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed; on CPU the same seed gives identical metrics.")
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")
+    ] = "auto",
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the run in --out from last.pt with its saved settings."),
+    ] = False,
+    memory_budget: Annotated[
+        str,
+        typer.Option(
+            help="Largest size of features to hold in RAM (e.g. 16G); above it windows are "
+            "read from the HDF5 stores by worker processes. auto: half the RAM."
+        ),
+    ] = "auto",
+    progress: ProgressOption = True,
+) -> None:
+    """Train the temporal transformer on 64-frame clips of cached features (phase 2)."""
+    from fercache.temporal.loop import TrainRequest
+    from fercache.temporal.loop import train as run_train
+
+    request = TrainRequest(
+        config_file=config,
+        overrides=tuple(set_values or ()),
+        epochs=epochs,
+        seed=seed,
+        memory_budget=memory_budget,
+        device=device,
+        resume=resume,
+        progress=progress,
+    )
+    summary = run_train(caches, data, out, request)
+    console.print(
+        f"best validation macro-F1 {summary['best_val_f1']:.4f} (epoch {summary['best_epoch']}, "
+        f"smoothed {summary['best_val_f1_smoothed']:.4f}); run in {out}"
+    )
+
+
 def main() -> None:
     app()

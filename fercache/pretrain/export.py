@@ -1,0 +1,44 @@
+"""The files `fercache extract --checkpoint` reads: `<name>.safetensors` holding a plain timm
+state dict (no `module.` prefix) with the model config as JSON in the metadata key
+`fercache_model`, and the same JSON in a sidecar `<name>.json`."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fercache.backbone import MODEL_METADATA_KEY, DataConfig
+from fercache.data.tasks import EXPR_CLASSES
+
+
+def model_config(backbone: str, data_config: DataConfig, recipe: str) -> dict:
+    return {
+        "backbone": backbone,
+        "num_classes": len(EXPR_CLASSES),
+        "input_size": list(data_config.input_size),
+        "mean": list(data_config.mean),
+        "std": list(data_config.std),
+        "interpolation": data_config.interpolation,
+        "classes": list(EXPR_CLASSES),
+        "recipe": recipe,
+    }
+
+
+def export_model(model: torch.nn.Module, config: dict, out: Path) -> Path:
+    """Write `out` (.safetensors) and its sidecar .json, each via a temporary name and rename,
+    so that a reader never sees a half-written checkpoint."""
+    state = {
+        key: value.detach().to("cpu").contiguous().clone()
+        for key, value in model.state_dict().items()
+    }
+    text = json.dumps(config)
+    partial = out.with_name(out.name + ".partial")
+    save_file(state, str(partial), metadata={MODEL_METADATA_KEY: text})
+    os.replace(partial, out)
+    sidecar = out.with_suffix(".json")
+    partial_sidecar = sidecar.with_name(sidecar.name + ".partial")
+    partial_sidecar.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(partial_sidecar, sidecar)
+    return out

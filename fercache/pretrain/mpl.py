@@ -1,0 +1,133 @@
+"""One training step of each recipe: Meta Pseudo Labels (DESIGN.md "Method facts") and the
+supervised baseline. Steps return detached 0-dim tensors, so logging costs no device sync."""
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Autocast = Callable[[], AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class MplSettings:
+    temperature: float  # of the teacher's soft pseudo labels on the weak view
+    threshold: float  # confidence below which an image adds no consistency loss
+    lambda_u: float  # weight of the consistency loss once ramped in
+    uda_steps: int  # steps over which the consistency weight ramps linearly to lambda_u
+    feedback_sign: int  # +1: f = old - new (seed 001 eq. 6); -1: f = new - old
+
+
+@dataclass(frozen=True)
+class MplBatch:
+    labelled: torch.Tensor  # (B, 3, H, W), class-balanced
+    labels: torch.Tensor  # (B,)
+    weak: torch.Tensor  # (μB, 3, H, W) weak view of the unlabelled images
+    strong: torch.Tensor  # (μB, 3, H, W) strong view of the same images
+
+
+def consistency_weight(settings: MplSettings, step: int) -> float:
+    return settings.lambda_u * min(1.0, (step + 1) / max(1, settings.uda_steps))
+
+
+def feedback_loss(teacher_strong_logits: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """f · CE(teacher strong logits, their own argmax): its gradient is f times that CE's."""
+    hard = teacher_strong_logits.detach().argmax(dim=1)
+    return f.detach() * F.cross_entropy(teacher_strong_logits, hard)
+
+
+def mpl_step(
+    teacher: nn.Module,
+    student: nn.Module,
+    teacher_optimizer: torch.optim.Optimizer,
+    student_optimizer: torch.optim.Optimizer,
+    batch: MplBatch,
+    settings: MplSettings,
+    step: int,
+    autocast: Autocast,
+) -> dict[str, torch.Tensor]:
+    """Teacher forward, student step on hard pseudo labels, feedback, teacher step.
+
+    The hard pseudo label is the argmax of the teacher's strong-view logits: the student learns
+    it and the feedback term reinforces it, so both use the same label (seed 001 eqs. 1, 5).
+    """
+    labelled_count, unlabelled_count = len(batch.labelled), len(batch.weak)
+    with autocast():
+        teacher_logits = teacher(torch.cat([batch.labelled, batch.weak, batch.strong])).float()
+    t_labelled, t_weak, t_strong = teacher_logits.split(
+        [labelled_count, unlabelled_count, unlabelled_count]
+    )
+    t_supervised = F.cross_entropy(t_labelled, batch.labels)
+    t_consistency, mask = consistency_loss(t_weak, t_strong, settings)
+    hard_pseudo = t_strong.detach().argmax(dim=1)
+
+    s_old = labelled_loss(student, batch, autocast)
+    with autocast():
+        s_strong = student(batch.strong).float()
+    s_unlabelled = F.cross_entropy(s_strong, hard_pseudo)
+    student_optimizer.zero_grad(set_to_none=True)
+    s_unlabelled.backward()
+    student_optimizer.step()
+    s_new = labelled_loss(student, batch, autocast)
+
+    f = settings.feedback_sign * (s_old - s_new)
+    t_feedback = feedback_loss(t_strong, f)
+    t_loss = t_supervised + consistency_weight(settings, step) * t_consistency + t_feedback
+    teacher_optimizer.zero_grad(set_to_none=True)
+    t_loss.backward()
+    teacher_optimizer.step()
+    return {
+        "teacher_loss": t_loss.detach(),
+        "teacher_supervised": t_supervised.detach(),
+        "teacher_consistency": t_consistency.detach(),
+        "teacher_feedback": t_feedback.detach(),
+        "student_unlabelled": s_unlabelled.detach(),
+        "student_labelled_old": s_old,
+        "student_labelled_new": s_new,
+        "feedback": f,
+        "mask_ratio": mask.mean(),
+    }
+
+
+def consistency_loss(
+    t_weak: torch.Tensor, t_strong: torch.Tensor, settings: MplSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """UDA: CE between the sharpened weak-view distribution (no gradient) and the strong-view
+    prediction, counting only images whose weak confidence reaches the threshold; and the mask."""
+    soft_pseudo = torch.softmax(t_weak.detach() / settings.temperature, dim=1)
+    mask = (soft_pseudo.max(dim=1).values >= settings.threshold).float()
+    per_image = -(soft_pseudo * F.log_softmax(t_strong, dim=1)).sum(dim=1)
+    return (per_image * mask).mean(), mask
+
+
+def supervised_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: Autocast,
+) -> dict[str, torch.Tensor]:
+    """The baseline: cross-entropy on the class-balanced labelled batch."""
+    with autocast():
+        logits = model(images).float()
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"student_supervised": loss.detach()}
+
+
+@torch.no_grad()
+def labelled_loss(student: nn.Module, batch: MplBatch, autocast: Autocast) -> torch.Tensor:
+    """The student's CE on the labelled batch, measured in train mode (as it is trained) but
+    leaving batch-norm running statistics as they were: `old` and `new` differ only by the
+    student's step, and the statistics extraction will use see only the training batches."""
+    buffers = [buffer.clone() for buffer in student.buffers()]
+    with autocast():
+        logits = student(batch.labelled).float()
+    for buffer, saved in zip(student.buffers(), buffers, strict=True):
+        buffer.copy_(saved)
+    return F.cross_entropy(logits, batch.labels)

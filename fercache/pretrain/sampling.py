@@ -1,0 +1,65 @@
+"""Class-balanced batches of labelled images, and the held-out split used for evaluation."""
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from fercache.errors import FercacheError
+
+
+class BalancedBatchSampler:
+    """Endless batches with the same number of images of every class (seed 001 §3.2.1).
+
+    Each class is walked through in its own reshuffled order, so a rare class repeats only
+    after all its images were used. When `batch_size` is not a multiple of the number of
+    classes, the left-over places go to classes drawn at random, so counts differ by at most 1.
+    """
+
+    def __init__(self, labels: np.ndarray, num_classes: int, batch_size: int, seed: int):
+        labels = np.asarray(labels)
+        missing = [c for c in range(num_classes) if not np.any(labels == c)]
+        if missing:
+            raise FercacheError(
+                f"class-balanced sampling needs every class, but classes {missing} have no "
+                "labelled image: add a source that has them"
+            )
+        self.by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        self._order = [self.rng.permutation(indices) for indices in self.by_class]
+        self._position = [0] * num_classes
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next_batch()
+
+    def next_batch(self) -> list[int]:
+        num_classes = len(self.by_class)
+        counts = np.full(num_classes, self.batch_size // num_classes)
+        extra = self.rng.choice(num_classes, self.batch_size % num_classes, replace=False)
+        counts[extra] += 1
+        batch = [index for c in range(num_classes) for index in self._take(c, counts[c])]
+        return [int(index) for index in self.rng.permutation(batch)]
+
+    def _take(self, cls: int, count: int) -> list[int]:
+        taken: list[int] = []
+        while len(taken) < count:
+            if self._position[cls] == len(self._order[cls]):
+                self._order[cls] = self.rng.permutation(self.by_class[cls])
+                self._position[cls] = 0
+            taken.append(self._order[cls][self._position[cls]])
+            self._position[cls] += 1
+        return taken
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held-out): `fraction` of every class held out, at least one image of
+    each class with two or more, so the held-out F1 covers every class."""
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = []
+    for cls in np.unique(labels):
+        indices = rng.permutation(np.flatnonzero(labels == cls))
+        count = max(1, round(fraction * len(indices))) if len(indices) >= 2 else 0
+        held.append(indices[:count])
+    held_out = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), held_out), held_out

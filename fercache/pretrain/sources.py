@@ -1,0 +1,199 @@
+"""Image sources of phase 1: labelled (Aff-Wild2 train frames, CSV lists, folder per class)
+and unlabelled (a folder or a list of face crops).
+
+Problems in the data (labels outside 0-7, files that are listed but missing, folders that name
+no class) are collected as `Problem`s naming the file and line, and the offending entries are
+left out, so that a run never stops half-way for them. A source that yields nothing usable, or
+cannot be recognised at all, is an error before training starts.
+"""
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fercache.data.affwild2 import IMAGES_DIRNAME, AffWild2, frame_filename
+from fercache.data.tasks import EXPR_CLASSES
+from fercache.errors import FercacheError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+_CLASS_BY_NAME = {name.lower(): index for index, name in enumerate(EXPR_CLASSES)}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One entry left out of a source, and why."""
+
+    where: str  # "file" or "file:line"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class LabelledImages:
+    """Image paths with their expression class (0-7), and what was left out on the way."""
+
+    paths: list[Path] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    def extend(self, other: "LabelledImages") -> None:
+        self.paths += other.paths
+        self.labels += other.labels
+        self.problems += other.problems
+
+
+@dataclass
+class UnlabelledImages:
+    paths: list[Path] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def read_labelled(sources: list[Path]) -> LabelledImages:
+    """All labelled sources combined, in the order given."""
+    if not sources:
+        raise FercacheError("no labelled source: pass --labelled at least once")
+    combined = LabelledImages()
+    for source in sources:
+        images = _read_labelled_source(Path(source))
+        if not images.paths:
+            reasons = "; ".join(str(problem) for problem in images.problems[:3])
+            raise FercacheError(
+                f"{source}: no usable labelled image" + (f" ({reasons})" if reasons else "")
+            )
+        combined.extend(images)
+    return combined
+
+
+def read_unlabelled(sources: list[Path]) -> UnlabelledImages:
+    """Every image of the unlabelled folders (searched recursively) and lists, combined."""
+    if not sources:
+        raise FercacheError("no unlabelled source: pass --unlabelled at least once")
+    combined = UnlabelledImages()
+    for source in map(Path, sources):
+        if source.is_dir():
+            paths, problems = sorted(_images_below(source)), []
+        elif source.is_file():
+            paths, problems = _read_path_list(source)
+        else:
+            raise FercacheError(f"{source}: no such folder or image list")
+        if not paths:
+            raise FercacheError(f"{source}: holds no image ({', '.join(IMAGE_SUFFIXES)})")
+        combined.paths += paths
+        combined.problems += problems
+    return combined
+
+
+def _read_labelled_source(source: Path) -> LabelledImages:
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return _read_labelled_csv(source)
+    if source.is_dir() and (source / IMAGES_DIRNAME).is_dir():
+        return _read_affwild2_train(source)
+    if source.is_dir():
+        return _read_class_folders(source)
+    if not source.exists():
+        raise FercacheError(f"{source}: no such file or folder")
+    raise FercacheError(
+        f"{source}: not a labelled source. Give an Aff-Wild2 root (holding {IMAGES_DIRNAME}/), "
+        "a CSV file with columns path,label, or a folder with one sub-folder per class"
+    )
+
+
+def _read_affwild2_train(root: Path) -> LabelledImages:
+    """Frames of the EXPR train split that have an image and a valid label."""
+    data = AffWild2(root)
+    images = LabelledImages()
+    for video in data.load("expr", "train"):
+        valid = video.image_labels != video.task.invalid
+        folder = data.images / video.video
+        for frame, label in zip(video.image_frames[valid], video.image_labels[valid], strict=True):
+            images.paths.append(folder / frame_filename(int(frame)))
+            images.labels.append(int(label))
+    return images
+
+
+def _read_labelled_csv(path: Path) -> LabelledImages:
+    """`path,label` rows; paths relative to the CSV's folder; label 0-7 or a class name."""
+    images = LabelledImages()
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [name.strip().lower() for name in reader.fieldnames or []]
+        if "path" not in columns or "label" not in columns:
+            raise FercacheError(f"{path}: needs a header with columns path,label (got {columns})")
+        reader.fieldnames = columns
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            label = _parse_label(row.get("label"))
+            image = path.parent / (row.get("path") or "").strip()
+            if label is None:
+                images.problems.append(Problem(where, f"label {row.get('label')!r} is not 0-7"))
+            elif not image.is_file():
+                images.problems.append(Problem(where, f"image {image} does not exist"))
+            else:
+                images.paths.append(image)
+                images.labels.append(label)
+    return images
+
+
+def _read_class_folders(root: Path) -> LabelledImages:
+    """`root/<class>/*.jpg` where <class> is 0-7 or an EXPR class name (any case)."""
+    images = LabelledImages()
+    for folder in sorted(entry for entry in root.iterdir() if entry.is_dir()):
+        label = _parse_label(folder.name)
+        if label is None:
+            images.problems.append(
+                Problem(str(folder), "folder name is not a class (0-7 or an EXPR class name)")
+            )
+            continue
+        for image in sorted(_images_below(folder)):
+            images.paths.append(image)
+            images.labels.append(label)
+    return images
+
+
+def _read_path_list(path: Path) -> tuple[list[Path], list[Problem]]:
+    """One path per line (a CSV's `path` column when the file is a .csv), relative to the list."""
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = [(row.get("path") or "").strip() for row in csv.DictReader(handle)]
+        first_line = 2
+    elif path.suffix.lower() in LIST_SUFFIXES:
+        rows = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        first_line = 1
+    else:
+        raise FercacheError(
+            f"{path}: not an unlabelled source: give a folder of images, a .txt list of paths "
+            "or a .csv with a path column"
+        )
+    paths: list[Path] = []
+    problems: list[Problem] = []
+    for line, name in enumerate(rows, start=first_line):
+        if not name:
+            continue
+        image = path.parent / name
+        if image.is_file():
+            paths.append(image)
+        else:
+            problems.append(Problem(f"{path}:{line}", f"image {image} does not exist"))
+    return paths, problems
+
+
+def _parse_label(text: str | None) -> int | None:
+    text = (text or "").strip()
+    if text.lower() in _CLASS_BY_NAME:
+        return _CLASS_BY_NAME[text.lower()]
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if 0 <= value < len(EXPR_CLASSES) else None
+
+
+def _images_below(folder: Path) -> list[Path]:
+    found: list[Path] = []
+    for directory, _, names in os.walk(folder):
+        found += [Path(directory, name) for name in names if name.lower().endswith(IMAGE_SUFFIXES)]
+    return found

@@ -1,0 +1,498 @@
+"""Phase-1 pretraining: the MPL step against a hand computation, balanced sampling, sources that
+report bad entries, a short run on the synthetic pools, the exported student, resume, DDP."""
+
+import copy
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+from typer.testing import CliRunner
+
+from fercache.backbone import load_backbone
+from fercache.cli import app
+from fercache.errors import FercacheError
+from fercache.pretrain import PretrainConfig, load_config, pretrain
+from fercache.pretrain.mpl import (
+    MplBatch,
+    MplSettings,
+    consistency_weight,
+    feedback_loss,
+    labelled_loss,
+    mpl_step,
+)
+from fercache.pretrain.sampling import BalancedBatchSampler, holdout_split
+from fercache.pretrain.sources import read_labelled, read_unlabelled
+from fercache.pretrain.views import LabelledDataset, build_views, data_config_of, strong_augment
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+# tiny but real: a timm ResNet at 32 px, a few steps, no loader processes
+TINY = {
+    "backbone": "resnet10t",
+    "image_size": 32,
+    "batch_size": 16,
+    "mu": 1,
+    "workers": 0,
+    "eval_every": 4,
+    "log_every": 2,
+    "checkpoint_every": 4,
+}
+
+
+# --- the step, by hand ---------------------------------------------------------------------
+
+
+def _tiny_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 8),
+    )
+
+
+def _fixed_batch() -> MplBatch:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(16 + 2 * 12, 3, 6, 6, generator=generator)
+    labels = torch.arange(16) % 8
+    return MplBatch(images[:16], labels, images[16:28], images[28:])
+
+
+SETTINGS = MplSettings(temperature=0.7, threshold=0.2, lambda_u=1.0, uda_steps=4, feedback_sign=1)
+
+
+def _no_autocast():
+    return torch.autocast("cpu", enabled=False)
+
+
+def _step(settings: MplSettings):
+    teacher, student = _tiny_net(1), _tiny_net(2)
+    batch = _fixed_batch()
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=1.0)
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    before = (copy.deepcopy(teacher), copy.deepcopy(student))
+    metrics = mpl_step(teacher, student, t_opt, s_opt, batch, settings, 1, _no_autocast)
+    return metrics, batch, before, (teacher, student)
+
+
+def _teacher_logits(teacher: nn.Module, batch: MplBatch):
+    logits = teacher(torch.cat([batch.labelled, batch.weak, batch.strong]))
+    return logits.split([16, 12, 12])
+
+
+def test_feedback_is_the_students_labelled_loss_before_minus_after_its_step():
+    metrics, batch, (teacher0, student0), (_, student1) = _step(SETTINGS)
+
+    # by hand: the student's SGD step on the teacher's hard pseudo labels of the strong view
+    _, _, t_strong = _teacher_logits(copy.deepcopy(teacher0), batch)
+    hard = t_strong.argmax(dim=1)
+    manual = copy.deepcopy(student0)
+    old = F.cross_entropy(copy.deepcopy(manual)(batch.labelled), batch.labels)
+    loss = F.cross_entropy(manual(batch.strong), hard)
+    grads = torch.autograd.grad(loss, list(manual.parameters()))
+    with torch.no_grad():
+        for parameter, grad in zip(manual.parameters(), grads, strict=True):
+            parameter -= 0.5 * grad
+    new = F.cross_entropy(copy.deepcopy(manual)(batch.labelled), batch.labels)
+
+    for mine, theirs in zip(manual.parameters(), student1.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs)
+    torch.testing.assert_close(metrics["student_labelled_old"], old.detach())
+    torch.testing.assert_close(metrics["student_labelled_new"], new.detach())
+    torch.testing.assert_close(metrics["feedback"], (old - new).detach())
+    assert abs(float(metrics["feedback"])) > 1e-6  # the check is not vacuous
+
+    flipped, *_ = _step(MplSettings(**{**SETTINGS.__dict__, "feedback_sign": -1}))
+    torch.testing.assert_close(flipped["feedback"], -metrics["feedback"])
+
+
+def test_teacher_gradient_is_supervised_plus_consistency_plus_f_times_its_own_argmax_ce():
+    metrics, batch, (teacher0, _), (teacher1, _) = _step(SETTINGS)
+    f = float(metrics["feedback"])
+
+    def grads_of(loss_of) -> list[torch.Tensor]:
+        model = copy.deepcopy(teacher0)
+        return torch.autograd.grad(
+            loss_of(*_teacher_logits(model, batch)), list(model.parameters())
+        )
+
+    def rest(t_labelled, t_weak, t_strong):  # written independently of mpl.consistency_loss
+        target = torch.softmax(t_weak.detach() / 0.7, dim=1)
+        keep = target.max(dim=1).values >= 0.2
+        per_image = F.cross_entropy(t_strong, target, reduction="none") * keep
+        weight = consistency_weight(SETTINGS, 1)
+        return F.cross_entropy(t_labelled, batch.labels) + weight * per_image.mean()
+
+    def own_argmax_ce(_, __, t_strong):
+        return F.cross_entropy(t_strong, t_strong.detach().argmax(dim=1))
+
+    g_rest, g_feedback = grads_of(rest), grads_of(own_argmax_ce)
+    # SGD with lr 1 and no momentum: the teacher moved by minus its whole gradient
+    for p0, p1, r, g in zip(
+        teacher0.parameters(), teacher1.parameters(), g_rest, g_feedback, strict=True
+    ):
+        torch.testing.assert_close(p0 - p1, r + f * g)
+
+
+def test_feedback_loss_gradient_is_f_times_the_ce_gradient_numerically():
+    logits = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    f = torch.tensor(-0.37, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(feedback_loss(logits, f), logits)
+    hard = logits.detach().argmax(dim=1)
+    (ce_grad,) = torch.autograd.grad(F.cross_entropy(logits, hard), logits)
+    torch.testing.assert_close(grad, f * ce_grad)
+    # central finite differences of f * CE(z, argmax z) (the argmax held fixed)
+    eps, numeric = 1e-6, torch.zeros_like(logits)
+    for index in np.ndindex(*logits.shape):
+        step = torch.zeros_like(logits)
+        step[index] = eps
+        up = f * F.cross_entropy(logits.detach() + step, hard)
+        down = f * F.cross_entropy(logits.detach() - step, hard)
+        numeric[index] = (up - down) / (2 * eps)
+    torch.testing.assert_close(grad, numeric, atol=1e-7, rtol=1e-5)
+
+
+def test_measuring_the_labelled_loss_leaves_batch_norm_statistics_alone():
+    student, batch = _tiny_net(2), _fixed_batch()
+    before = [buffer.clone() for buffer in student.buffers()]
+    labelled_loss(student, batch, _no_autocast)
+    for saved, now in zip(before, student.buffers(), strict=True):
+        torch.testing.assert_close(saved, now)
+
+
+# --- sampling -----------------------------------------------------------------------------
+
+
+def test_balanced_sampler_gives_equal_class_counts_from_a_1_to_20_source():
+    labels = np.repeat(np.arange(8), [400, 20, 400, 40, 200, 400, 100, 400])  # 1:20
+    sampler = BalancedBatchSampler(labels, 8, batch_size=32, seed=0)
+    batches = [next(iter(sampler)) for _ in range(50)]
+    for batch in batches:
+        assert np.bincount(labels[batch], minlength=8).tolist() == [4] * 8
+    # the rare class is walked through fully before any of its images repeats
+    rare = [index for batch in batches[:5] for index in batch if labels[index] == 1]
+    assert sorted(rare) == list(range(400, 420))
+
+
+def test_balanced_sampler_spreads_a_remainder_and_needs_every_class():
+    labels = np.repeat(np.arange(8), 3)
+    counts = np.bincount(labels[BalancedBatchSampler(labels, 8, 10, 0).next_batch()], minlength=8)
+    assert counts.sum() == 10 and counts.max() - counts.min() <= 1
+    with pytest.raises(FercacheError, match=r"classes \[3\]"):
+        BalancedBatchSampler(labels[labels != 3], 8, 8, 0)
+
+
+def test_holdout_split_holds_out_a_share_of_every_class():
+    labels = np.repeat(np.arange(8), [100, 10, 3, 2, 1, 50, 20, 30])
+    train, held = holdout_split(labels, 0.1, seed=0)
+    assert not set(train) & set(held) and len(train) + len(held) == len(labels)
+    assert np.bincount(labels[held], minlength=8).tolist() == [10, 1, 1, 1, 0, 5, 2, 3]
+
+
+# --- sources and views --------------------------------------------------------------------
+
+
+def _image(path: Path, colour: int = 128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), (colour, 64, 32)).save(path)
+    return path
+
+
+def test_bad_labels_and_missing_files_are_reported_with_file_and_line(tmp_path):
+    _image(tmp_path / "a.jpg")
+    _image(tmp_path / "b.jpg")
+    (tmp_path / "list.csv").write_text(
+        "path,label\na.jpg,4\nb.jpg,9\nb.jpg,-1\nb.jpg,cheerful\ngone.jpg,2\nb.jpg,Fear\n"
+    )
+    _image(tmp_path / "folders" / "Happiness" / "x.png")
+    _image(tmp_path / "folders" / "7" / "y.jpg")
+    (tmp_path / "folders" / "misc").mkdir()
+
+    images = read_labelled([tmp_path / "list.csv", tmp_path / "folders"])
+
+    assert images.labels == [4, 3, 7, 4]
+    assert [p.name for p in images.paths] == ["a.jpg", "b.jpg", "y.jpg", "x.png"]
+    problems = [str(problem) for problem in images.problems]
+    assert problems[:3] == [
+        f"{tmp_path / 'list.csv'}:3: label '9' is not 0-7",
+        f"{tmp_path / 'list.csv'}:4: label '-1' is not 0-7",
+        f"{tmp_path / 'list.csv'}:5: label 'cheerful' is not 0-7",
+    ]
+    assert (
+        problems[3].startswith(f"{tmp_path / 'list.csv'}:6: image ") and "gone.jpg" in problems[3]
+    )
+    assert problems[4].startswith(str(tmp_path / "folders" / "misc"))
+
+
+def test_sources_that_give_nothing_usable_fail_before_training(tmp_path):
+    (tmp_path / "empty.csv").write_text("path,label\nnothing.jpg,1\n")
+    with pytest.raises(FercacheError, match=r"empty\.csv: no usable labelled image"):
+        read_labelled([tmp_path / "empty.csv"])
+    (tmp_path / "wrong.csv").write_text("file,class\n")
+    with pytest.raises(FercacheError, match="columns path,label"):
+        read_labelled([tmp_path / "wrong.csv"])
+    with pytest.raises(FercacheError, match="no such folder or image list"):
+        read_unlabelled([tmp_path / "nowhere"])
+
+
+def test_unlabelled_list_reports_missing_lines(tmp_path):
+    _image(tmp_path / "faces" / "1.jpg")
+    (tmp_path / "faces.txt").write_text("faces/1.jpg\n\nfaces/2.jpg\n")
+    images = read_unlabelled([tmp_path / "faces.txt", tmp_path / "faces"])
+    assert [p.name for p in images.paths] == ["1.jpg", "1.jpg"]
+    assert [problem.where for problem in images.problems] == [f"{tmp_path / 'faces.txt'}:3"]
+
+
+def test_an_unreadable_image_is_replaced_by_one_of_its_class_and_named(tmp_path):
+    good = [_image(tmp_path / f"{i}.jpg", 40 * i) for i in range(3)]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    model = timm.create_model("resnet10t", num_classes=8)
+    views = build_views(data_config_of(model, 32), 1.0, "rand-m9-mstd0.5-inc1-mmax9", 0.25)
+    dataset = LabelledDataset(
+        [good[0], broken, good[1], good[2]], np.array([1, 2, 1, 2]), views.weak
+    )
+
+    image, label, failed = dataset[1]
+
+    assert image.shape == (3, 32, 32) and label == 2 and failed == str(broken)
+    assert dataset[0][2] == ""
+
+
+def test_randaugment_settings_that_would_crash_pillow_are_refused_up_front():
+    strong_augment("rand-m9-mstd0.5-inc1-mmax9", 32, (0.5, 0.5, 0.5))
+    with pytest.raises(FercacheError, match="mmax9"):
+        strong_augment("rand-m9-mstd0.5-inc1", 32, (0.5, 0.5, 0.5))
+    with pytest.raises(FercacheError, match="not a timm RandAugment string"):
+        strong_augment("rand-q3", 32, (0.5, 0.5, 0.5))
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+def test_the_shipped_yaml_states_the_defaults_and_overrides_apply_in_order(tmp_path):
+    shipped = load_config(ROOT / "configs" / "pretrain.yaml")
+    defaults = PretrainConfig()
+    for key, value in defaults.to_json().items():
+        assert getattr(shipped, key) == pytest.approx(value), key
+    config = load_config(ROOT / "configs" / "pretrain.yaml", ["mu=7", "teacher_lr=1e-1"], steps=9)
+    assert (config.mu, config.teacher_lr, config.steps) == (7, 0.1, 9)
+    with pytest.raises(FercacheError, match="unknown setting"):
+        load_config(None, ["mew=3"])
+    with pytest.raises(FercacheError, match="feedback_sign must be 1 or -1"):
+        load_config(None, ["feedback_sign=0"])
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+def _read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mpl_run(synthetic_tree, tmp_path_factory) -> tuple[Path, object, Path]:
+    """A short MPL run on the synthetic pools plus a bad CSV and an unlabelled folder that
+    holds a broken image."""
+    scratch = tmp_path_factory.mktemp("sources")
+    pool = synthetic_tree / "pools"
+    with open(pool / "labelled.csv") as handle:
+        first = next(csv.DictReader(handle))["path"]
+    (scratch / "extra.csv").write_text(
+        f"path,label\n{pool / first},8\n{pool / first},2\n{scratch / 'gone.jpg'},1\n"
+    )
+    faces = scratch / "faces"
+    faces.mkdir()
+    for source in sorted((pool / "unlabelled").iterdir())[:7]:
+        shutil.copy(source, faces / source.name)
+    (faces / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    run = scratch / "run"
+    config = load_config(None, ["ema_decay=0.9"], base=PretrainConfig(**TINY), steps=8)
+    report = pretrain(
+        [pool / "labelled.csv", scratch / "extra.csv"], [faces], run, config, progress=False
+    )
+    return run, report, scratch
+
+
+def test_a_run_writes_metrics_checkpoints_and_reports_problems(mpl_run):
+    run, report, scratch = mpl_run
+    assert report.steps == 8
+    assert {"student.safetensors", "student.json", "teacher.safetensors", "teacher.json"} <= {
+        p.name for p in run.iterdir()
+    }
+    records = _read_metrics(run)
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    last = records[-1]
+    for key in ("teacher_supervised", "teacher_consistency", "teacher_feedback", "feedback"):
+        assert np.isfinite(last[key])
+    feedback = [r["feedback"] for r in records]  # each the mean over its 2 steps
+    assert last["feedback_running_mean"] == pytest.approx(np.mean(feedback))
+    assert 0 <= last["heldout_student_f1"] <= 1 and "heldout_teacher_accuracy" in last
+    assert last["lr_student"] == pytest.approx(0.0, abs=1e-12)  # cosine decay to 0
+
+    problems = (run / "problems.txt").read_text()
+    assert f"{scratch / 'extra.csv'}:2: label '8' is not 0-7" in problems
+    assert "gone.jpg does not exist" in problems
+    assert f"{scratch / 'faces' / 'broken.jpg'}: unreadable image, replaced" in problems
+    assert last["unreadable_images"] >= 1
+    assert report.problems == problems.splitlines()
+
+
+def test_the_exported_student_is_the_extraction_contract(mpl_run):
+    run, _, _ = mpl_run
+    path = run / "student.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        described = json.loads(handle.metadata()["fercache_model"])
+        keys = set(handle.keys())
+    assert described == json.loads((run / "student.json").read_text())
+    assert described == {
+        "backbone": "resnet10t",
+        "num_classes": 8,
+        "input_size": [3, 32, 32],
+        "mean": list(timm.data.IMAGENET_DEFAULT_MEAN),
+        "std": list(timm.data.IMAGENET_DEFAULT_STD),
+        "interpolation": "bilinear",
+        "classes": [
+            "Neutral",
+            "Anger",
+            "Disgust",
+            "Fear",
+            "Happiness",
+            "Sadness",
+            "Surprise",
+            "Other",
+        ],
+        "recipe": "mpl",
+    }
+    assert keys == set(timm.create_model("resnet10t", num_classes=8).state_dict())
+
+    backbone = load_backbone(None, path)  # name, size and normalisation from the checkpoint
+
+    assert (backbone.name, backbone.num_classes) == ("resnet10t", 8)
+    assert backbone.data_config.input_size == (3, 32, 32)
+    assert backbone.data_config.interpolation == "bilinear"
+    with safe_open(str(path), framework="pt") as handle:
+        weight = handle.get_tensor("fc.weight")
+    torch.testing.assert_close(backbone.model.state_dict()["fc.weight"], weight)
+
+
+def test_extract_runs_on_the_exported_student_with_no_other_option(
+    mpl_run, synthetic_tree, tmp_path
+):
+    from fercache.extract import ExtractOptions, extract
+
+    run, _, _ = mpl_run
+    options = ExtractOptions(checkpoint=run / "student.safetensors", progress=False, workers=0)
+    report = extract(synthetic_tree, tmp_path / "cache", options)
+    assert report.extracted and report.frames > 0
+
+
+def test_resume_refuses_changed_settings_and_a_new_run_refuses_a_used_folder(mpl_run):
+    run, _, _ = mpl_run
+    with pytest.raises(FercacheError, match="already holds a run"):
+        pretrain([run], [run], run, PretrainConfig(**TINY), progress=False)
+    changed = PretrainConfig(**{**TINY, "mu": 3})
+    with pytest.raises(FercacheError, match="mu 1 -> 3"):
+        pretrain([run], [run], run, changed, resume=True, progress=False)
+
+
+def test_the_supervised_baseline_lowers_its_loss_and_writes_no_teacher(synthetic_tree, tmp_path):
+    # held-out F1 over chance needs hundreds of steps: benchmarks/pretrain_ssl_vs_supervised.py
+    config = PretrainConfig(
+        **{**TINY, "image_size": 48, "eval_every": 100, "log_every": 20, "checkpoint_every": 100},
+        recipe="supervised",
+        steps=40,
+        student_lr=0.05,
+    )
+    report = pretrain(
+        [synthetic_tree / "pools" / "labelled.csv"], [], tmp_path / "run", config, progress=False
+    )
+    first, last = _read_metrics(tmp_path / "run")
+    assert last["student_supervised"] < first["student_supervised"]
+    assert set(report.evaluation) == {"student_accuracy", "student_f1"}
+    assert not (tmp_path / "run" / "teacher.safetensors").exists()
+
+
+def test_two_processes_under_torchrun_train_one_model(synthetic_tree, tmp_path):
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(ROOT / "cli.py"), "pretrain",
+        f"--labelled={synthetic_tree / 'pools' / 'labelled.csv'}",
+        f"--unlabelled={synthetic_tree / 'pools' / 'unlabelled'}",
+        f"--out={run}", "--steps=4", "--no-progress",
+        *[f"--set={key}={value}" for key, value in TINY.items()],
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [record["step"] for record in _read_metrics(run)] == [2, 4]  # rank 0 alone logs
+    with safe_open(str(run / "student.safetensors"), framework="pt") as handle:
+        assert not any(key.startswith("module.") for key in handle.keys())  # noqa: SIM118
+
+
+def test_the_command_resumes_a_run_killed_mid_way(synthetic_tree, tmp_path):
+    run = tmp_path / "run"
+    sets = [f"--set={key}={value}" for key, value in {**TINY, "checkpoint_every": 2}.items()]
+    command = [
+        sys.executable,
+        "-m",
+        "fercache",
+        "pretrain",
+        f"--labelled={synthetic_tree / 'pools' / 'labelled.csv'}",
+        f"--unlabelled={synthetic_tree / 'pools' / 'unlabelled'}",
+        f"--out={run}",
+        "--steps=400",
+        "--no-progress",
+        *sets,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _has_checkpoint_after(run, 4):
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(run / "state.pt", weights_only=True)["progress"][0]
+    assert 4 <= killed_at < 400
+
+    result = runner.invoke(
+        app,
+        [
+            "pretrain",
+            f"--labelled={synthetic_tree / 'pools' / 'labelled.csv'}",
+            f"--unlabelled={synthetic_tree / 'pools' / 'unlabelled'}",
+            f"--out={run}",
+            f"--steps={killed_at + 2}",
+            "--resume",
+            "--no-progress",
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert f"{killed_at + 2} steps; wrote" in result.output
+    steps = [record["step"] for record in _read_metrics(run)]
+    assert steps == list(range(2, killed_at + 3, 2))  # nothing lost, nothing twice
+
+
+def _has_checkpoint_after(run: Path, step: int) -> bool:
+    records = run / "metrics.jsonl"
+    return records.is_file() and any(
+        json.loads(line)["step"] >= step for line in records.read_text().splitlines()[:-1]
+    )
