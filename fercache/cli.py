@@ -471,6 +471,7 @@ def train(
     caches: Annotated[
         list[Path],
         typer.Argument(
+            metavar="CACHE_DIR",
             help="Feature cache folder(s); several are fused by concatenating each frame's "
             "features in the order given."
         ),
