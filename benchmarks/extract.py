@@ -25,12 +25,13 @@ from PIL import Image
 from fercache.backbone import load_backbone
 from fercache.data.affwild2 import AffWild2
 from fercache.data.synthetic import SynthConfig, generate
-from fercache.extract import ExtractOptions, extract, forward_backbone, resolve_device
+from fercache.distributed import resolve_device
+from fercache.extract import ExtractOptions, extract, forward_backbone
 
 
 def main() -> None:
     args = _arguments()
-    device = resolve_device(args.device, 0)
+    device = resolve_device(args.device)
     backbone = load_backbone(args.backbone, None, input_size=args.input_size)
     batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:

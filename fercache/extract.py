@@ -19,13 +19,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from fercache.backbone import Backbone, DataConfig, load_backbone
 from fercache.data.affwild2 import AffWild2, frame_filename
+from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
 from fercache.progress import progress_counters
 from fercache.store import (
@@ -95,20 +95,11 @@ def extract(data: Path, out: Path, options: ExtractOptions = ExtractOptions()) -
     """Extract features of every frame of DATA's videos into OUT; resume where stores exist."""
     if options.dtype not in ("float16", "float32"):
         raise FercacheError(f"--dtype must be float16 or float32, not '{options.dtype}'")
-    rank, world = _distributed_context()
-    device = resolve_device(options.device, rank)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return _extract(data, Path(out), options, device, rank, world)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    with distributed(options.device) as ranks:
+        return _extract(data, Path(out), options, ranks)
 
 
-def _extract(
-    data: Path, out: Path, options: ExtractOptions, device: torch.device, rank: int, world: int
-) -> ExtractReport:
+def _extract(data: Path, out: Path, options: ExtractOptions, ranks: Ranks) -> ExtractReport:
     # Everything that can fail on the user's input fails here, before a file is written.
     backbone = load_backbone(
         options.backbone,
@@ -125,37 +116,20 @@ def _extract(
     _check_manifest(out, provenance, options.force)
     # Shares are cut from all selected videos, not from the unfinished ones, so every rank
     # computes the same split even while other ranks are already writing.
-    share = _rank_share(jobs, rank, world)
+    share = _rank_share(jobs, ranks.rank, ranks.world_size)
     todo = [job for job in share if _needs_work(out, job, provenance, options.force)]
     report.resumed = sorted({job.video for job in share} - {job.video for job in todo})
     out.mkdir(parents=True, exist_ok=True)
     for job in todo:
         for leftover in out.glob(f".{job.video}.h5.tmp-*"):
             leftover.unlink(missing_ok=True)
-    _run(backbone, provenance, todo, out, options, device, report)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
+    _run(backbone, provenance, todo, out, options, ranks.device, report)
+    ranks.barrier()
+    if ranks.is_main:
         report.manifest = write_manifest(out, provenance, _finished_stores(out, provenance))
-        if world == 1:
+        if ranks.world_size == 1:
             remove_temporaries(out)
     return report
-
-
-def _distributed_context() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) without torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def resolve_device(choice: str, rank: int) -> torch.device:
-    if choice not in ("auto", "cpu", "cuda"):
-        raise FercacheError(f"--device must be auto, cpu or cuda, not '{choice}'")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise FercacheError("--device cuda: no CUDA device is available here; use --device cpu")
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def _provenance(backbone: Backbone, options: ExtractOptions) -> Provenance:

@@ -294,7 +294,7 @@ def test_the_shipped_yaml_states_the_defaults_and_overrides_apply_in_order(tmp_p
         assert getattr(shipped, key) == pytest.approx(value), key
     config = load_config(ROOT / "configs" / "pretrain.yaml", ["mu=7", "teacher_lr=1e-1"], steps=9)
     assert (config.mu, config.teacher_lr, config.steps) == (7, 0.1, 9)
-    with pytest.raises(FercacheError, match="unknown setting"):
+    with pytest.raises(FercacheError, match="unknown pretrain setting"):
         load_config(None, ["mew=3"])
     with pytest.raises(FercacheError, match="feedback_sign must be 1 or -1"):
         load_config(None, ["feedback_sign=0"])

@@ -5,9 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fercache.errors import FercacheError
+from fercache.settings import given_values, typed_values
 
 RECIPES = ("mpl", "supervised")
 
@@ -83,68 +82,7 @@ def load_config(
     """`base` (default: the defaults), then the YAML file, then `key=value` overrides, then
     non-None `options`."""
     values: dict[str, Any] = base.to_json() if base else {}
-    if path is not None:
-        values.update(_read_yaml(Path(path)))
-    for item in overrides or []:
-        key, value = _parse_override(item)
-        values[key] = value
-    values.update({key: value for key, value in options.items() if value is not None})
-    config = PretrainConfig(**_typed(values, source=str(path or "--set")))
+    values.update(given_values(path, overrides, options))
+    config = PretrainConfig(**typed_values(PretrainConfig, values, "pretrain"))
     config.validate()
     return config
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FercacheError(f"{path}: no such config file")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise FercacheError(f"{path}: not valid YAML ({error})") from error
-    if not isinstance(loaded, dict):
-        raise FercacheError(f"{path}: expected a mapping of setting: value")
-    return loaded
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise FercacheError(f"--set {item!r}: expected key=value, e.g. --set mu=4")
-    try:
-        return key.strip(), yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise FercacheError(f"--set {item!r}: value is not valid YAML ({error})") from error
-
-
-def _typed(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Check names and coerce numbers (YAML reads `1e-2` as text, `32` where 32.0 is meant)."""
-    fields = {field.name: field for field in dataclasses.fields(PretrainConfig)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise FercacheError(
-            f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(fields)}"
-        )
-    typed: dict[str, Any] = {}
-    for key, value in values.items():
-        default = fields[key].default
-        try:
-            typed[key] = _coerce(value, default)
-        except (TypeError, ValueError):
-            raise FercacheError(
-                f"{source}: setting {key}={value!r} should be like {default!r}"
-            ) from None
-    return typed
-
-
-def _coerce(value: Any, default: Any) -> Any:
-    if value is None or default is None:
-        return None if value is None else int(value)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise TypeError(value)
-        return value
-    if isinstance(default, int) and not isinstance(value, bool):
-        if float(value) != int(float(value)):
-            raise ValueError(value)
-        return int(float(value))
-    return type(default)(value)

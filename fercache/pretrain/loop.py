@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-import torch.distributed as dist
 from sklearn.metrics import accuracy_score, f1_score
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from fercache.backbone import DataConfig
 from fercache.data.tasks import EXPR_CLASSES
+from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
 from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.export import export_model, model_config
@@ -44,21 +44,6 @@ METRICS_FILE = "metrics.jsonl"
 PROBLEMS_FILE = "problems.txt"
 CONFIG_FILE = "config.json"
 _EVAL_BATCH = 128
-
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
 
 
 @dataclass
@@ -107,12 +92,8 @@ def pretrain(
     """Train (or continue) a phase-1 run in `out` up to `config.steps` steps."""
     out = Path(out)
     _check_resumable(out, config, resume)
-    ranks = _start_distributed()
-    try:
+    with distributed() as ranks:
         return _run(labelled, unlabelled, out, config, ranks, resume, init_checkpoint, progress)
-    finally:
-        if ranks.world_size > 1:
-            dist.destroy_process_group()
 
 
 def saved_settings(out: Path) -> PretrainConfig:
@@ -147,25 +128,12 @@ def _check_resumable(out: Path, config: PretrainConfig, resume: bool) -> None:
         )
 
 
-def _start_distributed() -> Distributed:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(int(os.environ.get("RANK", "0")), world_size, device)
-
-
 def _run(
     labelled: list[Path],
     unlabelled: list[Path],
     out: Path,
     config: PretrainConfig,
-    ranks: Distributed,
+    ranks: Ranks,
     resume: bool,
     init_checkpoint: Path | None,
     progress: bool,
@@ -305,7 +273,7 @@ def _create_model(backbone: str, init_checkpoint: Path | None, seed: int) -> nn.
 
 
 def _build_training(
-    student: nn.Module, teacher: nn.Module | None, config: PretrainConfig, ranks: Distributed
+    student: nn.Module, teacher: nn.Module | None, config: PretrainConfig, ranks: Ranks
 ) -> Models:
     student_optimizer = _optimizer(student, config.student_lr, config)
     teacher_optimizer = _optimizer(teacher, config.teacher_lr, config) if teacher else None
@@ -343,7 +311,7 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _placed(model: nn.Module, ranks: Distributed) -> nn.Module:
+def _placed(model: nn.Module, ranks: Ranks) -> nn.Module:
     model = model.to(ranks.device).train()
     if ranks.world_size == 1:
         return model
@@ -362,7 +330,7 @@ def _autocast(device: torch.device, enabled: bool) -> Autocast:
     return contextlib.nullcontext
 
 
-def _loader_options(config: PretrainConfig, ranks: Distributed) -> dict:
+def _loader_options(config: PretrainConfig, ranks: Ranks) -> dict:
     workers = config.workers
     return {
         "num_workers": workers,
@@ -377,7 +345,7 @@ def _labelled_batches(
     views: Views,
     config: PretrainConfig,
     stream_seed: list[int],
-    ranks: Distributed,
+    ranks: Ranks,
 ) -> Iterator:
     seed = int(np.random.SeedSequence(stream_seed).generate_state(1)[0])
     sampler = BalancedBatchSampler(labels, NUM_CLASSES, config.batch_size, seed)
@@ -390,7 +358,7 @@ def _unlabelled_batches(
     views: Views,
     config: PretrainConfig,
     stream_seed: list[int],
-    ranks: Distributed,
+    ranks: Ranks,
 ) -> Iterator:
     generator = torch.Generator().manual_seed(
         int(np.random.SeedSequence([*stream_seed, 1]).generate_state(1)[0])
@@ -446,7 +414,7 @@ def _maybe_log_and_save(
     state: Progress,
     held_out: DataLoader,
     autocast: Autocast,
-    ranks: Distributed,
+    ranks: Ranks,
     data_config: DataConfig,
 ) -> dict | None:
     """Log every `log_every`, evaluate every `eval_every`, checkpoint every

@@ -16,6 +16,7 @@ import yaml
 
 from fercache.data.tasks import TASKS
 from fercache.errors import FercacheError
+from fercache.settings import given_values, read_yaml, typed_values
 
 CONFIG_FILE = "config.yaml"
 BALANCE_MODES = ("weights", "sampling", "none")
@@ -96,7 +97,7 @@ def load_config(
     path: Path | None, overrides: list[str] | None = None, **options: Any
 ) -> TemporalConfig:
     """Defaults, then the YAML file, then `key=value` overrides, then non-None `options`."""
-    return _apply(TemporalConfig(), _given_values(path, overrides, options))
+    return _apply(TemporalConfig(), given_values(path, overrides, options))
 
 
 def resumed_config(
@@ -104,8 +105,8 @@ def resumed_config(
 ) -> TemporalConfig:
     """The run's saved settings; anything given now that would change them is an error."""
     saved_path = Path(run_dir) / CONFIG_FILE
-    saved = _apply(TemporalConfig(), _read_yaml(saved_path))
-    given = _apply(saved, _given_values(path, overrides, options))
+    saved = _apply(TemporalConfig(), read_yaml(saved_path))
+    given = _apply(saved, given_values(path, overrides, options))
     changed = [key for key, value in given.to_json().items() if saved.to_json()[key] != value]
     if changed:
         shown = ", ".join(
@@ -125,74 +126,7 @@ def write_config(config: TemporalConfig, run_dir: Path) -> Path:
     return path
 
 
-def _given_values(path: Path | None, overrides: list[str] | None, options: dict) -> dict:
-    values: dict[str, Any] = {}
-    if path is not None:
-        values.update(_read_yaml(Path(path)))
-    for item in overrides or []:
-        key, value = _parse_override(item)
-        values[key] = value
-    values.update({key: value for key, value in options.items() if value is not None})
-    return values
-
-
 def _apply(base: TemporalConfig, values: dict[str, Any]) -> TemporalConfig:
-    config = dataclasses.replace(base, **_typed(values))
+    config = dataclasses.replace(base, **typed_values(TemporalConfig, values, "temporal"))
     config.validate()
     return config
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FercacheError(f"{path}: no such config file")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise FercacheError(f"{path}: not valid YAML ({error})") from error
-    if not isinstance(loaded, dict):
-        raise FercacheError(f"{path}: expected a mapping of setting: value")
-    return {str(key): value for key, value in loaded.items()}
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise FercacheError(f"--set {item!r}: expected key=value, e.g. --set layers=2")
-    try:
-        return key.strip(), yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise FercacheError(f"--set {item!r}: value is not valid YAML ({error})") from error
-
-
-def _typed(values: dict[str, Any]) -> dict[str, Any]:
-    """Check names and coerce numbers (YAML reads `3e-4` as text, `1` where 1.0 is meant)."""
-    fields = {field.name: field for field in dataclasses.fields(TemporalConfig)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise FercacheError(
-            f"unknown temporal setting(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}"
-        )
-    typed: dict[str, Any] = {}
-    for key, value in values.items():
-        default = fields[key].default
-        try:
-            typed[key] = _coerce(value, default)
-        except (TypeError, ValueError):
-            raise FercacheError(f"setting {key}={value!r} should be like {default!r}") from None
-    return typed
-
-
-def _coerce(value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise TypeError(value)
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or float(value) != int(float(value)):
-            raise ValueError(value)
-        return int(float(value))
-    if isinstance(default, float):
-        if isinstance(value, bool):
-            raise TypeError(value)
-        return float(value)
-    return str(value)

@@ -10,7 +10,6 @@ Determinism: each epoch's random streams (window phases and order, dropout) deri
 as an uninterrupted run does; on CPU the same seed gives bit-identical metrics.
 """
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from fercache.data.affwild2 import AffWild2
 from fercache.data.tasks import EXPR_CLASSES
+from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
 from fercache.progress import progress_bar
 from fercache.smooth import majority_vote
@@ -68,21 +68,6 @@ class TrainRequest:
     progress: bool = True
 
 
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
 @dataclass
 class RunData:
     """Features of the training videos (first) and validation videos, with per-row labels."""
@@ -125,17 +110,13 @@ class RunState:
 def train(cache_dirs: list[Path], data: Path, out: Path, request: TrainRequest) -> dict:
     """Train a temporal model into `out`; returns the run's summary (also `summary.json`)."""
     out = Path(out)
-    ranks = _start_distributed(request.device)
-    try:
+    with distributed(request.device) as ranks:
         config = _resolve_config(out, request)
         if ranks.is_main:
             out.mkdir(parents=True, exist_ok=True)
             write_config(config, out)
         ranks.barrier()
         return _run(cache_dirs, Path(data), out, config, request, ranks)
-    finally:
-        if ranks.world_size > 1:
-            dist.destroy_process_group()
 
 
 def _resolve_config(out: Path, request: TrainRequest) -> TemporalConfig:
@@ -148,31 +129,6 @@ def _resolve_config(out: Path, request: TrainRequest) -> TemporalConfig:
             "another --out"
         )
     return load_config(request.config_file, list(request.overrides), **options)
-
-
-def _start_distributed(choice: str) -> Ranks:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(choice, local_rank, world_size)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(rank, world_size, device)
-
-
-def _device(choice: str, local_rank: int, world_size: int) -> torch.device:
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(choice)
-    except RuntimeError:
-        raise FercacheError(f"--device '{choice}': use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FercacheError("--device cuda: no CUDA device here; use --device cpu")
-        if world_size > 1:  # torchrun: one GPU per local rank
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
 
 
 def _run(

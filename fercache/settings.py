@@ -1,0 +1,85 @@
+"""Stage settings: a dataclass of defaults, a YAML file, then `--set key=value` overrides.
+
+Shared by `fercache pretrain` and `fercache train`: names are checked against the dataclass
+(an unknown key lists the valid ones) and values are coerced to the type of their default.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fercache.errors import FercacheError
+
+
+def given_values(path: Path | None, overrides: list[str] | None, options: dict) -> dict:
+    """The YAML file's settings, then `--set` overrides, then the non-None `options`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(read_yaml(Path(path)))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        values[key] = value
+    values.update({key: value for key, value in options.items() if value is not None})
+    return values
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FercacheError(f"{path}: no such config file")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise FercacheError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(loaded, dict):
+        raise FercacheError(f"{path}: expected a mapping of setting: value")
+    return {str(key): value for key, value in loaded.items()}
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise FercacheError(f"--set {item!r}: expected key=value, e.g. --set seed=1")
+    try:
+        return key.strip(), yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise FercacheError(f"--set {item!r}: value is not valid YAML ({error})") from error
+
+
+def typed_values(settings: type, values: dict[str, Any], what: str) -> dict[str, Any]:
+    """Check names and coerce numbers (YAML reads `3e-4` as text, `1` where 1.0 is meant)."""
+    fields = {field.name: field for field in dataclasses.fields(settings)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise FercacheError(
+            f"unknown {what} setting(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}"
+        )
+    typed: dict[str, Any] = {}
+    for key, value in values.items():
+        default = fields[key].default
+        try:
+            typed[key] = _coerce(value, default)
+        except (TypeError, ValueError):
+            raise FercacheError(f"setting {key}={value!r} should be like {default!r}") from None
+    return typed
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    if default is None:  # optional settings (default None) are integers
+        return None if value is None else int(value)
+    if value is None:
+        raise TypeError(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError(value)
+        return int(float(value))
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
+    return str(value)
