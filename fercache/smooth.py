@@ -120,8 +120,17 @@ def _shift(label, delta, counts, histogram_of_counts):
     return counts[label]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _centered_vote(labels, probabilities, lengths, window, voted):
+    # Videos are independent: one thread per video, each writing only its own rows.
+    starts = np.cumsum(lengths) - lengths
+    for video in numba.prange(len(lengths)):
+        end = starts[video] + lengths[video]
+        _centered_video(labels, probabilities, starts[video], end, window, voted)
+
+
+@numba.njit(cache=True)
+def _centered_video(labels, probabilities, start, end, window, voted):
     # Per video: `counts` per class, `of_count[k]` = classes counted k times, `top` = highest
     # count. A row is a tie exactly when of_count[top] > 1; otherwise `best` is the one class
     # at `top`, found again by a scan only when the update moved it elsewhere. So a row costs
@@ -133,44 +142,42 @@ def _centered_vote(labels, probabilities, lengths, window, voted):
     classes = probabilities.shape[1]
     before = window // 2
     after = window - 1 - before
-    start = 0
-    for length in lengths:
-        end = start + length
-        counts = np.zeros(classes, np.int64)
-        of_count = np.zeros(min(window, length) + 2, np.int64)
-        of_count[0] = classes
-        top = 0
-        for row in range(start, min(end, start + after + 1)):
-            top = max(top, _shift(labels[row], 1, counts, of_count))
-        sums = np.zeros(classes, np.int64)
-        sums_row = start - window - 1  # the row whose window `sums` covers; far away: stale
-        best = 0
-        for row in range(start, end):
-            if of_count[top] > 1:
-                best = _most_frequent(counts)[0]
-                if row - sums_row > window:
-                    sums[:] = 0
-                    for inside in range(max(start, row - before), min(end, row + after + 1)):
-                        _add_probabilities(inside, 1, probabilities, sums)
-                else:
-                    for passed in range(sums_row, row):
-                        _slide_probabilities(passed, start, end, before, after, probabilities, sums)
-                sums_row = row
-                voted[row] = _break_tie(counts, sums, best)
+    counts = np.zeros(classes, np.int64)
+    of_count = np.zeros(min(window, end - start) + 2, np.int64)
+    of_count[0] = classes
+    top = 0
+    for row in range(start, min(end, start + after + 1)):
+        top = max(top, _shift(labels[row], 1, counts, of_count))
+    sums = np.zeros(classes, np.int64)
+    sums_row = start - window - 1  # the row whose window `sums` covers; far away: stale
+    best = 0
+    for row in range(start, end):
+        if of_count[top] > 1:
+            best = _most_frequent(counts)[0]
+            if row - sums_row > window:
+                sums[:] = 0
+                for inside in range(max(start, row - before), min(end, row + after + 1)):
+                    _add_probabilities(inside, 1, probabilities, sums)
             else:
-                if counts[best] != top:
-                    best = _most_frequent(counts)[0]
-                voted[row] = best
-            if row + after + 1 < end:
-                entering = labels[row + after + 1]
-                if _shift(entering, 1, counts, of_count) > top:
-                    top += 1
-                    best = entering
-            if row - before >= start:
-                _shift(labels[row - before], -1, counts, of_count)
-                if of_count[top] == 0:
-                    top -= 1
-        start = end
+                for passed in range(sums_row, row):
+                    _slide_probabilities(passed, start, end, before, after, probabilities, sums)
+            sums_row = row
+            voted[row] = _break_tie(counts, sums, best)
+        else:
+            if counts[best] != top:
+                best = _most_frequent(counts)[0]
+            voted[row] = best
+        entering = labels[row + after + 1] if row + after + 1 < end else -1
+        leaving = labels[row - before] if row - before >= start else -1
+        if entering == leaving:  # the window's counts do not change: common on real output
+            continue
+        if entering >= 0 and _shift(entering, 1, counts, of_count) > top:
+            top += 1
+            best = entering
+        if leaving >= 0:
+            _shift(leaving, -1, counts, of_count)
+            if of_count[top] == 0:
+                top -= 1
 
 
 @numba.njit(cache=True, inline="always")
