@@ -15,10 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# The pipeline as far as it is built: synthetic Aff-Wild2 tree, then its inventory.
+# The whole pipeline on a synthetic Aff-Wild2 tree; writes $(DEMO_DIR)/report.md and report.png.
 demo: $(STAMP)
-	$(BIN)/fercache synth $(DEMO_DIR)/data --force
-	$(BIN)/fercache inspect $(DEMO_DIR)/data --json $(DEMO_DIR)/inspect.json
+	$(BIN)/fercache demo --out $(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -473,7 +473,7 @@ def train(
         typer.Argument(
             metavar="CACHE_DIR",
             help="Feature cache folder(s); several are fused by concatenating each frame's "
-            "features in the order given."
+            "features in the order given.",
         ),
     ],
     data: Annotated[Path, typer.Option(help="Aff-Wild2 root: the labels are read from it.")],
@@ -531,6 +531,28 @@ def train(
         f"best validation macro-F1 {summary['best_val_f1']:.4f} (epoch {summary['best_epoch']}, "
         f"smoothed {summary['best_val_f1_smoothed']:.4f}); run in {out}"
     )
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder for the tree, runs, caches, predictions and report.md/report.png "
+            "(missing, empty, or an earlier demo's folder, whose outputs are replaced)."
+        ),
+    ] = Path("demo-out"),
+    seed: Annotated[
+        int, typer.Option(help="Seed of the synthetic tree, phase 1 and the temporal model.")
+    ] = 0,
+    progress: ProgressOption = True,
+) -> None:
+    """The whole pipeline on a synthetic tree (~7 min on 2 CPU cores); prints the ablation table."""
+    from fercache.demo import render_table, run_demo
+
+    result = run_demo(out, seed=seed, progress=progress)
+    console.print(render_table(result.rows))
+    console.print(f"report: {result.report}; chart: {result.chart}")
 
 
 def main() -> None:

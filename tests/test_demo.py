@@ -1,0 +1,64 @@
+"""`fercache demo` at a reduced size: every row is produced, and its figure is what
+`fercache evaluate --json` says for the row's prediction file."""
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from fercache.cli import app
+from fercache.demo import SEED_ROWS, DemoSettings, run_demo
+from fercache.errors import FercacheError
+
+runner = CliRunner()
+TINY = DemoSettings.small()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out, run_demo(out, seed=1, settings=TINY, progress=False)
+
+
+def test_every_row_is_produced_by_its_command(demo):
+    out, result = demo
+    assert [row.name for row in result.rows] == [name for name, _ in SEED_ROWS]
+    made_by = ["predict --source student", "predict --source student", "predict ", "smooth "]
+    for row, command in zip(result.rows, made_by, strict=True):
+        assert row.pred.is_file() and row.pred.parent == out / "pred"
+        assert row.commands[0].startswith(f"fercache {command}")
+        assert row.commands[1].startswith(f"fercache evaluate {row.pred} ")
+    assert (out / "runs" / "temporal" / "best.safetensors").is_file()
+    assert result.chart.is_file() and result.chart.stat().st_size > 0
+
+
+def test_report_numbers_equal_evaluate_json(demo, tmp_path):
+    out, result = demo
+    report = result.report.read_text()
+    table = dict(re.findall(r"^\| (.+?) \| [\d.]+ \| ([\d.]+) \|$", report, re.MULTILINE))
+    assert list(table) == [name for name, _ in SEED_ROWS]
+    for row in result.rows:
+        written = tmp_path / f"{row.pred.stem}.json"
+        invoked = runner.invoke(
+            app,
+            ["evaluate", str(row.pred), "--data", str(out / "data"), "--json", str(written)],
+        )
+        assert invoked.exit_code == 0, invoked.output
+        expected = round(100 * json.loads(written.read_text())["expr_f1"], 2)
+        assert float(table[row.name]) == expected == row.f1
+
+
+def test_report_says_when_a_row_does_not_improve(demo):
+    _, result = demo
+    report = result.report.read_text()
+    for before, row in zip(result.rows, result.rows[1:], strict=False):
+        verdict = "improves on" if row.f1 > before.f1 else "does **not** improve on"
+        assert f"- {row.name} {verdict} the previous row" in report
+
+
+def test_refuses_a_folder_that_is_not_a_demo(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FercacheError, match="holds no earlier demo"):
+        run_demo(tmp_path, settings=TINY, progress=False)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
