@@ -373,6 +373,13 @@ def predict(
         ),
     ] = "temporal",
     device: Annotated[str, typer.Option(help="Device of the temporal model: cpu or cuda.")] = "cpu",
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="Temporal weights: best (the epoch with the best validation macro-F1) or final "
+            "(the last epoch: nothing chosen on the validation split)."
+        ),
+    ] = "best",
     progress: ProgressOption = True,
 ) -> None:
     """Per-frame class probabilities for every frame of a split that needs a prediction."""
@@ -386,6 +393,7 @@ def predict(
         annotations=annotations,
         source=source,
         device=device,
+        weights=weights,
         progress=progress,
     )
     predictions = run_predict(run_dir, cache, out, options)

@@ -46,6 +46,7 @@ class PredictOptions:
     annotations: Path | None = None
     source: str = "temporal"
     device: str = "cpu"
+    weights: str = "best"
     progress: bool = True
 
 
@@ -64,7 +65,7 @@ def predict(
     if options.source == "student":
         probabilities_of, source = _student_source(opened)
     else:
-        probabilities_of, source = _temporal_source(run_dir, opened, options.device)
+        probabilities_of, source = _temporal_source(run_dir, opened, options)
     _check_videos_cached(required, opened, listed_in)
     videos = {}
     with progress_bar("predicting videos", len(required), options.progress) as advance:
@@ -165,14 +166,14 @@ def _student_source(caches: list[FeatureCache]) -> tuple[FrameProbabilities, str
 
 
 def _temporal_source(
-    run_dir: Path | None, caches: list[FeatureCache], device: str
+    run_dir: Path | None, caches: list[FeatureCache], options: PredictOptions
 ) -> tuple[FrameProbabilities, str]:
     if run_dir is None:
         raise FercacheError("give the training run folder RUN_DIR (or use --source student)")
     from fercache.temporal.features import load_fused_features
     from fercache.temporal.inference import TemporalPredictor
 
-    predictor = TemporalPredictor.load(run_dir, device=device)
+    predictor = TemporalPredictor.load(run_dir, options.device, options.weights)
     _check_run_matches(run_dir, predictor, caches)
     roots = [cache.root for cache in caches]
 
@@ -180,7 +181,9 @@ def _temporal_source(
         fused = load_fused_features(roots, [video])[video]
         return fused.frames, predictor.predict(fused.features)
 
-    return probabilities_of, f"temporal run {run_dir} on {', '.join(map(str, roots))}"
+    return probabilities_of, (
+        f"temporal run {run_dir} ({options.weights} weights) on {', '.join(map(str, roots))}"
+    )
 
 
 def _check_run_matches(run_dir: Path, predictor, caches: list[FeatureCache]) -> None:

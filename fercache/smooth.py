@@ -120,13 +120,14 @@ def _shift(label, delta, counts, histogram_of_counts):
     return counts[label]
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
 def _centered_vote(labels, probabilities, lengths, window, voted):
-    # Videos are independent: one thread per video, each writing only its own rows.
-    starts = np.cumsum(lengths) - lengths
-    for video in numba.prange(len(lengths)):
-        end = starts[video] + lengths[video]
-        _centered_video(labels, probabilities, starts[video], end, window, voted)
+    # One thread on purpose: numba's parallel (OpenMP) layer perturbs torch's own OpenMP pool
+    # and broke the trainer's bit-for-bit reproducibility, which calls this vote every epoch.
+    start = 0
+    for length in lengths:
+        _centered_video(labels, probabilities, start, start + length, window, voted)
+        start += length
 
 
 @numba.njit(cache=True)

@@ -42,6 +42,7 @@ RUN_FILES = {
     "config.yaml",
     "model.json",
     "best.safetensors",
+    "final.safetensors",
     "last.pt",
     "metrics.jsonl",
     "summary.json",
@@ -240,6 +241,11 @@ def test_same_seed_gives_identical_metrics_and_a_complete_run_folder(small, tmp_
     valid = truth >= 0
     f1 = f1_score(truth[valid], predicted[valid], average="macro", labels=range(8), zero_division=0)
     assert f1 == pytest.approx(summary["best_val_f1"], abs=1e-9)
+
+    # The final weights are the last epoch's: those the resume checkpoint holds.
+    final = TemporalPredictor.load(runs[0], weights="final").model.state_dict()
+    last_epoch = torch.load(runs[0] / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[name], last_epoch[name]) for name in final)
 
 
 def test_lazy_hdf5_windows_train_exactly_like_in_memory(small, tmp_path):

@@ -19,6 +19,10 @@ from fercache.temporal.model import ModelConfig, TemporalTransformer
 from fercache.temporal.step import autocast_for
 
 BEST_WEIGHTS = "best.safetensors"
+FINAL_WEIGHTS = "final.safetensors"
+# "best": the epoch with the best validation macro-F1; "final": the last epoch, for results
+# that must not depend on a choice made on the validation split.
+WEIGHTS = {"best": BEST_WEIGHTS, "final": FINAL_WEIGHTS}
 MODEL_JSON = "model.json"
 
 
@@ -53,7 +57,7 @@ def window_logits(
 
 @dataclass
 class TemporalPredictor:
-    """A trained temporal model (the run's best checkpoint), ready to predict videos."""
+    """A trained temporal model (the run's best or final weights), ready to predict videos."""
 
     model: TemporalTransformer
     config: ModelConfig
@@ -63,14 +67,16 @@ class TemporalPredictor:
     device: torch.device
 
     @classmethod
-    def load(cls, run_dir: Path, device: str = "cpu") -> "TemporalPredictor":
+    def load(cls, run_dir: Path, device: str = "cpu", weights: str = "best") -> "TemporalPredictor":
+        if weights not in WEIGHTS:
+            raise FercacheError(f"unknown weights '{weights}': choose {' or '.join(WEIGHTS)}")
         run_dir = Path(run_dir)
-        json_path, weights_path = run_dir / MODEL_JSON, run_dir / BEST_WEIGHTS
+        json_path, weights_path = run_dir / MODEL_JSON, run_dir / WEIGHTS[weights]
         for path in (json_path, weights_path):
             if not path.is_file():
                 raise FercacheError(
                     f"{path}: missing; {run_dir} is not a finished `fercache train` run "
-                    "(a run writes it after its first epoch)"
+                    "(best weights appear after its first epoch, final ones at its end)"
                 )
         details = json.loads(json_path.read_text())
         config = ModelConfig.from_json(details, json_path)

@@ -36,7 +36,7 @@ from fercache.temporal.config import (
     write_config,
 )
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures, open_features
-from fercache.temporal.inference import window_logits
+from fercache.temporal.inference import FINAL_WEIGHTS, window_logits
 from fercache.temporal.labels import class_counts, read_split, row_labels
 from fercache.temporal.model import ModelConfig, TemporalTransformer
 from fercache.temporal.rundir import (
@@ -48,6 +48,7 @@ from fercache.temporal.rundir import (
     write_json,
     write_last,
     write_metrics,
+    write_weights,
 )
 from fercache.temporal.step import inverse_frequency, train_step, warmup_cosine
 
@@ -183,6 +184,7 @@ def _run(
 
     summary = _summary(state, run_data, counts, caches, data, details)
     if ranks.is_main:
+        write_weights(out / FINAL_WEIGHTS, model.state_dict())
         write_json(out / SUMMARY_FILE, summary)
         plot_curves(out, state.history)
     return summary

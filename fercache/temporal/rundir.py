@@ -39,9 +39,13 @@ def write_json(path: Path, value: dict) -> None:
     _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
 
 
-def write_best(run_dir: Path, state_dict: dict, model_details: dict) -> None:
+def write_weights(path: Path, state_dict: dict) -> None:
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-    _replace_atomically(run_dir / BEST_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    _replace_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def write_best(run_dir: Path, state_dict: dict, model_details: dict) -> None:
+    write_weights(run_dir / BEST_WEIGHTS, state_dict)
     write_json(run_dir / MODEL_JSON, model_details)
 
 
