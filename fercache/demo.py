@@ -151,7 +151,8 @@ def _prepare(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise FercacheError(
-                f"{out} is not empty and holds no earlier demo ({MARKER}): choose another --out"
+                f"{out} is not empty and holds no earlier demo ({MARKER}): choose another "
+                "--out (or DEMO_DIR=... for make demo), or delete that folder yourself"
             )
         for name in OWN_FOLDERS:
             shutil.rmtree(out / name, ignore_errors=True)
