@@ -15,28 +15,16 @@ from fercache.errors import FercacheError
 from fercache.evaluate import evaluate
 from fercache.predict import PredictOptions, fill_from_nearest, predict, softmax
 from fercache.predictions import Predictions
-from fercache.store import Provenance, write_manifest, write_store
+from fercache.store import write_manifest, write_store
 from fercache.submit import HEADER, read_frame_list, read_submission, write_submission
 from fercache.temporal.features import load_fused_features
 from fercache.temporal.inference import TemporalPredictor
 from fercache.temporal.loop import TrainRequest, train
-from tests.train_data import TreeSpec, write_cache, write_tree
+from tests.train_data import TreeSpec, fake_provenance, write_cache, write_tree
 
 runner = CliRunner()
 FEATURE_DIM = 16
-PROVENANCE = Provenance(
-    backbone="synthetic-noisy-student",
-    checkpoint="",
-    checkpoint_sha256="",
-    init_seed=0,
-    input_size=(3, 112, 112),
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
-    interpolation="bilinear",
-    dtype="float16",
-    feature_dim=FEATURE_DIM,
-    num_classes=8,
-)
+PROVENANCE = fake_provenance("synthetic-noisy-student", FEATURE_DIM, num_classes=8)
 
 
 def write_student_cache(tree: Path, cache: Path, signal: float = 2.0, seed: int = 0) -> Path:

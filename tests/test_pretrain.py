@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from fercache.backbone import load_backbone
 from fercache.cli import app
+from fercache.data.tasks import EXPR_CLASSES
 from fercache.errors import FercacheError
 from fercache.pretrain import PretrainConfig, load_config, pretrain
 from fercache.pretrain.mpl import (
@@ -369,16 +370,7 @@ def test_the_exported_student_is_the_extraction_contract(mpl_run):
         "mean": list(timm.data.IMAGENET_DEFAULT_MEAN),
         "std": list(timm.data.IMAGENET_DEFAULT_STD),
         "interpolation": "bilinear",
-        "classes": [
-            "Neutral",
-            "Anger",
-            "Disgust",
-            "Fear",
-            "Happiness",
-            "Sadness",
-            "Surprise",
-            "Other",
-        ],
+        "classes": list(EXPR_CLASSES),
         "recipe": "mpl",
     }
     assert keys == set(timm.create_model("resnet10t", num_classes=8).state_dict())

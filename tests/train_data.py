@@ -61,6 +61,25 @@ def _frames_with_images(rng: np.random.Generator, frames: int) -> np.ndarray:
     return np.flatnonzero(rng.random(frames) > 0.03) + 1
 
 
+def fake_provenance(
+    backbone: str, feature_dim: int, num_classes: int, init_seed: int = 0
+) -> Provenance:
+    """The provenance of stores written by tests without a real backbone."""
+    return Provenance(
+        backbone=backbone,
+        checkpoint="",
+        checkpoint_sha256="",
+        init_seed=init_seed,
+        input_size=(3, 112, 112),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        interpolation="bilinear",
+        dtype="float16",
+        feature_dim=feature_dim,
+        num_classes=num_classes,
+    )
+
+
 def write_cache(
     cache_dir: Path,
     root: Path,
@@ -75,19 +94,7 @@ def write_cache(
     """One store per video (rows = frames with images) plus the manifest."""
     rng = np.random.default_rng([seed, 2])
     prototypes = rng.normal(size=(CLASSES, dim))
-    provenance = Provenance(
-        backbone="synthetic-prototypes",
-        checkpoint="",
-        checkpoint_sha256="",
-        init_seed=seed,
-        input_size=(3, 112, 112),
-        mean=(0.0, 0.0, 0.0),
-        std=(1.0, 1.0, 1.0),
-        interpolation="bilinear",
-        dtype="float16",
-        feature_dim=dim,
-        num_classes=0,
-    )
+    provenance = fake_provenance("synthetic-prototypes", dim, num_classes=0, init_seed=seed)
     cache_dir.mkdir(parents=True, exist_ok=True)
     entries = {}
     for video in sorted(videos if videos is not None else labels_of):
