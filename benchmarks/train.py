@@ -31,7 +31,7 @@ from fercache.temporal.clips import ClipBatches, training_windows
 from fercache.temporal.config import TemporalConfig
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures
 from fercache.temporal.model import ModelConfig, TemporalTransformer
-from fercache.temporal.step import train_step
+from fercache.temporal.step import Objective, train_step
 
 CLIP = 64
 BATCH = 32
@@ -74,7 +74,7 @@ def numpy_limit(arrays: list[np.ndarray], windows: np.ndarray) -> float:
     return len(windows) / (time.perf_counter() - started)
 
 
-def sampler_rate(source, labels: list[np.ndarray], windows: np.ndarray, workers: int) -> float:
+def sampler_rate(source, labels: list[dict], windows: np.ndarray, workers: int) -> float:
     """(b) windows/s through the trainer's own batches and DataLoader."""
     loader = DataLoader(
         ClipBatches(source, labels, windows, CLIP, BATCH), batch_size=None, num_workers=workers
@@ -95,18 +95,18 @@ def peer_rate(folder: Path, windows: np.ndarray) -> float:
 
 
 def waiting_share(
-    source: MemoryFeatures, labels: list[np.ndarray], windows: np.ndarray, steps: int, device: str
+    source: MemoryFeatures, labels: list[dict], windows: np.ndarray, steps: int, device: str
 ) -> tuple[float, float]:
     """(d) share of the training loop's time spent waiting for the next batch, and step/s."""
     defaults = TemporalConfig()
     config = ModelConfig(
-        source.feature_dim, CLASSES, CLIP, defaults.width, defaults.layers, defaults.heads,
+        source.feature_dim, defaults.tasks, CLIP, defaults.width, defaults.layers, defaults.heads,
         defaults.ff_width, defaults.dropout, defaults.input_dropout,
     )  # fmt: skip
     target = torch.device(device)
     model = TemporalTransformer(config).to(target)
     optimizer = torch.optim.AdamW(model.parameters(), lr=defaults.lr)
-    weights = torch.ones(CLASSES, device=target)
+    objective = Objective(defaults.task_weights, torch.ones(CLASSES, device=target))
     loader = DataLoader(
         ClipBatches(source, labels, windows[: (steps + 3) * BATCH], CLIP, BATCH),
         batch_size=None,
@@ -114,14 +114,14 @@ def waiting_share(
     )
     iterator = iter(loader)
     for _ in range(3):  # warm-up steps: allocator, kernels
-        train_step(model, optimizer, next(iterator), weights, target, grad_clip=1.0, amp=True)
+        train_step(model, optimizer, next(iterator), objective, target, grad_clip=1.0, amp=True)
     waited, started = 0.0, time.perf_counter()
     for _ in range(steps):
         before = time.perf_counter()
         batch = next(iterator)
         waited += time.perf_counter() - before
-        loss = train_step(model, optimizer, batch, weights, target, grad_clip=1.0, amp=True)
-    float(loss)  # wait for the device to finish
+        losses = train_step(model, optimizer, batch, objective, target, grad_clip=1.0, amp=True)
+    float(losses["total"])  # wait for the device to finish
     total = time.perf_counter() - started
     return waited / total, steps / total
 
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
     memory = MemoryFeatures.load(caches, names, progress=False)
     seconds = time.perf_counter() - started
     print(f"load into memory: {seconds:.1f} s ({gigabytes / seconds:.2f} GB/s, page cache warm)")
-    labels = [rng.integers(0, CLASSES, size=rows) for rows in lengths]
+    labels = [{"expr": rng.integers(0, CLASSES, size=rows)} for rows in lengths]
 
     windows = random_windows(lengths, args.windows, rng)
     epoch = training_windows([np.ones(rows, bool) for rows in lengths], CLIP, rng)[: args.windows]

@@ -6,10 +6,15 @@ PyTorch state dict (`.pt`/`.pth`/`.bin`, read with `weights_only=True`, optional
 `{"state_dict": ...}` or `{"model": ...}`, `module.` prefixes from DDP stripped) and plain
 safetensors. The classifier's width, when the checkpoint has one, sets `num_classes`; the
 weights must match the architecture exactly, or nothing is built.
+
+A model config may add `model_kwargs` (passed to `timm.create_model`, e.g. the `img_size` a ViT
+was trained at) and `views: 2`: two networks of the backbone's architecture (state keys
+`views.0.*`, `views.1.*`) extracted as one `ViewPair`, features concatenated, logits summed.
 """
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +22,7 @@ import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from timm.data import resolve_data_config
+from torch import nn
 
 from fercache.errors import FercacheError
 
@@ -33,6 +39,43 @@ class DataConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+
+
+class ViewPair(nn.Module):
+    """Two networks of one architecture used as one backbone: their pooled features are
+    concatenated and their logits summed (the inference rule of masked CoTEX, seed 003)."""
+
+    def __init__(self, views: list[nn.Module]) -> None:
+        super().__init__()
+        self.views = nn.ModuleList(views)
+        self.num_features = sum(int(view.num_features) for view in views)
+        self.pretrained_cfg = views[0].pretrained_cfg  # what timm's resolve_data_config reads
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The views' pooled features side by side, (B, sum of their widths)."""
+        return torch.cat(
+            [
+                view.forward_head(view.forward_features(images), pre_logits=True)
+                for view in self.views
+            ],
+            dim=1,
+        )
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return features if pre_logits else self.summed_logits(features)
+
+    def get_classifier(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.summed_logits
+
+    def summed_logits(self, features: torch.Tensor) -> torch.Tensor:
+        widths = [int(view.num_features) for view in self.views]
+        chunks = features.split(widths, dim=1)
+        return sum(
+            view.get_classifier()(chunk) for view, chunk in zip(self.views, chunks, strict=True)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.summed_logits(self.forward_features(images))
 
 
 @dataclass
@@ -63,9 +106,10 @@ def load_backbone(
     """
     state, saved_config, digest = _read_checkpoint(checkpoint) if checkpoint else ({}, {}, "")
     name = _choose_name(name, saved_config, checkpoint)
-    num_classes = _classifier_width(name, state)
+    views = int(saved_config.get("views", 1))
+    num_classes = _classifier_width(name, state, "views.0." if views > 1 else "")
     torch.manual_seed(init_seed)
-    model = _create(name, num_classes)
+    model = _create(name, num_classes, saved_config.get("model_kwargs") or {}, views)
     if checkpoint:
         _load_weights(model, state, checkpoint, name)
     model.eval().requires_grad_(False)
@@ -105,22 +149,26 @@ def _choose_name(name: str | None, saved_config: dict, checkpoint: Path | None) 
     return name or saved or DEFAULT_BACKBONE
 
 
-def _create(name: str, num_classes: int) -> torch.nn.Module:
+def _create(name: str, num_classes: int, model_kwargs: dict, views: int = 1) -> nn.Module:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:8]
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise FercacheError(f"unknown backbone '{name}': not a timm model name.{hint}")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    networks = [
+        timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+        for _ in range(views)
+    ]
+    return ViewPair(networks) if views > 1 else networks[0]
 
 
-def _classifier_width(name: str, state: dict[str, torch.Tensor]) -> int:
+def _classifier_width(name: str, state: dict[str, torch.Tensor], prefix: str = "") -> int:
     """Classes of the checkpoint's head (0 without one), found via timm's classifier name."""
     if not state or not timm.is_model(name):
         return 0
     classifier = timm.models.get_pretrained_cfg_value(name, "classifier") or "head"
     if isinstance(classifier, list | tuple):
         classifier = classifier[0]
-    weight = state.get(f"{classifier}.weight")
+    weight = state.get(f"{prefix}{classifier}.weight")
     return int(weight.shape[0]) if weight is not None else 0
 
 

@@ -265,8 +265,8 @@ def pretrain(
         list[Path] | None,
         typer.Option(
             help="Unlabelled face images (repeat to combine): a folder (searched recursively) "
-            "or a list (.txt, one path a line; .csv with a path column). Not used by "
-            "--recipe supervised."
+            "or a list (.txt, one path a line; .csv with a path column). Used by --recipe "
+            "mpl only."
         ),
     ] = None,
     backbone: Annotated[
@@ -288,8 +288,11 @@ def pretrain(
     recipe: Annotated[
         str | None,
         typer.Option(
-            help="mpl (teacher/student with feedback, the default) or supervised (the baseline: "
-            "labelled data only, same schedule)."
+            help="mpl (teacher/student with feedback, the default); supervised (the baseline: "
+            "labelled data only, same schedule); cotex (two masked ViTs + JS consistency, "
+            "seed 003); emma (EXPR + AU heads, VA head on their scores; --labelled must be "
+            "Aff-Wild2 roots); multitask-landmarks (expression + landmark heads, seed 004; needs "
+            "--set landmarks=CSV)."
         ),
     ] = None,
     resume: Annotated[
@@ -352,7 +355,9 @@ def predict(
     ] = None,
     data: Annotated[
         Path | None,
-        typer.Option(help="Aff-Wild2 root: its EXPR annotations list the frames to predict."),
+        typer.Option(
+            help="Aff-Wild2 root: its annotations of the run's tasks list the frames to predict."
+        ),
     ] = None,
     frames: Annotated[
         Path | None,
@@ -376,13 +381,22 @@ def predict(
     weights: Annotated[
         str,
         typer.Option(
-            help="Temporal weights: best (the epoch with the best validation macro-F1) or final "
+            help="Temporal weights: best (the epoch with the best validation score) or final "
             "(the last epoch: nothing chosen on the validation split)."
         ),
     ] = "best",
+    tune_thresholds: Annotated[
+        bool,
+        typer.Option(
+            "--tune-thresholds",
+            help="With --split val and a run with an AU head: pick each AU's threshold for the "
+            "best F1 on the validation annotations, store it in RUN_DIR/thresholds.json (later "
+            "predicts with these weights use it) and in the PRED.",
+        ),
+    ] = False,
     progress: ProgressOption = True,
 ) -> None:
-    """Per-frame class probabilities for every frame of a split that needs a prediction."""
+    """Per-frame predictions (EXPR, AU, VA: the run's tasks) for every frame that needs one."""
     from fercache.predict import PredictOptions
     from fercache.predict import predict as run_predict
 
@@ -394,14 +408,20 @@ def predict(
         source=source,
         device=device,
         weights=weights,
+        tune_thresholds=tune_thresholds,
         progress=progress,
     )
     predictions = run_predict(run_dir, cache, out, options)
     filled = sum(int((~rows.has_image).sum()) for rows in predictions.videos.values())
+    tasks = "/".join(task.upper() for task in predictions.tasks)
     console.print(
-        f"wrote {out}: {len(predictions.videos)} videos, {predictions.frame_count:,} frames "
-        f"({filled:,} without features, filled from their nearest frames)"
+        f"wrote {out}: {tasks} for {len(predictions.videos)} videos, "
+        f"{predictions.frame_count:,} frames ({filled:,} without features, filled from their "
+        "nearest frames)"
     )
+    if tune_thresholds:
+        chosen = ", ".join(f"{value:.2f}" for value in predictions.au_thresholds)
+        console.print(f"AU thresholds tuned on val and stored in {run_dir}: {chosen}")
 
 
 @app.command()
@@ -437,20 +457,25 @@ def evaluate(
     ] = None,
     json_out: Annotated[
         Path | None,
-        typer.Option("--json", help="Also write every figure (per class, confusion) as JSON."),
+        typer.Option(
+            "--json", help="Also write every figure (per class, AU and dimension; confusion)."
+        ),
     ] = None,
     confusion: Annotated[
         Path | None,
-        typer.Option(help="Confusion-matrix PNG to write (default: PRED's name + -confusion.png)."),
+        typer.Option(
+            help="EXPR confusion-matrix PNG to write (default: PRED's name + -confusion.png)."
+        ),
     ] = None,
 ) -> None:
-    """Macro-F1 (EXPR) pooled over all valid frames, per-class figures, AU F1 and VA CCC."""
+    """EXPR macro-F1, AU mean F1, VA mean CCC (and P) over all valid frames, per label too."""
     from fercache.evaluate import evaluate as run_evaluate
     from fercache.evaluate import render, write_report
 
     report = run_evaluate(pred, data, split, annotations=annotations, confusion_png=confusion)
     console.print(render(report))
-    console.print(f"confusion matrix: {report['confusion_png']}")
+    if "confusion_png" in report:
+        console.print(f"confusion matrix: {report['confusion_png']}")
     if json_out:
         console.print(f"report written to {write_report(report, json_out)}")
 
@@ -466,67 +491,110 @@ def submit(
             "and any one PRED lacks is an error. Default: every frame of PRED."
         ),
     ] = None,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="expr (label 0-7), au (12 decisions at the PRED's thresholds) or va "
+            "(valence,arousal): the ABAW format of that challenge."
+        ),
+    ] = "expr",
 ) -> None:
-    """Write the ABAW EXPR submission file, validated first (every frame once, labels 0-7)."""
+    """Write an ABAW submission file (EXPR, AU or VA), validated first (every frame once)."""
     from fercache.submit import write_submission
 
-    rows = write_submission(pred, out, frames)
-    console.print(f"wrote {out}: {rows:,} frames")
+    rows = write_submission(pred, out, frames, task)
+    console.print(f"wrote {out}: {task.upper()} for {rows:,} frames")
+
+
+# Options shared by `train` and `sweep` (a sweep trains many runs with the same base settings).
+CachesArgument = Annotated[
+    list[Path],
+    typer.Argument(
+        metavar="CACHE_DIR",
+        help="Feature cache folder(s); several are fused by concatenating each frame's "
+        "features in the order given.",
+    ),
+]
+TrainDataOption = Annotated[
+    Path, typer.Option("--data", help="Aff-Wild2 root: the labels are read from it.")
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="YAML settings file, e.g. configs/temporal.yaml (default: built-in)."
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override one setting, key=value (repeatable), e.g. layers=2."),
+]
+EpochsOption = Annotated[
+    int | None, typer.Option("--epochs", help="Epochs (default from the config).")
+]
+SeedOption = Annotated[
+    int | None,
+    typer.Option("--seed", help="Seed; on CPU the same seed gives identical metrics."),
+]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+]
+MemoryBudgetOption = Annotated[
+    str,
+    typer.Option(
+        "--memory-budget",
+        help="Largest size of features to hold in RAM (e.g. 16G); above it windows are "
+        "read from the HDF5 stores by worker processes. auto: half the RAM.",
+    ),
+]
 
 
 @app.command()
 def train(
-    caches: Annotated[
-        list[Path],
-        typer.Argument(
-            metavar="CACHE_DIR",
-            help="Feature cache folder(s); several are fused by concatenating each frame's "
-            "features in the order given.",
-        ),
-    ],
-    data: Annotated[Path, typer.Option(help="Aff-Wild2 root: the labels are read from it.")],
+    caches: CachesArgument,
+    data: TrainDataOption,
     out: Annotated[
         Path,
         typer.Option(
             help="Run folder: config.yaml, model.json, best.safetensors, last.pt, "
-            "metrics.jsonl, summary.json, curves.png."
+            "metrics.jsonl, summary.json, curves.png. With --bagging: one bag-<k> run folder "
+            "per model, ensemble-val.h5/.json and bagging.json."
         ),
     ],
-    config: Annotated[
-        Path | None,
-        typer.Option(help="YAML settings file, e.g. configs/temporal.yaml (default: built-in)."),
-    ] = None,
-    set_values: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override one setting, key=value (repeatable), e.g. layers=2."),
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (default from the config).")] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed; on CPU the same seed gives identical metrics.")
-    ] = None,
-    device: Annotated[
-        str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")
-    ] = "auto",
+    config: ConfigOption = None,
+    set_values: SetOption = None,
+    epochs: EpochsOption = None,
+    seed: SeedOption = None,
+    device: DeviceOption = "auto",
     resume: Annotated[
         bool,
         typer.Option(help="Continue the run in --out from last.pt with its saved settings."),
     ] = False,
-    memory_budget: Annotated[
-        str,
+    memory_budget: MemoryBudgetOption = "auto",
+    bagging: Annotated[
+        int | None,
         typer.Option(
-            help="Largest size of features to hold in RAM (e.g. 16G); above it windows are "
-            "read from the HDF5 stores by worker processes. auto: half the RAM."
+            metavar="K",
+            help="Train K models (seeds SEED, SEED+1, ...; each on its own --subsample of the "
+            "training videos), soft-vote their validation predictions and evaluate the vote.",
         ),
-    ] = "auto",
+    ] = None,
+    subsample: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of the training videos each model uses, drawn with its seed (the "
+            "subsample setting; seed 004 bags 0.2). Default from the config: 1.0."
+        ),
+    ] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Train the temporal transformer on 64-frame clips of cached features (phase 2)."""
-    from fercache.temporal.loop import TrainRequest
+    from fercache.temporal.loop import TrainRequest, best_scores_text
     from fercache.temporal.loop import train as run_train
 
+    subsampled = () if subsample is None else (f"subsample={subsample}",)
     request = TrainRequest(
         config_file=config,
-        overrides=tuple(set_values or ()),
+        overrides=(*(set_values or ()), *subsampled),
         epochs=epochs,
         seed=seed,
         memory_budget=memory_budget,
@@ -534,11 +602,15 @@ def train(
         resume=resume,
         progress=progress,
     )
+    if bagging is not None:
+        from fercache.bagging import render, train_bagged
+
+        bagged = train_bagged(caches, data, out, request, bagging)
+        if bagged is not None:
+            console.print(render(bagged))
+        return
     summary = run_train(caches, data, out, request)
-    console.print(
-        f"best validation macro-F1 {summary['best_val_f1']:.4f} (epoch {summary['best_epoch']}, "
-        f"smoothed {summary['best_val_f1_smoothed']:.4f}); run in {out}"
-    )
+    console.print(f"{best_scores_text(summary)}; run in {out}")
 
 
 @app.command()
@@ -561,6 +633,101 @@ def demo(
     result = run_demo(out, seed=seed, progress=progress)
     console.print(render_table(result.rows))
     console.print(f"report: {result.report}; chart: {result.chart}")
+
+
+@app.command()
+def ensemble(
+    preds: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="PRED...",
+            help="Raw PRED files (not smoothed) of the same split, videos and frames.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="PRED file to write with the soft vote.")],
+    weights: Annotated[
+        str | None,
+        typer.Option(help="One weight per PRED, comma-separated, e.g. 1,2 (default: equal)."),
+    ] = None,
+) -> None:
+    """Soft voting: average the inputs' probabilities (EXPR, AU) and VA values; label = arg-max."""
+    from fercache.ensemble import ensemble as run_ensemble
+    from fercache.ensemble import parse_weights
+
+    voted = run_ensemble(preds, out, parse_weights(weights))
+    for note in voted.notes:
+        error_console.print(f"[yellow]warning:[/] {note}", highlight=False)
+    shown = ", ".join(f"{weight:.3g}" for weight in voted.weights)
+    console.print(
+        f"wrote {out}: soft vote of {len(preds)} predictions (weights {shown}), "
+        f"{voted.predictions.frame_count:,} frames"
+    )
+
+
+@app.command()
+def sweep(
+    caches: CachesArgument,
+    data: TrainDataOption,
+    out: Annotated[Path, typer.Option(help="Sweep folder: one run folder per grid point.")],
+    grid: Annotated[
+        list[str],
+        typer.Option(
+            help="A setting and its values, key=v1,v2 (repeat: the points are every "
+            "combination), e.g. --grid layers=2,4 --grid lr=1e-4,3e-4; model.layers works too."
+        ),
+    ],
+    config: ConfigOption = None,
+    set_values: SetOption = None,
+    epochs: EpochsOption = None,
+    seed: SeedOption = None,
+    device: DeviceOption = "auto",
+    memory_budget: MemoryBudgetOption = "auto",
+    progress: ProgressOption = True,
+) -> None:
+    """Train one run per grid point (finished ones skipped, so a killed sweep resumes)."""
+    from fercache.runs import best_scores
+    from fercache.sweep import sweep as run_sweep
+    from fercache.temporal.loop import TrainRequest
+
+    request = TrainRequest(
+        config_file=config,
+        overrides=tuple(set_values or ()),
+        epochs=epochs,
+        seed=seed,
+        memory_budget=memory_budget,
+        device=device,
+        progress=progress,
+    )
+    for run in run_sweep(caches, data, out, grid, request):
+        scores = ", ".join(f"{key} {value:.4f}" for key, value in best_scores(run.summary).items())
+        console.print(f"{run.path}: {run.status}; {scores} (epoch {run.summary['best_epoch']})")
+    console.print(f"compare the runs: fercache runs {out}")
+
+
+@app.command()
+def runs(
+    folder: Annotated[
+        Path, typer.Argument(help="Folder holding training runs (e.g. a sweep's --out).")
+    ],
+    sort: Annotated[
+        str | None,
+        typer.Option(
+            help="Column to sort on: scores descending, others ascending (default: the first "
+            "score, best_val_f1)."
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the table as JSON to this file.")
+    ] = None,
+) -> None:
+    """One table of all runs: the settings that differ, epochs and best validation scores."""
+    from fercache.runs import render, runs_table
+
+    table = runs_table(folder, sort)
+    console.print(render(table, f"{len(table.rows)} runs in {folder}"))
+    if json_out:
+        json_out.write_text(json.dumps(table.to_json(), indent=2))
+        console.print(f"table written to {json_out}")
 
 
 def main() -> None:

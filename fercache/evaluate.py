@@ -1,14 +1,19 @@
 """The ABAW metrics of a PRED file against the annotations of its split.
 
+Every task the PRED carries and the split annotates is scored, each on the videos annotated for
+it; every frame with a valid label of an annotated video must have a prediction.
+
 - EXPR: macro F1 over the 8 classes on every frame with a valid label (not `-1`), pooled over
   all videos (not a mean per video), plus per-class F1, precision, recall, support and the
   confusion matrix (rows: true class, columns: predicted), all from scikit-learn with
   `labels=range(8)` and `zero_division=0` (a class never predicted nor present scores 0, as in
-  scikit-learn's default). Every valid frame of every annotated video must have a prediction.
-- AU (when the PRED holds `au`): mean over the 12 AUs of the binary F1 of `au >= threshold`
-  on the frames where that AU's label is valid and a prediction exists.
-- VA (when the PRED holds `va`): mean of the concordance correlation coefficients of valence
-  and arousal on the frames where the value is valid (not -5) and a prediction exists.
+  scikit-learn's default).
+- AU: per AU, the binary F1 of `au >= threshold` on the frames where that AU's label is valid
+  (the PRED's `au_thresholds`: 0.5 unless tuned), and their mean over the 12 AUs.
+- VA: Lin's concordance correlation coefficient of valence and of arousal, each on the frames
+  where its value is valid (not -5), and their mean.
+- P = F1_EXPR + F1_AU + CCC_VA (seed 003's multi-task score, at most 3) when all three are
+  scored.
 """
 
 import json
@@ -16,15 +21,22 @@ from pathlib import Path
 
 import numpy as np
 from rich.table import Table
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    confusion_matrix,
+    f1_score,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+)
 
 from fercache.data.affwild2 import AffWild2, VideoLabels
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
-from fercache.predictions import Predictions
+from fercache.predictions import AU_THRESHOLD, Predictions
+from fercache.temporal.labels import row_valid
 
 CLASS_RANGE = list(range(len(EXPR_CLASSES)))
-AU_THRESHOLD = 0.5
+_PREDICTED = {"expr": "labels", "au": "au", "va": "va"}  # the PRED array scored per task
+_SHOWN = 5  # video names quoted in an error
 
 
 def expr_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict:
@@ -48,22 +60,45 @@ def expr_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict:
 
 
 def au_metrics(
-    truth: np.ndarray, probabilities: np.ndarray, threshold: float = AU_THRESHOLD
+    truth: np.ndarray, probabilities: np.ndarray, thresholds: float | np.ndarray = AU_THRESHOLD
 ) -> dict:
-    """Mean binary F1 over the AUs; each AU on the frames where its label is not -1."""
+    """Mean binary F1 over the AUs; each AU on the frames where its label is not -1, its
+    prediction `probability >= threshold` (one threshold, or one per AU)."""
+    thresholds = np.broadcast_to(np.asarray(thresholds, dtype=float), (len(AU_NAMES),))
     scores = {}
     for column, name in enumerate(AU_NAMES):
         valid = truth[:, column] != -1
         scores[name] = float(
             f1_score(
                 truth[valid, column],
-                probabilities[valid, column] >= threshold,
+                probabilities[valid, column] >= thresholds[column],
                 labels=[0, 1],
                 average="binary",
                 zero_division=0,
             )
         )
-    return {"au_f1": float(np.mean(list(scores.values()))), "per_au_f1": scores}
+    return {
+        "au_f1": float(np.mean(list(scores.values()))),
+        "per_au_f1": scores,
+        "au_thresholds": dict(zip(AU_NAMES, thresholds.tolist(), strict=True)),
+    }
+
+
+def tune_au_thresholds(truth: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Per AU, the threshold with the highest F1 on the frames where its label is valid (the
+    lowest such threshold on ties); 0.5 for an AU without a positive frame."""
+    thresholds = np.full(len(AU_NAMES), AU_THRESHOLD)
+    for column in range(len(AU_NAMES)):
+        valid = truth[:, column] != -1
+        labels = truth[valid, column]
+        if not (labels == 1).any():
+            continue
+        precision, recall, candidates = precision_recall_curve(labels, probabilities[valid, column])
+        both = precision + recall
+        f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(both), where=both > 0)
+        # The curve's last point (recall 0) has no threshold; candidates ascend.
+        thresholds[column] = candidates[int(np.argmax(f1[:-1]))]
+    return thresholds
 
 
 def concordance(truth: np.ndarray, predicted: np.ndarray) -> float:
@@ -91,7 +126,7 @@ def evaluate(
     annotations: Path | None = None,
     confusion_png: Path | None = None,
 ) -> dict:
-    """All metrics of PRED `pred` against DATA's `split`; writes the confusion-matrix PNG."""
+    """All metrics of PRED `pred` against DATA's `split`; writes the EXPR confusion PNG."""
     predictions = Predictions.read(pred)
     if predictions.split != split:
         raise FercacheError(
@@ -99,78 +134,89 @@ def evaluate(
             f"--split {predictions.split} or predict the {split} split"
         )
     tree = AffWild2(data, annotations=annotations)
-    expr = tree.load("expr", split)
-    _check_same_videos(pred, predictions, [video.video for video in expr], split)
-    truth, predicted = _pooled_expr(pred, predictions, expr)
-    if not (truth != -1).any():
-        raise FercacheError(f"{data}: the EXPR {split} annotations hold no valid label to score")
+    scored = [task for task in predictions.tasks if split in tree.splits(task)]
+    if not scored:
+        raise FercacheError(
+            f"{annotations or data}: no {'/'.join(t.upper() for t in predictions.tasks)} "
+            f"annotations for the {split} split, so {pred} cannot be scored; point --data "
+            "(or --annotations) at the tree it was predicted from"
+        )
+    annotated = {task: tree.load(task, split) for task in scored}
+    _check_same_videos(pred, predictions, annotated, split)
     report = {
         "pred": str(pred),
         "split": split,
         "source": predictions.source,
         "smoothing": list(predictions.smoothing),
-        "videos": len(expr),
-        **expr_metrics(truth, predicted),
+        "tasks": scored,
     }
-    report.update(_optional_metrics(predictions, tree, split))
-    png = confusion_png or Path(pred).with_name(f"{Path(pred).stem}-confusion.png")
-    report["confusion_png"] = str(plot_confusion(np.array(report["confusion_matrix"]), png))
+    if "expr" in scored:
+        truth, predicted = pooled(pred, predictions, "expr", annotated["expr"])
+        if not (truth != -1).any():
+            raise FercacheError(f"{data}: the EXPR {split} annotations hold no valid label")
+        report.update({"videos": len(annotated["expr"]), **expr_metrics(truth, predicted)})
+        png = confusion_png or Path(pred).with_name(f"{Path(pred).stem}-confusion.png")
+        report["confusion_png"] = str(plot_confusion(np.array(report["confusion_matrix"]), png))
+    if "au" in scored:
+        truth, probabilities = pooled(pred, predictions, "au", annotated["au"])
+        report.update(au_metrics(truth, probabilities, np.array(predictions.au_thresholds)))
+        report.update(_coverage("au", truth, annotated["au"]))
+    if "va" in scored:
+        truth, values = pooled(pred, predictions, "va", annotated["va"])
+        report.update(va_metrics(truth, values))
+        report.update(_coverage("va", truth, annotated["va"]))
+    if len(scored) == 3:
+        report["p"] = report["expr_f1"] + report["au_f1"] + report["va_ccc"]
     return report
 
 
-def _check_same_videos(pred: Path, predictions: Predictions, annotated: list[str], split: str):
-    missing = sorted(set(annotated) - set(predictions.videos))
-    extra = sorted(set(predictions.videos) - set(annotated))
-    if missing or extra:
-        problem = (
-            f"no predictions for annotated video(s) {', '.join(missing[:5])}"
-            if missing
-            else f"video(s) {', '.join(extra[:5])} have no EXPR {split} annotation"
-        )
+def _coverage(task: str, truth: np.ndarray, videos: list[VideoLabels]) -> dict:
+    return {f"{task}_videos": len(videos), f"{task}_frames": int(row_valid(task, truth).sum())}
+
+
+def _check_same_videos(
+    pred: Path, predictions: Predictions, annotated: dict[str, list[VideoLabels]], split: str
+) -> None:
+    """Every annotated video has predictions; every predicted video is annotated for a task."""
+    names = {task: {video.video for video in videos} for task, videos in annotated.items()}
+    for task, wanted in names.items():
+        missing = sorted(wanted - set(predictions.videos))
+        if missing:
+            raise FercacheError(
+                f"{pred}: no predictions for annotated video(s) {', '.join(missing[:_SHOWN])} "
+                f"({task.upper()} {split}); predict with the same data and split "
+                f"(`fercache predict ... --split {split}`)"
+            )
+    extra = sorted(set(predictions.videos) - set().union(*names.values()))
+    if extra:
         raise FercacheError(
-            f"{pred}: {problem}; predict with the same data and split "
-            f"(`fercache predict ... --split {split}`)"
+            f"{pred}: video(s) {', '.join(extra[:_SHOWN])} have no "
+            f"{'/'.join(task.upper() for task in annotated)} {split} annotation; predict with the "
+            f"same data and split (`fercache predict ... --split {split}`)"
         )
 
 
-def _pooled_expr(
-    pred: Path, predictions: Predictions, expr: list[VideoLabels]
+def pooled(
+    pred: Path | str, predictions: Predictions, task: str, videos: list[VideoLabels]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """True and predicted labels of every annotated frame, pooled over videos."""
+    """True labels and predictions (EXPR labels, AU probabilities or VA values) of `task` on
+    every annotated frame that has a prediction, pooled over `videos`; FercacheError when a
+    frame with a valid label has none."""
     truths, predicted = [], []
-    for video in expr:
+    for video in videos:
         rows = predictions.videos[video.video]
         frames = np.arange(1, len(video.labels) + 1)
         index = np.searchsorted(rows.frames, frames).clip(max=max(len(rows.frames) - 1, 0))
         found = rows.frames[index] == frames if len(rows.frames) else np.zeros(len(frames), bool)
-        uncovered = frames[~found & (video.labels != -1)]
+        uncovered = frames[~found & row_valid(task, video.labels)]
         if len(uncovered):
             raise FercacheError(
                 f"{pred}: video '{video.video}' has no prediction for {len(uncovered)} labelled "
-                f"frame(s), first {uncovered[0]}; predict every annotated frame"
+                f"{task.upper()} frame(s), first {uncovered[0]}; predict every annotated frame"
             )
         truths.append(video.labels[found])
-        predicted.append(rows.labels[index[found]])
+        predicted.append(getattr(rows, _PREDICTED[task])[index[found]])
     return np.concatenate(truths), np.concatenate(predicted)
-
-
-def _optional_metrics(predictions: Predictions, tree: AffWild2, split: str) -> dict:
-    """AU and VA metrics for the predictions that carry them, on the annotated videos."""
-    report = {}
-    for name, scorer in (("au", au_metrics), ("va", va_metrics)):
-        carried = [v for v, rows in predictions.videos.items() if getattr(rows, name) is not None]
-        annotated = set(tree.annotated_videos(name, split)) & set(carried)
-        if not annotated:
-            continue
-        truths, values = [], []
-        for video in tree.load(name, split, sorted(annotated)):
-            rows = predictions.videos[video.video]
-            inside = rows.frames <= len(video.labels)
-            truths.append(video.labels[rows.frames[inside] - 1])
-            values.append(getattr(rows, name)[inside])
-        report.update(scorer(np.concatenate(truths), np.concatenate(values)))
-        report[f"{name}_videos"] = len(annotated)
-    return report
 
 
 def plot_confusion(matrix: np.ndarray, path: Path) -> Path:
@@ -196,21 +242,36 @@ def write_report(report: dict, path: Path) -> Path:
 
 
 def render(report: dict) -> Table:
-    """The report as a table: per-class figures, then the summary scores."""
-    table = Table(title=f"{report['pred']} on {report['split']} ({report['frames']:,} frames)")
-    for column in ("class", "F1", "precision", "recall", "support"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    for name in EXPR_CLASSES:
-        table.add_row(
-            name,
-            f"{report['per_class_f1'][name]:.4f}",
-            f"{report['precision'][name]:.4f}",
-            f"{report['recall'][name]:.4f}",
-            f"{report['support'][name]:,}",
-        )
-    table.add_section()
-    table.add_row("EXPR macro F1", f"{report['expr_f1']:.4f}")
-    for key, title in (("au_f1", "AU mean F1"), ("va_ccc", "VA mean CCC")):
+    """The report as a table: per-class, per-AU and per-dimension figures, then the scores."""
+    frames = f" ({report['frames']:,} EXPR frames)" if "frames" in report else ""
+    table = Table(title=f"{report['pred']} on {report['split']}{frames}")
+    for column in ("name", "F1 (VA: CCC)", "precision", "recall", "support"):
+        table.add_column(column, justify="left" if column == "name" else "right")
+    if "expr_f1" in report:
+        for name in EXPR_CLASSES:
+            table.add_row(
+                name,
+                f"{report['per_class_f1'][name]:.4f}",
+                f"{report['precision'][name]:.4f}",
+                f"{report['recall'][name]:.4f}",
+                f"{report['support'][name]:,}",
+            )
+        table.add_section()
+    if "au_f1" in report:
+        for name, f1 in report["per_au_f1"].items():
+            table.add_row(f"{name} (threshold {report['au_thresholds'][name]:.2f})", f"{f1:.4f}")
+        table.add_section()
+    if "va_ccc" in report:
+        for name, ccc in report["per_dimension_ccc"].items():
+            table.add_row(name, f"{ccc:.4f}")
+        table.add_section()
+    scores = (
+        ("expr_f1", "EXPR macro F1"),
+        ("au_f1", "AU mean F1"),
+        ("va_ccc", "VA mean CCC"),
+        ("p", "P = F1 EXPR + F1 AU + CCC VA"),
+    )
+    for key, title in scores:
         if key in report:
             table.add_row(title, f"{report[key]:.4f}")
     return table

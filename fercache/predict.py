@@ -1,39 +1,59 @@
-"""Per-frame EXPR class probabilities for every frame of a split that needs a prediction.
+"""Per-frame predictions (EXPR class probabilities, AU probabilities, VA values: whatever the
+source predicts) for every frame of a split that needs a prediction.
 
-Which frames: every annotated frame of every video of the split (line i of the EXPR annotation
-file is frame i, `-1` frames included), or exactly the frames of a frame list (`--frames`, the
-organisers' list for the test split; format in `fercache.submit`).
+Which frames: every annotated frame of every video of the split, for each task the source
+predicts that the split annotates (line i of an annotation file is frame i, invalid frames
+included; a video annotated for several tasks gets the longest annotation's frames), or exactly
+the frames of a frame list (`--frames`, the organisers' list for the test split; format in
+`fercache.submit`).
 
 Where the numbers come from (`source`):
 - `temporal`: a trained temporal run (`fercache.temporal.inference.TemporalPredictor`) over the
-  features of the caches it was trained on (fused in the same order);
+  features of the caches it was trained on (fused in the same order): one array per task it
+  was trained on; AU decisions use the run's tuned thresholds (`thresholds.json`) if any;
 - `student`: the softmax of the logits the frozen student stored in the cache: the per-frame
-  baseline of the ablation.
+  EXPR baseline of the ablation.
 
-Frames without features (no face found, image missing or undecodable) take the probabilities
-of the nearest frame that has features; a frame midway between two takes their mean. A video
-whose store has no rows at all gets uniform probabilities.
+`tune_thresholds` (validation split, a run with an AU head): per AU, the threshold with the best
+F1 on the split's AU annotations (`fercache.evaluate.tune_au_thresholds`) is stored in the run's
+`thresholds.json` for its weights file, and the PRED written carries it.
+
+Frames without features (no face found, image missing or undecodable) take the predictions of
+the nearest frame that has features; a frame midway between two takes their mean. A video whose
+store has no rows at all gets uniform EXPR probabilities, AU probabilities 0 (the state of most
+frames) and VA 0 (neutral).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from fercache.data.affwild2 import SPLITS, AffWild2
-from fercache.data.tasks import EXPR_CLASSES
+from fercache.data.tasks import AU_NAMES, EXPR_CLASSES
 from fercache.errors import FercacheError
-from fercache.predictions import Predictions, VideoPredictions
+from fercache.evaluate import pooled, tune_au_thresholds
+from fercache.predictions import AU_THRESHOLD, Predictions, VideoPredictions
 from fercache.progress import progress_bar
 from fercache.store import FeatureCache
 from fercache.submit import read_frame_list
 
 SOURCES = ("temporal", "student")
+# Every row of a video without any features: None is uniform (EXPR probabilities).
+NO_FEATURES = {"expr": None, "au": 0.0, "va": 0.0}
 
-# video -> (1-based frames that have features, their class probabilities (rows, classes))
-FrameProbabilities = Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+@dataclass(frozen=True)
+class Source:
+    """Where predictions come from: `predict(video)` gives the 1-based frames that have
+    features and, per task of `tasks`, their predictions (rows, outputs)."""
+
+    predict: Callable[[str], tuple[np.ndarray, dict[str, np.ndarray]]]
+    tasks: tuple[str, ...]
+    description: str
+    au_thresholds: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,7 @@ class PredictOptions:
     source: str = "temporal"
     device: str = "cpu"
     weights: str = "best"
+    tune_thresholds: bool = False
     progress: bool = True
 
 
@@ -54,47 +75,110 @@ def predict(
     run_dir: Path | None, caches: list[Path], out: Path, options: PredictOptions
 ) -> Predictions:
     """Write the PRED file `out` for `options.split` and return what it holds."""
+    _check_options(options, caches)
+    opened = [FeatureCache.open(cache) for cache in caches]
+    if options.source == "student":
+        source = _student_source(opened)
+    else:
+        source = _temporal_source(run_dir, opened, options)
+    if options.tune_thresholds and "au" not in source.tasks:
+        raise FercacheError(
+            f"--tune-thresholds: {run_dir or 'the student'} predicts {list(source.tasks)}, no "
+            "AU; train with --set tasks=[...,au] to get AU thresholds"
+        )
+    required, listed_in = required_frames(options, source.tasks)
+    _check_videos_cached(required, opened, listed_in)
+    videos = {}
+    with progress_bar("predicting videos", len(required), options.progress) as advance:
+        for video, frames in required.items():
+            have, predicted = source.predict(video)
+            filled, has_image = _filled(frames, have, predicted)
+            videos[video] = VideoPredictions.from_probabilities(
+                frames, filled.get("expr"), has_image, au=filled.get("au"), va=filled.get("va")
+            )
+            advance()
+    predictions = Predictions(
+        split=options.split,
+        source=source.description,
+        videos=videos,
+        au_thresholds=source.au_thresholds,
+    )
+    if options.tune_thresholds:
+        predictions = _with_tuned_thresholds(predictions, run_dir, out, options)
+    predictions.write(out)
+    return predictions
+
+
+def _check_options(options: PredictOptions, caches: list[Path]) -> None:
     if options.split not in SPLITS:
         raise FercacheError(f"unknown split '{options.split}': choose one of {', '.join(SPLITS)}")
     if options.source not in SOURCES:
         raise FercacheError(f"unknown source '{options.source}': choose {' or '.join(SOURCES)}")
     if not caches:
         raise FercacheError("give the feature cache with --cache CACHE_DIR")
-    required, listed_in = required_frames(options)
-    opened = [FeatureCache.open(cache) for cache in caches]
-    if options.source == "student":
-        probabilities_of, source = _student_source(opened)
-    else:
-        probabilities_of, source = _temporal_source(run_dir, opened, options)
-    _check_videos_cached(required, opened, listed_in)
-    videos = {}
-    with progress_bar("predicting videos", len(required), options.progress) as advance:
-        for video, frames in required.items():
-            have, probabilities = probabilities_of(video)
-            filled, has_image = fill_from_nearest(frames, have, probabilities)
-            videos[video] = VideoPredictions.from_probabilities(frames, filled, has_image)
-            advance()
-    predictions = Predictions(split=options.split, source=source, videos=videos)
-    predictions.write(out)
-    return predictions
-
-
-def required_frames(options: PredictOptions) -> tuple[dict[str, np.ndarray], str]:
-    """{video: frames needing a prediction} and where that list came from (for errors)."""
-    if options.frames:
-        return read_frame_list(options.frames), f"frame list {options.frames}"
-    if options.split == "test":
+    if not options.frames and options.split == "test":
         raise FercacheError(
             "the test split has no annotations: give the organisers' frame list with --frames FILE"
         )
-    if options.data is None:
+    if not options.frames and options.data is None:
         raise FercacheError(
             "give the Aff-Wild2 root with --data DATA (its annotations list frames)"
         )
+    if options.tune_thresholds and (options.split != "val" or options.data is None):
+        raise FercacheError(
+            "--tune-thresholds picks AU thresholds on the validation split's annotations: "
+            "predict with --split val --data DATA"
+        )
+
+
+def required_frames(
+    options: PredictOptions, tasks: tuple[str, ...] = ("expr",)
+) -> tuple[dict[str, np.ndarray], str]:
+    """{video: frames needing a prediction} and where that list came from (for errors)."""
+    if options.frames:
+        return read_frame_list(options.frames), f"frame list {options.frames}"
+    root = options.annotations or options.data
     data = AffWild2(options.data, annotations=options.annotations)
-    videos = data.load("expr", options.split)
-    frames = {v.video: np.arange(1, len(v.labels) + 1, dtype=np.int32) for v in videos}
-    return frames, f"the EXPR {options.split} annotations of {options.annotations or options.data}"
+    annotated = [task for task in tasks if options.split in data.splits(task)]
+    if not annotated:
+        raise FercacheError(
+            f"{root}: no {'/'.join(t.upper() for t in tasks)} annotations for split "
+            f"'{options.split}' list the frames to predict; give another split or --frames FILE"
+        )
+    lengths: dict[str, int] = {}
+    for task in annotated:
+        for video in data.load(task, options.split):
+            lengths[video.video] = max(lengths.get(video.video, 0), len(video.labels))
+    frames = {video: np.arange(1, lengths[video] + 1, dtype=np.int32) for video in sorted(lengths)}
+    named = "/".join(task.upper() for task in annotated)
+    return frames, f"the {named} {options.split} annotations of {root}"
+
+
+def _filled(
+    frames: np.ndarray, have: np.ndarray, predicted: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every task's predictions of `frames` (see `fill_from_nearest`), and which had features."""
+    filled, has_image = {}, np.zeros(len(frames), bool)
+    for task, values in predicted.items():
+        filled[task], has_image = fill_from_nearest(frames, have, values, NO_FEATURES[task])
+    return filled, has_image
+
+
+def _with_tuned_thresholds(
+    predictions: Predictions, run_dir: Path, out: Path, options: PredictOptions
+) -> Predictions:
+    """The predictions with per-AU thresholds tuned on the split, also stored in the run."""
+    from fercache.temporal.inference import write_thresholds
+
+    data = AffWild2(options.data, annotations=options.annotations)
+    if "val" not in data.splits("au"):
+        raise FercacheError(
+            f"{options.annotations or options.data}: no AU val annotations to tune thresholds on"
+        )
+    truth, probabilities = pooled(out, predictions, "au", data.load("au", "val"))
+    thresholds = tune_au_thresholds(truth, probabilities)
+    write_thresholds(run_dir, options.weights, thresholds)
+    return replace(predictions, au_thresholds=tuple(thresholds.tolist()))
 
 
 def _check_videos_cached(
@@ -113,15 +197,17 @@ def _check_videos_cached(
 
 
 def fill_from_nearest(
-    needed: np.ndarray, have: np.ndarray, values: np.ndarray
+    needed: np.ndarray, have: np.ndarray, values: np.ndarray, empty: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `values` (one per frame of `have`, ascending) for every frame of `needed`, and
     whether each needed frame had its own row. A frame without a row takes the nearest frame's
-    row; midway between two frames, their mean; with no rows at all, uniform."""
+    row; midway between two frames, their mean; with no rows at all, `empty` everywhere (None:
+    uniform over the columns, for probabilities)."""
     needed = np.asarray(needed, dtype=np.int64)
     if len(have) == 0:
-        classes = values.shape[1]
-        return np.full((len(needed), classes), 1 / classes, np.float32), np.zeros(len(needed), bool)
+        columns = values.shape[1]
+        fill = 1 / columns if empty is None else empty
+        return np.full((len(needed), columns), fill, np.float32), np.zeros(len(needed), bool)
     have = np.asarray(have, dtype=np.int64)
     after = np.searchsorted(have, needed).clip(max=len(have) - 1)
     before = (after - 1).clip(min=0)
@@ -140,7 +226,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _student_source(caches: list[FeatureCache]) -> tuple[FrameProbabilities, str]:
+def _student_source(caches: list[FeatureCache]) -> Source:
     if len(caches) != 1:
         raise FercacheError("--source student reads the logits of one cache: give one --cache")
     (cache,) = caches
@@ -151,7 +237,7 @@ def _student_source(caches: list[FeatureCache]) -> tuple[FrameProbabilities, str
             "a temporal run"
         )
 
-    def probabilities_of(video: str) -> tuple[np.ndarray, np.ndarray]:
+    def predict_video(video: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         path = cache.path(video)
         with h5py.File(path, "r") as store:
             if "logits" not in store:
@@ -159,15 +245,20 @@ def _student_source(caches: list[FeatureCache]) -> tuple[FrameProbabilities, str
                     f"{path}: the store has no logits (the backbone had no classifier head); "
                     "use a temporal run instead of --source student"
                 )
-            return store["frames"][:], softmax(store["logits"][:])
+            return store["frames"][:], {"expr": softmax(store["logits"][:])}
 
     fingerprint = cache.provenance["fingerprint"]
-    return probabilities_of, f"student logits of {cache.root} (fingerprint {fingerprint})"
+    return Source(
+        predict_video,
+        ("expr",),
+        f"student logits of {cache.root} (fingerprint {fingerprint})",
+        (AU_THRESHOLD,) * len(AU_NAMES),
+    )
 
 
 def _temporal_source(
     run_dir: Path | None, caches: list[FeatureCache], options: PredictOptions
-) -> tuple[FrameProbabilities, str]:
+) -> Source:
     if run_dir is None:
         raise FercacheError("give the training run folder RUN_DIR (or use --source student)")
     from fercache.temporal.features import load_fused_features
@@ -177,21 +268,19 @@ def _temporal_source(
     _check_run_matches(run_dir, predictor, caches)
     roots = [cache.root for cache in caches]
 
-    def probabilities_of(video: str) -> tuple[np.ndarray, np.ndarray]:
+    def predict_video(video: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         fused = load_fused_features(roots, [video])[video]
         return fused.frames, predictor.predict(fused.features)
 
-    return probabilities_of, (
-        f"temporal run {run_dir} ({options.weights} weights) on {', '.join(map(str, roots))}"
+    return Source(
+        predict_video,
+        predictor.tasks,
+        f"temporal run {run_dir} ({options.weights} weights) on {', '.join(map(str, roots))}",
+        tuple(predictor.au_thresholds.tolist()),
     )
 
 
 def _check_run_matches(run_dir: Path, predictor, caches: list[FeatureCache]) -> None:
-    if tuple(predictor.classes) != EXPR_CLASSES:
-        raise FercacheError(
-            f"{run_dir}: the run predicts {list(predictor.classes)}, not the EXPR classes "
-            f"{list(EXPR_CLASSES)}"
-        )
     fingerprints = [cache.provenance["fingerprint"] for cache in caches]
     if list(predictor.cache_fingerprints) != fingerprints:
         raise FercacheError(

@@ -57,7 +57,8 @@ def typed_values(settings: type, values: dict[str, Any], what: str) -> dict[str,
         )
     typed: dict[str, Any] = {}
     for key, value in values.items():
-        default = fields[key].default
+        field = fields[key]
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         try:
             typed[key] = _coerce(value, default)
         except (TypeError, ValueError):
@@ -82,4 +83,12 @@ def _coerce(value: Any, default: Any) -> Any:
         if isinstance(value, bool):
             raise TypeError(value)
         return float(value)
+    if isinstance(default, tuple):  # a YAML list (or one value) of items typed like the first
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_coerce(item, default[0]) for item in items)
+    if isinstance(default, dict):  # a YAML mapping of names to values typed like the default's
+        if not isinstance(value, dict):
+            raise TypeError(value)
+        like = next(iter(default.values()))
+        return {str(name): _coerce(item, like) for name, item in value.items()}
     return str(value)

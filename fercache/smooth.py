@@ -2,7 +2,8 @@
 
 `majority_vote(labels, probabilities, window, mode, lengths)` is a plain function on numpy
 arrays; `smooth_predictions` applies it to a PRED file (`fercache.predictions`), voting each
-video's `labels` (the arg-max class, or an earlier vote) and keeping its probabilities.
+video's EXPR `labels` (the arg-max class, or an earlier vote) and keeping its probabilities;
+AU and VA predictions are copied unchanged. A PRED without EXPR predictions is refused.
 
 Rules (rows are consecutive frames of one video; `lengths` splits a concatenation into videos
 and no window ever crosses from one video into the next; a PRED file's rows are the frames that
@@ -219,6 +220,12 @@ def smooth_predictions(
     """Vote the labels of PRED file `pred` per video and write them, with the same
     probabilities, to `out`; its `smoothing` attribute gains {"window", "mode"}."""
     predictions = Predictions.read(pred)
+    if predictions.videos and "expr" not in predictions.tasks:
+        raise FercacheError(
+            f"{pred}: holds no EXPR predictions to vote on (only "
+            f"{', '.join(task.upper() for task in predictions.tasks)}); the vote smooths EXPR "
+            "labels, so evaluate or submit this file as it is"
+        )
     videos = list(predictions.videos)
     lengths = np.array([len(predictions.videos[v].frames) for v in videos], dtype=np.int64)
     voted = majority_vote(

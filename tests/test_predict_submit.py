@@ -1,8 +1,11 @@
 """predict -> smooth -> evaluate -> submit on the synthetic tree, from a student cache whose
-logits are a noisy view of the labels; frame lists, submissions and bad input."""
+logits are a noisy view of the labels, and from temporal runs (EXPR; EXPR+AU+VA; AU alone);
+frame lists, submissions in the three ABAW formats, AU threshold tuning and bad input."""
 
 import json
 import re
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,8 @@ from fercache.submit import HEADER, read_frame_list, read_submission, write_subm
 from fercache.temporal.features import load_fused_features
 from fercache.temporal.inference import TemporalPredictor
 from fercache.temporal.loop import TrainRequest, train
-from tests.train_data import TreeSpec, fake_provenance, write_cache, write_tree
+from fercache.temporal.rundir import read_metrics
+from tests.train_data import TreeSpec, fake_provenance, write_cache, write_label_cache, write_tree
 
 runner = CliRunner()
 FEATURE_DIM = 16
@@ -243,7 +247,7 @@ def test_temporal_run_predicts_every_annotated_frame(temporal_run, tmp_path):
     predictor = TemporalPredictor.load(temporal_run["run"])
     fused = load_fused_features([temporal_run["cache"]], list(predictions.videos))
     for video, rows in predictions.videos.items():
-        expected = predictor.predict(fused[video].features)
+        expected = predictor.predict(fused[video].features)["expr"]
         np.testing.assert_array_equal(rows.frames[rows.has_image], fused[video].frames)
         np.testing.assert_allclose(rows.probabilities[rows.has_image], expected, atol=1e-6)
     report = evaluate(pred, temporal_run["data"], "val")
@@ -256,3 +260,164 @@ def test_temporal_run_refuses_a_cache_it_was_not_trained_on(temporal_run, tmp_pa
     options = PredictOptions(split="val", data=temporal_run["data"], progress=False)
     with pytest.raises(FercacheError, match="trained on caches with fingerprints"):
         predict(temporal_run["run"], [other], tmp_path / "x.h5", options)
+
+
+# --- AU and VA beside EXPR (issue 8) -----------------------------------------------------------
+
+TINY = ("width=16", "layers=1", "heads=2", "ff_width=32", "batch_size=8", "workers=0")
+LEARNS = ("lr=1e-2", "batch_size=2", "dropout=0", "input_dropout=0", "warmup_epochs=0")
+
+
+@pytest.fixture(scope="module")
+def three_tasks(synthetic_tree, tmp_path_factory) -> dict:
+    """A tiny EXPR+AU+VA run on the generator's tree, its cache a noisy view of the labels."""
+    root = tmp_path_factory.mktemp("three-tasks")
+    cache = write_label_cache(root / "cache", synthetic_tree)
+    overrides = (*TINY, *LEARNS, "tasks=[expr,au,va]")
+    request = TrainRequest(overrides=overrides, epochs=15, device="cpu", progress=False)
+    summary = train([cache], synthetic_tree, root / "run", request)
+    return {"cache": cache, "run": root / "run", "summary": summary}
+
+
+def _predict_cli(run: Path, cache: Path, data: Path, out: Path, *extra: str) -> Predictions:
+    result = runner.invoke(
+        app,
+        [*("predict", str(run), "--cache", str(cache), "--data", str(data)),
+         *("--split", "val", "--out", str(out), "--no-progress", *extra)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return Predictions.read(out)
+
+
+def test_a_three_task_model_trains_and_evaluate_reports_every_metric_and_p(
+    synthetic_tree, three_tasks, tmp_path
+):
+    summary = three_tasks["summary"]
+    assert summary["tasks"] == ["expr", "au", "va"] and summary["selected_by"] == "p"
+    scores = (summary["best_val_f1"], summary["best_val_au_f1"], summary["best_val_va_ccc"])
+    assert summary["best_val_p"] == pytest.approx(sum(scores), abs=1e-12)
+    # Every head learnt from its own labels (one that learnt nothing scores ~0.2 and ~0).
+    assert min(scores) > 0.5 and summary["best_val_va_ccc"] > 0.6, summary
+    for record in read_metrics(three_tasks["run"]):  # the total is the weighted sum (all 1)
+        parts = [record[f"train_loss_{task}"] for task in ("expr", "au", "va")]
+        assert record["train_loss"] == pytest.approx(sum(parts), rel=1e-5)
+
+    pred = tmp_path / "val.h5"
+    predictions = _predict_cli(three_tasks["run"], three_tasks["cache"], synthetic_tree, pred)
+    assert predictions.tasks == ("expr", "au", "va")
+    for video in AffWild2(synthetic_tree).load("au", "val"):  # every annotated frame
+        np.testing.assert_array_equal(
+            predictions.videos[video.video].frames, np.arange(1, len(video.labels) + 1)
+        )
+    report_path = tmp_path / "report.json"
+    result = runner.invoke(
+        app, ["evaluate", str(pred), "--data", str(synthetic_tree), "--json", str(report_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "AU mean F1" in result.output and "VA mean CCC" in result.output
+    assert "P = F1 EXPR + F1 AU + CCC VA" in result.output
+    report = json.loads(report_path.read_text())
+    assert report["tasks"] == ["expr", "au", "va"]
+    assert report["p"] == report["expr_f1"] + report["au_f1"] + report["va_ccc"]
+    assert len(report["per_au_f1"]) == 12 and set(report["per_dimension_ccc"]) == {
+        "valence",
+        "arousal",
+    }
+    assert report["au_f1"] > 0.5 and report["va_ccc"] > 0.6, report
+
+
+def test_au_and_va_submissions_follow_the_abaw_formats(synthetic_tree, three_tasks, tmp_path):
+    pred = tmp_path / "val.h5"
+    predictions = _predict_cli(three_tasks["run"], three_tasks["cache"], synthetic_tree, pred)
+    for task, header in (
+        ("au", "image_location,AU1,AU2,AU4,AU6,AU7,AU10,AU12,AU15,AU23,AU24,AU25,AU26"),
+        ("va", "image_location,valence,arousal"),
+    ):
+        out = tmp_path / f"{task}.txt"
+        result = runner.invoke(app, ["submit", str(pred), "--out", str(out), "--task", task])
+        assert result.exit_code == 0, result.output
+        assert out.read_text().splitlines()[0] == header
+        submitted = read_submission(out, task)
+        assert list(submitted) == list(predictions.videos)
+        for video, (frames, values) in submitted.items():
+            rows = predictions.videos[video]
+            np.testing.assert_array_equal(frames, rows.frames)
+            if task == "au":
+                np.testing.assert_array_equal(values, rows.au >= 0.5)
+            else:
+                np.testing.assert_allclose(values, rows.va, atol=5e-7)
+
+
+def test_tuned_thresholds_are_stored_with_the_run_and_used_by_later_predicts(
+    synthetic_tree, three_tasks, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(three_tasks["run"], run)  # the shared run keeps the default thresholds
+    cache, plain = three_tasks["cache"], tmp_path / "plain.h5"
+    assert _predict_cli(run, cache, synthetic_tree, plain).au_thresholds == (0.5,) * 12
+
+    tuned = _predict_cli(run, cache, synthetic_tree, tmp_path / "tuned.h5", "--tune-thresholds")
+
+    stored = json.loads((run / "thresholds.json").read_text())
+    assert list(stored) == ["best"] and tuned.au_thresholds == tuple(stored["best"].values())
+    assert tuned.au_thresholds != (0.5,) * 12
+    untuned = evaluate(plain, synthetic_tree, "val")["au_f1"]
+    assert evaluate(tmp_path / "tuned.h5", synthetic_tree, "val")["au_f1"] >= untuned
+    later = _predict_cli(run, cache, synthetic_tree, tmp_path / "later.h5")
+    assert later.au_thresholds == tuned.au_thresholds
+    final = _predict_cli(run, cache, synthetic_tree, tmp_path / "final.h5", "--weights", "final")
+    assert final.au_thresholds == (0.5,) * 12  # tuned for the best weights only
+
+
+def test_a_run_without_expr_predicts_and_scores_au_only(synthetic_tree, three_tasks, tmp_path):
+    request = TrainRequest(overrides=(*TINY, "tasks=[au]"), epochs=1, device="cpu", progress=False)
+    summary = train([three_tasks["cache"]], synthetic_tree, tmp_path / "au", request)
+    assert summary["selected_by"] == "au_f1" and "best_val_f1" not in summary
+    pred = tmp_path / "au.h5"
+    predictions = _predict_cli(tmp_path / "au", three_tasks["cache"], synthetic_tree, pred)
+    assert predictions.tasks == ("au",)
+    assert all(rows.probabilities is None for rows in predictions.videos.values())
+    report = evaluate(pred, synthetic_tree, "val")
+    assert report["tasks"] == ["au"] and "expr_f1" not in report and "p" not in report
+
+    result = runner.invoke(app, ["smooth", str(pred), "--out", str(tmp_path / "s.h5")])
+    assert result.exit_code == 2 and "holds no EXPR predictions to vote on" in result.stderr
+    result = runner.invoke(app, ["submit", str(pred), "--out", str(tmp_path / "s.txt")])
+    assert result.exit_code == 2 and "holds no EXPR predictions (it has AU)" in result.stderr
+
+
+def test_threshold_tuning_needs_an_au_head_and_the_validation_split(
+    synthetic_tree, temporal_run, tmp_path
+):
+    options = PredictOptions(
+        split="val", data=temporal_run["data"], tune_thresholds=True, progress=False
+    )
+    with pytest.raises(FercacheError, match=r"predicts \['expr'\], no AU"):
+        predict(temporal_run["run"], [temporal_run["cache"]], tmp_path / "x.h5", options)
+    with pytest.raises(FercacheError, match="--tune-thresholds picks AU thresholds on the val"):
+        predict(temporal_run["run"], [temporal_run["cache"]], tmp_path / "x.h5",
+                replace(options, split="train"))  # fmt: skip
+    assert not (temporal_run["run"] / "thresholds.json").exists()
+
+
+def test_a_run_from_before_the_task_heads_is_refused_clearly(temporal_run, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(temporal_run["run"], old)
+    details = json.loads((old / "model.json").read_text())
+    details.pop("tasks")
+    (old / "model.json").write_text(json.dumps({**details, "num_classes": 8, "task": "expr"}))
+    with pytest.raises(FercacheError, match=r"model.json: model config lacks tasks.*retrain"):
+        TemporalPredictor.load(old)
+    (old / "config.yaml").write_text("task: expr\nepochs: 1\n")
+    request = TrainRequest(epochs=1, device="cpu", progress=False, resume=True)
+    with pytest.raises(FercacheError, match=r"config.yaml: unknown temporal setting\(s\) task"):
+        train([temporal_run["cache"]], temporal_run["data"], old, request)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"best": {"AU1": 0.3}}', '["best"]'])
+def test_an_unreadable_thresholds_file_is_named(temporal_run, tmp_path, text):
+    run = tmp_path / "run"
+    shutil.copytree(temporal_run["run"], run)
+    (run / "thresholds.json").write_text(text)
+    with pytest.raises(FercacheError, match=r"thresholds.json: unreadable AU thresholds.*delete"):
+        TemporalPredictor.load(run)

@@ -25,8 +25,10 @@ from typer.testing import CliRunner
 from fercache.backbone import load_backbone
 from fercache.cli import app
 from fercache.data.tasks import EXPR_CLASSES
+from fercache.distributed import Ranks
 from fercache.errors import FercacheError
 from fercache.pretrain import PretrainConfig, load_config, pretrain
+from fercache.pretrain.loop import _build_training
 from fercache.pretrain.mpl import (
     MplBatch,
     MplSettings,
@@ -70,8 +72,11 @@ def _tiny_net(seed: int) -> nn.Module:
 
 
 def _fixed_batch() -> MplBatch:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(16 + 2 * 12, 3, 6, 6, generator=generator)
+    generator = torch.Generator().manual_seed(1)
+    # a colour offset per image, so the teacher's arg-max differs between images and views
+    count = 16 + 2 * 12
+    images = torch.randn(count, 3, 6, 6, generator=generator)
+    images += 2 * torch.randn(count, 3, 1, 1, generator=generator)
     labels = torch.arange(16) % 8
     return MplBatch(images[:16], labels, images[16:28], images[28:])
 
@@ -101,9 +106,11 @@ def _teacher_logits(teacher: nn.Module, batch: MplBatch):
 def test_feedback_is_the_students_labelled_loss_before_minus_after_its_step():
     metrics, batch, (teacher0, student0), (_, student1) = _step(SETTINGS)
 
-    # by hand: the student's SGD step on the teacher's hard pseudo labels of the strong view
-    _, _, t_strong = _teacher_logits(copy.deepcopy(teacher0), batch)
-    hard = t_strong.argmax(dim=1)
+    # by hand: the student's SGD step, on its strong view, towards the arg-max of the teacher's
+    # weak view (the strong view's arg-max differs here: the check tells the two apart)
+    _, t_weak, t_strong = _teacher_logits(copy.deepcopy(teacher0), batch)
+    hard = t_weak.argmax(dim=1)
+    assert (hard != t_strong.argmax(dim=1)).any()
     manual = copy.deepcopy(student0)
     old = F.cross_entropy(copy.deepcopy(manual)(batch.labelled), batch.labels)
     loss = F.cross_entropy(manual(batch.strong), hard)
@@ -179,6 +186,23 @@ def test_measuring_the_labelled_loss_leaves_batch_norm_statistics_alone():
 
 
 # --- sampling -----------------------------------------------------------------------------
+
+
+def test_the_student_waits_at_lr_0_then_warms_up_and_decays_over_the_rest():
+    config = PretrainConfig(steps=10, student_wait_steps=4, warmup_steps=2, student_lr=0.1)
+    ranks = Ranks(rank=0, world_size=1, device=torch.device("cpu"))
+    models = _build_training(_tiny_net(0), _tiny_net(1), config, ranks, None)
+    student_lrs, teacher_lrs = [], []
+    for _ in range(config.steps):
+        student_lrs.append(models.student_optimizer.param_groups[0]["lr"])
+        teacher_lrs.append(models.teacher_optimizer.param_groups[0]["lr"])
+        for scheduler in models.schedulers:
+            scheduler.optimizer.step()  # no gradients: moves nothing, keeps torch's order
+            scheduler.step()
+    assert student_lrs[:4] == [0.0] * 4
+    assert student_lrs[4:6] == pytest.approx([0.05, 0.1])  # warm-up restarts after the wait
+    assert student_lrs[6] == pytest.approx(0.1) and student_lrs[-1] < student_lrs[6]
+    assert teacher_lrs[0] > 0  # the teacher learns from the first step
 
 
 def test_balanced_sampler_gives_equal_class_counts_from_a_1_to_20_source():

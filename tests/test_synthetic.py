@@ -16,6 +16,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
+from fercache.data.faces import (
+    Nuisance,
+    expression_geometry,
+    face_landmarks,
+    render_face,
+    sample_background,
+    sample_identity,
+)
 from fercache.data.synthetic import SynthConfig, generate, plan_videos, simulate_video
 from fercache.data.tasks import AU, AU_NAMES, EXPR, EXPR_CLASSES, VA
 from fercache.errors import FercacheError
@@ -165,6 +173,40 @@ def test_pools(synthetic_tree, planted):
     assert pools["unlabelled_identities"] > pools["labelled_identities"]
     readme = (synthetic_tree / "README.txt").read_text().splitlines()
     assert len(readme) == 2 and "fercache synth" in readme[1]
+
+
+def test_landmarks_sit_on_the_drawn_face_and_move_with_expression_and_pose():
+    rng = np.random.default_rng(0)
+    identity, background = sample_identity(rng), sample_background(rng)
+    neutral = face_landmarks(identity, expression_geometry(NEUTRAL, 1.0), Nuisance(background))
+    surprise_geometry = expression_geometry(EXPR_CLASSES.index("Surprise"), 1.0)
+    surprise = face_landmarks(identity, surprise_geometry, Nuisance(background))
+    turned = face_landmarks(
+        identity, expression_geometry(NEUTRAL, 1.0), Nuisance(background, yaw=0.4)
+    )
+    assert neutral.shape == (68, 2)
+    # the mouth opens between the inner lips' middle points (62 upper, 66 lower)...
+    assert surprise[66, 1] - surprise[62, 1] > neutral[66, 1] - neutral[62, 1] + 10
+    centre = np.round((surprise[62] + surprise[66]) / 2).astype(int)
+    pixels = np.asarray(render_face(identity, surprise_geometry, Nuisance(background)))
+    assert pixels[centre[1], centre[0]].tolist() == [70, 25, 30]  # ...onto the drawn opening
+    assert surprise[17:27, 1].mean() < neutral[17:27, 1].mean() - 5  # brows raised
+    assert np.abs(turned[:17, 0] - neutral[:17, 0]).mean() > 8  # the outline moves with yaw
+
+
+def test_the_labelled_pool_has_its_landmarks_in_ibug_order(synthetic_tree):
+    header, *rows = (synthetic_tree / "pools" / "landmarks.csv").read_text().splitlines()
+    assert header.split(",")[:5] == ["path", "x0", "y0", "x1", "y1"]
+    assert len(header.split(",")) == 1 + 136
+    labelled = (synthetic_tree / "pools" / "labelled.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == [row.split(",")[0] for row in labelled]
+    points = np.array([[float(v) for v in row.split(",")[1:]] for row in rows])
+    points = points.reshape(len(rows), 68, 2)
+    inner = points[:, 17:]  # brows, nose, eyes and mouth lie inside the 112 px crop
+    assert inner.min() > 0 and inner.max() < 112
+    assert (points[:, 36, 0] < points[:, 45, 0]).all()  # the image-left eye's corner comes first
+    assert (points[:, 17:27, 1].mean(1) < points[:, 36:48, 1].mean(1)).all()  # brows over eyes
+    assert (points[:, 27:36, 1].mean(1) < points[:, 48:68, 1].mean(1)).all()  # nose over mouth
 
 
 def test_action_units_and_valence_follow_the_expression(synthetic_tree, planted):

@@ -1,5 +1,6 @@
-"""The temporal trainer (issue 4): clips, loss masking, learning, determinism, resume, DDP,
-run-folder files and clear errors. Caches are written directly (no CNN) by tests/train_data.py."""
+"""The temporal trainer (issues 4 and 8): clips, per-task loss masking, the AU and VA losses,
+learning, determinism, resume, DDP, run-folder files and clear errors. Caches are written
+directly (no CNN) by tests/train_data.py."""
 
 import json
 import os
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
+from fercache.evaluate import concordance
 from fercache.store import FeatureCache
 from fercache.temporal.clips import (
     ClipBatches,
@@ -33,7 +35,12 @@ from fercache.temporal.inference import TemporalPredictor
 from fercache.temporal.loop import TrainRequest, train
 from fercache.temporal.model import ModelConfig, TemporalTransformer
 from fercache.temporal.rundir import read_metrics
-from fercache.temporal.step import masked_cross_entropy
+from fercache.temporal.step import (
+    Objective,
+    concordance_loss,
+    masked_binary_cross_entropy,
+    masked_cross_entropy,
+)
 from tests.train_data import TreeSpec, write_cache, write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,21 +135,20 @@ def test_unlabelled_rows_and_padding_add_zero_loss():
             for n in lengths
         ]
     )
-    labels = [rng.integers(0, 3, n) for n in lengths]
-    labels[0][10:30] = -1
+    labels = [{"expr": rng.integers(0, 8, n)} for n in lengths]
+    labels[0]["expr"][10:30] = -1
     batch = ClipBatches(source, labels, np.array([[0, 0, 64], [1, 0, 40]]), 64, 2)[0]
     assert batch.padding[1, 40:].all() and not batch.padding[1, :40].any()
-    model = TemporalTransformer(ModelConfig(6, 3, 64, 8, 1, 2, 16, 0.0, 0.0)).eval()
-    weights = torch.tensor([1.0, 2.0, 0.5])
-    logits = model(batch.features, batch.padding).detach().requires_grad_(True)
-    loss = masked_cross_entropy(logits, batch.labels, weights)
+    model = TemporalTransformer(ModelConfig(6, ("expr",), 64, 8, 1, 2, 16, 0.0, 0.0)).eval()
+    weights = torch.linspace(0.5, 2.0, 8)
+    truth = batch.targets["expr"]
+    logits = model(batch.features, batch.padding)["expr"].detach().requires_grad_(True)
+    loss = masked_cross_entropy(logits, truth, weights)
 
     # The same figure by hand over the labelled rows only.
-    valid = batch.labels >= 0
-    per_row = torch.nn.functional.cross_entropy(
-        logits[valid], batch.labels[valid], reduction="none"
-    )
-    row_weights = weights[batch.labels[valid]]
+    valid = truth >= 0
+    per_row = torch.nn.functional.cross_entropy(logits[valid], truth[valid], reduction="none")
+    row_weights = weights[truth[valid]]
     assert torch.allclose(loss, (per_row * row_weights).sum() / row_weights.sum())
 
     # No gradient reaches a -1 row or a padding row, whatever its logits.
@@ -150,14 +156,100 @@ def test_unlabelled_rows_and_padding_add_zero_loss():
     assert (logits.grad[~valid] == 0).all() and (logits.grad[valid] != 0).any()
     garbage = logits.detach().clone()
     garbage[~valid] = float("nan")
-    assert torch.equal(masked_cross_entropy(garbage, batch.labels, weights), loss.detach())
+    assert torch.equal(masked_cross_entropy(garbage, truth, weights), loss.detach())
 
     # Whatever the padding rows hold, the real rows' outputs (and so the loss) do not change.
     scrambled = batch.features.clone()
     scrambled[1, 40:] = torch.randn(24, 6).half() * 100
     with torch.no_grad():
-        again = masked_cross_entropy(model(scrambled, batch.padding), batch.labels, weights)
+        again = masked_cross_entropy(model(scrambled, batch.padding)["expr"], truth, weights)
     assert torch.allclose(again, loss.detach(), atol=1e-6)
+
+
+def test_va_loss_is_one_minus_the_numpy_ccc_and_minimised_by_a_perfect_prediction():
+    rng = np.random.default_rng(2)
+    truth = rng.uniform(-1, 1, size=(3, 40, 2)).astype(np.float32)
+    truth[0, :7, 0] = -5  # valence invalid, arousal valid on the same rows
+    truth[2, 30:, :] = -5
+    predicted = np.tanh(truth + rng.normal(scale=0.5, size=truth.shape)).astype(np.float32)
+
+    loss = concordance_loss(torch.from_numpy(predicted), torch.from_numpy(truth))
+
+    flat_truth, flat_predicted = truth.reshape(-1, 2), predicted.reshape(-1, 2)
+    valid = flat_truth != -5
+    per_dimension = [
+        concordance(flat_truth[valid[:, d], d], flat_predicted[valid[:, d], d]) for d in (0, 1)
+    ]
+    expected = np.mean([1 - ccc for ccc in per_dimension])
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
+
+    # A perfect prediction scores 0, the minimum (|CCC| <= 1), with no gradient to follow;
+    # anything else, even a perfectly correlated but shifted or scaled one, scores more.
+    perfect = torch.from_numpy(np.where(truth == -5, 0.3, truth)).requires_grad_(True)
+    best = concordance_loss(perfect, torch.from_numpy(truth))
+    best.backward()
+    assert float(best.detach()) == pytest.approx(0.0, abs=1e-6)
+    assert perfect.grad.abs().max() < 1e-5
+    for worse in (perfect * 0.5, perfect + 0.1, perfect + torch.randn(perfect.shape) * 0.05):
+        assert float(concordance_loss(worse.detach(), torch.from_numpy(truth))) > 1e-3
+
+
+def test_au_loss_is_the_mean_bce_over_valid_aus_with_positive_weights():
+    rng = np.random.default_rng(3)
+    labels = torch.from_numpy(rng.integers(-1, 2, size=(2, 30, 12)))
+    logits = torch.randn(2, 30, 12)
+    pos_weight = torch.linspace(0.5, 3.0, 12)
+    valid = labels != -1
+    for weight in (None, pos_weight):
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits[valid],
+            labels[valid].float(),
+            pos_weight=None if weight is None else weight.expand(2, 30, 12)[valid],
+        )
+        loss = masked_binary_cross_entropy(logits, labels, weight)
+        assert torch.allclose(loss, expected, atol=1e-6)
+    garbage = logits.clone()
+    garbage[~valid] = float("nan")
+    assert torch.equal(masked_binary_cross_entropy(garbage, labels, None),
+                       masked_binary_cross_entropy(logits, labels, None))  # fmt: skip
+
+
+def test_a_frame_without_expr_but_with_au_adds_only_to_the_au_loss():
+    """Masking per task: a row's invalid EXPR label (and invalid VA) keeps it out of those
+    losses, while its valid AU label still counts, and the total weighs each task."""
+    torch.manual_seed(0)
+    rows = 16
+    targets = {
+        "expr": torch.randint(0, 8, (1, rows)),
+        "au": torch.randint(0, 2, (1, rows, 12)),
+        "va": torch.rand(1, rows, 2) * 2 - 1,
+    }
+    row = 5
+    targets["expr"][0, row] = -1
+    targets["va"][0, row] = -5.0
+    outputs = {
+        "expr": torch.randn(1, rows, 8, requires_grad=True),
+        "au": torch.randn(1, rows, 12, requires_grad=True),
+        "va": torch.tanh(torch.randn(1, rows, 2)).requires_grad_(True),
+    }
+    objective = Objective({"expr": 1.0, "au": 0.5, "va": 2.0}, torch.ones(8))
+    losses = objective.losses(outputs, targets)
+    assert torch.allclose(losses["total"], losses["expr"] + 0.5 * losses["au"] + 2.0 * losses["va"])
+
+    # Changing what the model says about that row moves the AU loss only.
+    moved = {task: values.detach().clone() for task, values in outputs.items()}
+    for task in moved:
+        moved[task][0, row] = -moved[task][0, row] + 0.3
+    again = objective.losses(moved, targets)
+    assert torch.equal(again["expr"], losses["expr"]) and torch.equal(again["va"], losses["va"])
+    assert not torch.allclose(again["au"], losses["au"])
+
+    # And its gradient reaches the AU outputs of the row, nothing else of it.
+    losses["total"].backward()
+    assert (outputs["expr"].grad[0, row] == 0).all() and (outputs["va"].grad[0, row] == 0).all()
+    assert (outputs["au"].grad[0, row] != 0).all()
+    others = torch.arange(rows) != row
+    assert all((outputs[task].grad[0, others] != 0).any() for task in ("expr", "va"))
 
 
 # --- features -------------------------------------------------------------------------------
@@ -232,7 +324,7 @@ def test_same_seed_gives_identical_metrics_and_a_complete_run_folder(small, tmp_
     fused = load_fused_features([small["cache"]], ["val00", "val01", "val02"])
     predicted, truth = [], []
     for name, video in fused.items():
-        probabilities = predictor.predict(video.features)
+        probabilities = predictor.predict(video.features)["expr"]
         assert probabilities.shape == (len(video.frames), 8)
         assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
         predicted.append(probabilities.argmax(axis=1))
@@ -300,7 +392,7 @@ def test_two_cpu_processes_under_torchrun_train_a_loadable_checkpoint(small, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     predictor = TemporalPredictor.load(tmp_path / "ddp")
     features = np.random.default_rng(0).normal(size=(100, 16)).astype(np.float16)
-    assert predictor.predict(features).shape == (100, 8)
+    assert predictor.predict(features)["expr"].shape == (100, 8)
     # Validation scored every rank's share: all labelled validation rows.
     cache = FeatureCache.open(small["cache"])
     expected = sum(
@@ -326,7 +418,7 @@ def test_unknown_config_key_lists_the_valid_keys(small, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 2
     assert "unknown temporal setting(s) layerz" in result.output
-    assert "valid keys: task" in result.output and "layers" in result.output
+    assert "valid keys: tasks" in result.output and "layers" in result.output
 
 
 def test_missing_video_in_the_cache_is_named(small, tmp_path):
@@ -357,3 +449,38 @@ def test_config_values_are_checked():
         replace(TemporalConfig(), width=10, heads=4).validate()
     with pytest.raises(FercacheError, match=r"setting lr='fast' should be like 0.0003"):
         load_config(None, ["lr=fast"])
+
+
+def test_task_settings_resolve_and_bad_ones_are_named():
+    config = load_config(None, ["tasks=[expr,au,va]", "loss_weights={au: 2}"])
+    assert config.tasks == ("expr", "au", "va") and config.selected_score == "p"
+    assert config.task_weights == {"expr": 1.0, "au": 2.0, "va": 1.0}
+    assert load_config(None, ["tasks=va"]).selected_score == "va_ccc"
+    assert load_config(None, ["tasks=[expr,va]", "select=expr_f1"]).selected_score == "expr_f1"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["tasks=[expr,landmarks]"], "tasks must be among expr, au, va"),
+        (["tasks=[]"], "tasks must list at least one of expr, au, va"),
+        (["tasks=[au,au]"], "tasks must not repeat a task"),
+        (["loss_weights={exp: 1}"], "loss_weights names tasks among expr, au, va"),
+        (["loss_weights={expr: -1}"], "loss_weights must be >= 0"),
+        (["tasks=[au]", "loss_weights={au: 0}"], "loss_weights of the trained tasks must not"),
+        (["loss_weights=2"], r"setting loss_weights=2 should be like \{'expr': 1.0"),
+        (["tasks=[expr]", "select=va_ccc"], r"select=va_ccc scores a task that is not in tasks"),
+        (["select=p"], "select=p needs several tasks"),
+        (["select=best"], "select must be auto or one of expr_f1, au_f1, va_ccc, p"),
+        (["tasks=[au]", "balance=sampling"], "balance=sampling draws windows by EXPR class"),
+        (["au_pos_weight=yes"], "au_pos_weight must be one of none, inverse_frequency"),
+    ],
+)
+def test_bad_task_settings_are_refused(overrides, message):
+    with pytest.raises(FercacheError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_task_the_tree_does_not_annotate_is_named(small, tmp_path):
+    with pytest.raises(FercacheError, match=r"no AU annotations for split 'train'"):
+        train([small["cache"]], small["data"], tmp_path / "run", _request("tasks=[expr,au]"))

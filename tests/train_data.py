@@ -5,6 +5,9 @@ EXPR annotations in segments of 20-120 frames with `-1` stretches and frames wit
 Each cached feature is a noisy view of its segment's class prototype, and about half the frames
 are occluded (bursts of pure noise): a per-frame classifier can only guess there, while a
 temporal model can read the class from the neighbouring frames.
+
+`write_label_cache` serves multi-task tests on any tree (e.g. the generator's, with EXPR, AU and
+VA annotations): its features are a noisy random projection of each frame's labels.
 """
 
 from dataclasses import dataclass
@@ -12,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.data.tasks import EXPR
+from fercache.data.affwild2 import AffWild2, VideoLabels
+from fercache.data.tasks import AU_NAMES, EXPR, TASKS, VA_NAMES
 from fercache.store import Provenance, write_manifest, write_store
 
 CLASSES = 8
@@ -122,3 +126,45 @@ def _noisy_views(
         hidden[start : start + int(rng.integers(2, 13))] = True
     shown[hidden] = 0.0
     return (shown + rng.normal(size=shown.shape)).astype(np.float16)
+
+
+def write_label_cache(
+    cache_dir: Path, root: Path, *, dim: int = 32, noise: float = 0.5, seed: int = 0
+) -> Path:
+    """One store per video annotated for any task in any split of the tree at `root` (rows =
+    frames with images): a fixed random projection of the frame's EXPR one-hot, AU values and
+    VA values (an invalid label projects zeros) plus Gaussian noise of sd `noise`."""
+    rng = np.random.default_rng([seed, 3])
+    tree = AffWild2(root)
+    annotated: dict[str, dict[str, VideoLabels]] = {}
+    for task in TASKS:
+        for split in tree.splits(task):
+            for video in tree.load(task, split):
+                annotated.setdefault(video.video, {})[task] = video
+    projection = rng.normal(size=(CLASSES + len(AU_NAMES) + len(VA_NAMES), dim))
+    provenance = fake_provenance("synthetic-label-projection", dim, num_classes=0, init_seed=seed)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for name, by_task in sorted(annotated.items()):
+        frames = next(iter(by_task.values())).image_frames
+        shown = np.concatenate([_label_parts(by_task, task, len(frames)) for task in TASKS], 1)
+        features = shown @ projection + noise * rng.normal(size=(len(frames), dim))
+        write_store(cache_dir, name, frames, features.astype(np.float16), None, provenance)
+        entries[name] = {"rows": len(frames), "skipped": 0}
+    write_manifest(cache_dir, provenance, entries)
+    return cache_dir
+
+
+def _label_parts(by_task: dict[str, VideoLabels], task: str, rows: int) -> np.ndarray:
+    """(rows, width) encoding of one task's labels of the image frames; zeros where invalid."""
+    width = {"expr": CLASSES, "au": len(AU_NAMES), "va": len(VA_NAMES)}[task]
+    parts = np.zeros((rows, width))
+    if task not in by_task:
+        return parts
+    labels = by_task[task].image_labels
+    if task == "expr":
+        valid = labels >= 0
+        parts[np.flatnonzero(valid), labels[valid]] = 1.0
+    else:
+        parts = np.where(labels == TASKS[task].invalid, 0.0, labels)
+    return parts

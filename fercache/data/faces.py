@@ -278,12 +278,10 @@ def sample_background(rng: np.random.Generator, size: int = 112) -> Image.Image:
     return image.resize((side * SUPERSAMPLE, side * SUPERSAMPLE), Image.Resampling.BILINEAR)
 
 
-class _Painter:
-    """Projects face-unit points through the head pose and draws them on the canvas."""
+class _Projector:
+    """Projects face-unit points through the head pose onto a canvas `width` pixels wide."""
 
-    def __init__(self, image: Image.Image, identity: Identity, nuisance: Nuisance) -> None:
-        self.draw = ImageDraw.Draw(image)
-        width = image.width
+    def __init__(self, width: int, identity: Identity, nuisance: Nuisance) -> None:
         unit = _UNIT * width * nuisance.scale
         self.unit = unit
         self.origin_x = width * (_ORIGIN[0] + nuisance.shift_x)
@@ -303,7 +301,7 @@ class _Painter:
         inside = 1 - (x / self.radius_x) ** 2 - ((y - _HEAD_Y) / self.radius_y) ** 2
         return _HEAD_DEPTH * np.sqrt(np.maximum(inside, 0.0))
 
-    def _turn(self, points: np.ndarray, lift: float) -> tuple[np.ndarray, np.ndarray]:
+    def _turn(self, points: np.ndarray, lift: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x and y of face points after yaw, pitch and the alignment that re-centres them."""
         x, y = points[:, 0], points[:, 1]
         z = self._depth(x, y) + lift
@@ -312,13 +310,26 @@ class _Painter:
             y * self.cos_pitch + z * self.sin_pitch - self.align_y,
         )
 
-    def project(self, points: np.ndarray, lift: float = 0.0) -> list[float]:
-        """Canvas coordinates, flat [x0, y0, x1, y1, ...]; `lift` raises points off the face."""
+    def canvas_points(self, points: np.ndarray, lift: float | np.ndarray = 0.0) -> np.ndarray:
+        """(n, 2) canvas coordinates; `lift` (one value or one per point) raises points off
+        the face."""
         turned_x, turned_y = self._turn(points, lift)
         canvas = np.empty_like(points)
         canvas[:, 0] = turned_x * self.cos_roll - turned_y * self.sin_roll + self.origin_x
         canvas[:, 1] = turned_x * self.sin_roll + turned_y * self.cos_roll + self.origin_y
-        return canvas.ravel().tolist()
+        return canvas
+
+
+class _Painter(_Projector):
+    """A projector that draws on its canvas."""
+
+    def __init__(self, image: Image.Image, identity: Identity, nuisance: Nuisance) -> None:
+        super().__init__(image.width, identity, nuisance)
+        self.draw = ImageDraw.Draw(image)
+
+    def project(self, points: np.ndarray, lift: float = 0.0) -> list[float]:
+        """Canvas coordinates, flat [x0, y0, x1, y1, ...], as ImageDraw takes them."""
+        return self.canvas_points(points, lift).ravel().tolist()
 
     def polygon(self, points: np.ndarray, colour: Colour, lift: float = 0.0) -> None:
         self.draw.polygon(self.project(points, lift), fill=colour)
@@ -349,6 +360,11 @@ def _bezier(start: tuple, control: tuple, end: tuple, points: int = 9) -> np.nda
 
 def _head_outline(identity: Identity, jaw_drop: float) -> np.ndarray:
     outline = _ellipse(0.0, _HEAD_Y, identity.head_width, identity.head_height, 40)
+    return _jaw_shaped(identity, jaw_drop, outline)
+
+
+def _jaw_shaped(identity: Identity, jaw_drop: float, outline: np.ndarray) -> np.ndarray:
+    """Points of the head ellipse narrowed towards the chin and moved down by a dropped jaw."""
     chin = _HEAD_Y + identity.head_height
     below = np.clip((outline[:, 1] - 0.2) / (chin - 0.2), 0.0, 1.0)
     outline[:, 0] *= 1 - identity.jaw * 0.32 * below**2
@@ -401,8 +417,7 @@ def _draw_head(painter: _Painter, identity: Identity, geometry: Geometry) -> Non
     for side in (-1, 1):
         ear = _ellipse(side * identity.head_width * 0.98, -0.12, 0.11, 0.2, 14)
         painter.polygon(ear, shadow, lift=-0.3)
-    jaw_drop = 0.14 * max(geometry.mouth_open, 0.0)
-    painter.polygon(_head_outline(identity, jaw_drop), identity.skin)
+    painter.polygon(_head_outline(identity, _jaw_drop(geometry)), identity.skin)
     if geometry.cheek_raise > 0.05:
         blush = _colour(np.array(identity.skin) * (1 - 0.07 * geometry.cheek_raise) + (6, 0, 0))
         lift = 0.07 * geometry.cheek_raise
@@ -425,19 +440,43 @@ def _draw_folds(painter: _Painter, identity: Identity, geometry: Geometry) -> No
         painter.line(fold, colour, 0.014)
 
 
+def _jaw_drop(geometry: Geometry) -> float:
+    return 0.14 * max(geometry.mouth_open, 0.0)
+
+
 def _eye_open_factor(openness: float) -> float:
     return max(0.04, 1 + openness)
 
 
-def _draw_eye(
-    painter: _Painter, identity: Identity, side: int, openness: float, cheek_raise: float
-) -> None:
+@dataclass(frozen=True)
+class _Lids:
+    """One eye's lid curves over `u` in [-1, 1] (image left to right)."""
+
+    u: np.ndarray
+    xs: np.ndarray
+    upper: np.ndarray
+    lower: np.ndarray
+    cx: float
+    half_w: float
+    half_h: float
+
+
+def _eye_lids(identity: Identity, side: int, openness: float, cheek_raise: float) -> _Lids:
     cx, half_w = side * 0.36 * identity.eye_spacing, 0.16 * identity.eye_size
     half_h = 0.075 * identity.eye_size * _eye_open_factor(openness)
     u = np.linspace(-1, 1, 11)
     xs = cx + half_w * u
     upper = _EYE_Y - half_h * (1 - u**2) ** 0.8 - 0.01 * side * u  # outer corner slightly higher
     lower = _EYE_Y + half_h * (0.8 - 0.35 * max(cheek_raise, 0.0)) * (1 - u**2) ** 0.9
+    return _Lids(u, xs, upper, lower, cx, half_w, half_h)
+
+
+def _draw_eye(
+    painter: _Painter, identity: Identity, side: int, openness: float, cheek_raise: float
+) -> None:
+    lids = _eye_lids(identity, side, openness, cheek_raise)
+    u, xs, upper, lower = lids.u, lids.xs, lids.upper, lids.lower
+    cx, half_w, half_h = lids.cx, lids.half_w, lids.half_h
     painter.polygon(_loop(xs, upper, lower), _SCLERA)
     iris_r = 0.062 * identity.eye_size
     for radius, colour in ((iris_r, identity.iris), (0.45 * iris_r, (15, 12, 12))):
@@ -453,19 +492,25 @@ def _draw_eye(
     painter.line(_curve(xs[2:-2], lower[2:-2] + 0.012), _shade(identity.skin, 0.78), 0.01)
 
 
+def _brow_spine(identity: Identity, geometry: Geometry, side: int) -> np.ndarray:
+    """The brow's centre line, 9 points from its inner end to its outer end."""
+    raise_ = geometry.brow_raise_left if side < 0 else geometry.brow_raise_right
+    centre = side * 0.36 * identity.eye_spacing
+    squeeze = 0.04 * max(-geometry.brow_inner, 0.0)
+    inner = (
+        centre - side * (0.15 - squeeze),
+        _BROW_Y - 0.16 * raise_ - 0.17 * geometry.brow_inner,
+    )
+    outer = (centre + side * 0.19, _BROW_Y - 0.15 * raise_ + 0.05 * geometry.brow_inner + 0.03)
+    arch = 0.02 + 0.05 * identity.brow_arch
+    middle = (centre + side * 0.03, _BROW_Y - arch - 0.17 * raise_ - 0.04 * geometry.brow_inner)
+    return _bezier(inner, middle, outer)
+
+
 def _draw_brows(painter: _Painter, identity: Identity, geometry: Geometry) -> None:
     colour = _shade(identity.hair, 0.6)
-    for side, raise_ in ((-1, geometry.brow_raise_left), (1, geometry.brow_raise_right)):
-        centre = side * 0.36 * identity.eye_spacing
-        squeeze = 0.04 * max(-geometry.brow_inner, 0.0)
-        inner = (
-            centre - side * (0.15 - squeeze),
-            _BROW_Y - 0.16 * raise_ - 0.17 * geometry.brow_inner,
-        )
-        outer = (centre + side * 0.19, _BROW_Y - 0.15 * raise_ + 0.05 * geometry.brow_inner + 0.03)
-        arch = 0.02 + 0.05 * identity.brow_arch
-        middle = (centre + side * 0.03, _BROW_Y - arch - 0.17 * raise_ - 0.04 * geometry.brow_inner)
-        spine = _bezier(inner, middle, outer)
+    for side in (-1, 1):
+        spine = _brow_spine(identity, geometry, side)
         thickness = 0.05 * identity.brow_thickness * np.linspace(1.0, 0.45, len(spine))
         painter.polygon(
             _loop(spine[:, 0], spine[:, 1] - thickness, spine[:, 1] + thickness / 2), colour
@@ -486,11 +531,18 @@ def _draw_brows(painter: _Painter, identity: Identity, geometry: Geometry) -> No
             painter.line(_curve(xs, y + 0.02 * np.cos(xs * 5)), lines, 0.008 + 0.008 * lift)
 
 
-def _draw_nose(painter: _Painter, identity: Identity, geometry: Geometry) -> None:
-    line = _shade(identity.skin, 0.72)
+def _nose_tip_and_wing(identity: Identity, geometry: Geometry) -> tuple[float, float]:
+    """y of the nose tip and half-width of the nostril wings (a wrinkled nose lifts and widens)."""
     wrinkle = max(geometry.nose_wrinkle, 0.0)
     tip = 0.13 * identity.nose_length - 0.03 * wrinkle
     wing = 0.1 * identity.nose_width * (1 + 0.15 * wrinkle)
+    return tip, wing
+
+
+def _draw_nose(painter: _Painter, identity: Identity, geometry: Geometry) -> None:
+    line = _shade(identity.skin, 0.72)
+    wrinkle = max(geometry.nose_wrinkle, 0.0)
+    tip, wing = _nose_tip_and_wing(identity, geometry)
     painter.line(_bezier((0.06, -0.16), (0.09, 0.0), (0.07, tip - 0.03), 5), line, 0.012, 0.2)
     painter.line(
         _bezier((-wing, tip - 0.02), (0.0, tip + 0.07), (wing, tip - 0.02), 7), line, 0.016, 0.25
@@ -514,7 +566,19 @@ def _mouth_corner_x(identity: Identity, geometry: Geometry) -> float:
     return 0.28 * identity.mouth_size * (1 + 0.35 * geometry.mouth_width) * narrowing
 
 
-def _draw_mouth(painter: _Painter, identity: Identity, geometry: Geometry) -> None:
+@dataclass(frozen=True)
+class _Lips:
+    """The lip curves over `u` in [-1, 1] (image left to right corner)."""
+
+    u: np.ndarray
+    xs: np.ndarray
+    upper_inner: np.ndarray
+    lower_inner: np.ndarray
+    upper_outer: np.ndarray
+    lower_outer: np.ndarray
+
+
+def _lips(identity: Identity, geometry: Geometry) -> _Lips:
     half_w = _mouth_corner_x(identity, geometry)
     u = np.linspace(-1, 1, 15)
     xs = 0.09 * geometry.mouth_shift + half_w * u
@@ -535,6 +599,13 @@ def _draw_mouth(painter: _Painter, identity: Identity, geometry: Geometry) -> No
     bow = 0.012 * np.exp(-((u * 6) ** 2))  # the dip of the cupid's bow
     upper_outer = upper_inner - 0.85 * thickness * rim + bow
     lower_outer = lower_inner + thickness * rim
+    return _Lips(u, xs, upper_inner, lower_inner, upper_outer, lower_outer)
+
+
+def _draw_mouth(painter: _Painter, identity: Identity, geometry: Geometry) -> None:
+    lips = _lips(identity, geometry)
+    xs, upper_inner, lower_inner = lips.xs, lips.upper_inner, lips.lower_inner
+    upper_outer, lower_outer = lips.upper_outer, lips.lower_outer
     painter.polygon(_loop(xs, upper_outer, lower_outer), identity.lip, lift=0.05)
     if (lower_inner - upper_inner).max() > 0.006:
         painter.polygon(_loop(xs, upper_inner, lower_inner), _MOUTH_INTERIOR, lift=0.05)
@@ -647,3 +718,85 @@ def render_face(
     if nuisance.blur > 0.3:
         image = image.filter(ImageFilter.GaussianBlur(nuisance.blur))
     return _photometric(image, nuisance)
+
+
+LANDMARKS = 68  # the iBUG 300-W layout
+_NOSE_LIFT, _MOUTH_LIFT = 0.25, 0.05  # how far the nose tip and the lips stand off the face
+
+
+def face_landmarks(
+    identity: Identity, geometry: Geometry, nuisance: Nuisance, size: int = 112
+) -> np.ndarray:
+    """The 68 (x, y) landmarks of the face `render_face` draws, in pixels of its output.
+
+    iBUG 300-W order: jaw 0-16, brows 17-26, nose bridge 27-30 and base 31-35, eyes 36-47
+    (corner, two upper-lid points, corner, two lower-lid points each), outer lips 48-59, inner
+    lips 60-67; every group runs from the image's left (the subject's right). The points lie on
+    the drawn shapes and go through the same head pose, so they move with pose and expression.
+    """
+    parts = [
+        (_jaw_points(identity, geometry), np.zeros(17)),
+        (_brow_points(identity, geometry), np.zeros(10)),
+        _nose_points(identity, geometry),
+        (_eye_points(identity, geometry), np.zeros(12)),
+        (_lip_points(identity, geometry), np.full(20, _MOUTH_LIFT)),
+    ]
+    points = np.concatenate([points for points, _ in parts])
+    lift = np.concatenate([lift for _, lift in parts])
+    projector = _Projector(size * SUPERSAMPLE, identity, nuisance)
+    return projector.canvas_points(points, lift) / SUPERSAMPLE
+
+
+def _jaw_points(identity: Identity, geometry: Geometry) -> np.ndarray:
+    """17 points of the head outline from ear height on the left, round the chin, to the right."""
+    angles = np.linspace(np.pi, 0.0, 17)
+    radii, centre = np.array([identity.head_width, identity.head_height]), np.array([0.0, _HEAD_Y])
+    ellipse = _curve(np.cos(angles), np.sin(angles)) * radii + centre
+    return _jaw_shaped(identity, _jaw_drop(geometry), ellipse)
+
+
+def _brow_points(identity: Identity, geometry: Geometry) -> np.ndarray:
+    every_other = [0, 2, 4, 6, 8]
+    left = _brow_spine(identity, geometry, -1)[every_other[::-1]]  # outer end first
+    right = _brow_spine(identity, geometry, 1)[every_other]  # inner end first
+    return np.concatenate([left, right])
+
+
+def _nose_points(identity: Identity, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Bridge (4, from between the eyes to the tip) and base (5, wing to wing), with lifts."""
+    tip, wing = _nose_tip_and_wing(identity, geometry)
+    bridge = _curve(np.zeros(4), np.linspace(_EYE_Y, tip, 4))
+    base = _bezier((-wing, tip - 0.02), (0.0, tip + 0.07), (wing, tip - 0.02), 5)
+    lift = np.concatenate([np.linspace(0.1, _NOSE_LIFT, 4), np.full(5, _NOSE_LIFT)])
+    return np.concatenate([bridge, base]), lift
+
+
+def _eye_points(identity: Identity, geometry: Geometry) -> np.ndarray:
+    corners_and_lids = np.array([-1.0, -1 / 3, 1 / 3, 1.0, 1 / 3, -1 / 3])
+    on_upper = np.array([False, True, True, False, False, False])
+    points = []
+    for side, openness in ((-1, geometry.eye_open_left), (1, geometry.eye_open_right)):
+        lids = _eye_lids(identity, side, openness, geometry.cheek_raise)
+        xs = lids.cx + lids.half_w * corners_and_lids
+        upper = np.interp(corners_and_lids, lids.u, lids.upper)
+        lower = np.interp(corners_and_lids, lids.u, lids.lower)
+        points.append(_curve(xs, np.where(on_upper, upper, lower)))
+    return np.concatenate(points)
+
+
+def _lip_points(identity: Identity, geometry: Geometry) -> np.ndarray:
+    lips = _lips(identity, geometry)
+    outer_upper, outer_lower = np.linspace(-1, 1, 7), np.linspace(2 / 3, -2 / 3, 5)
+    inner_upper, inner_lower = np.linspace(-1, 1, 5), np.array([0.5, 0.0, -0.5])
+
+    def along(u: np.ndarray, curve: np.ndarray) -> np.ndarray:
+        return _curve(np.interp(u, lips.u, lips.xs), np.interp(u, lips.u, curve))
+
+    return np.concatenate(
+        [
+            along(outer_upper, lips.upper_outer),
+            along(outer_lower, lips.lower_outer),
+            along(inner_upper, lips.upper_inner),
+            along(inner_lower, lips.lower_inner),
+        ]
+    )

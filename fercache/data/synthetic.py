@@ -39,6 +39,7 @@ from PIL import Image
 
 from fercache.data.faces import (
     GEOMETRY_SIZE,
+    LANDMARKS,
     N_VARIANTS,
     OCCLUDER_KINDS,
     Geometry,
@@ -46,6 +47,7 @@ from fercache.data.faces import (
     Nuisance,
     Occluder,
     expression_geometry,
+    face_landmarks,
     render_face,
     sample_background,
     sample_identity,
@@ -65,6 +67,7 @@ ANNOTATION_FOLDERS = {
 }
 SPLIT_FOLDERS = {"train": "Train_Set", "val": "Validation_Set"}
 N_CLASSES = len(EXPR_CLASSES)
+LANDMARKS_CSV = "landmarks.csv"  # in pools/: the labelled pool's 68 landmarks per image
 
 # Frame shares of the classes in Aff-Wild2's EXPR set, and image shares in AffectNet/ExpW.
 VIDEO_CLASS_SHARES = np.array([0.30, 0.03, 0.02, 0.017, 0.16, 0.13, 0.053, 0.29])
@@ -736,8 +739,9 @@ def _pool_backgrounds(seed: int, stream: _Stream) -> tuple[Image.Image, ...]:
 
 def _pool_image(
     seed: int, kind: _PoolKind, index: int, label: int | None
-) -> tuple[Image.Image, int]:
-    """Pool image `index` (and its JPEG quality); label None draws a broad unlabelled class."""
+) -> tuple[Image.Image, int, np.ndarray]:
+    """Pool image `index`, its JPEG quality and its 68 landmarks (pixels); label None draws a
+    broad unlabelled class."""
     rng = _rng(seed, kind.stream, index)
     identity_index = kind.first_identity + index % kind.identities
     identity = sample_identity(_rng(seed, _Stream.IDENTITY, identity_index))
@@ -761,8 +765,9 @@ def _pool_image(
     geometry += identity.rest.as_array() + rng.normal(0, 0.05, GEOMETRY_SIZE)
     geometry[_FIELD["mouth_open"]] += talk
     nuisance = _nuisance(scene, drift, occluder, blur, 0, 0.0, int(rng.integers(2**31)))
-    image = render_face(identity, Geometry.from_array(geometry), nuisance, IMAGE_SIZE)
-    return image, round(scene.jpeg_quality)
+    face = Geometry.from_array(geometry)
+    image = render_face(identity, face, nuisance, IMAGE_SIZE)
+    return image, round(scene.jpeg_quality), face_landmarks(identity, face, nuisance, IMAGE_SIZE)
 
 
 def _pool_name(index: int) -> str:
@@ -793,11 +798,13 @@ def _annotation_lines(timeline: VideoTimeline) -> dict[str, list[str]]:
 
 
 class _Done(NamedTuple):
-    """What a finished worker task reports: items for the progress bar, a video's record."""
+    """What a finished worker task reports: items for the progress bar, a video's record,
+    the landmarks of labelled pool images by index."""
 
     items: int
     video: str | None = None
     record: dict | None = None
+    landmarks: dict[int, np.ndarray] | None = None
 
 
 def _write_video(out: Path, plan: VideoPlan, seed: int) -> _Done:
@@ -843,10 +850,11 @@ def _write_pool_chunk(
 ) -> _Done:
     folder = out / "pools" / kind.folder
     folder.mkdir(parents=True, exist_ok=True)
+    landmarks = {}
     for offset, label in enumerate(labels):
-        image, quality = _pool_image(seed, kind, start + offset, label)
+        image, quality, landmarks[start + offset] = _pool_image(seed, kind, start + offset, label)
         image.save(folder / _pool_name(start + offset), quality=quality)
-    return _Done(len(labels))
+    return _Done(len(labels), landmarks=landmarks if kind.stream == _Stream.LABELLED else None)
 
 
 def _tasks(
@@ -913,6 +921,16 @@ def _readme(config: SynthConfig) -> str:
     )
 
 
+def _write_landmarks(path: Path, folder: str, landmarks: dict[int, np.ndarray]) -> None:
+    """`path,x0,y0,...,x67,y67` per labelled pool image: pixels of the saved 112 px image."""
+    header = ["path"] + [f"{axis}{i}" for i in range(LANDMARKS) for axis in "xy"]
+    rows = [
+        ",".join([f"{folder}/{_pool_name(index)}", *(f"{v:.2f}" for v in points.ravel())])
+        for index, points in sorted(landmarks.items())
+    ]
+    path.write_text("\n".join([",".join(header), *rows]) + "\n", newline="\n")
+
+
 def generate(out: Path, config: SynthConfig, progress: bool = True, *, force: bool = False) -> dict:
     """Write the synthetic tree into `out` and return what synth.json records.
 
@@ -928,10 +946,12 @@ def generate(out: Path, config: SynthConfig, progress: bool = True, *, force: bo
     workers = min(config.workers or os.cpu_count() or 1, len(tasks))
     total = sum(plan.frames for plan in plans) + config.labelled_pool + config.unlabelled_pool
     videos: dict[str, dict] = {}
+    landmarks: dict[int, np.ndarray] = {}
     with progress_bar("synthesising frames and images", total, progress) as advance:
         for done in _results(tasks, workers):
             if done.video is not None:
                 videos[done.video] = done.record
+            landmarks.update(done.landmarks or {})
             advance(done.items)
     kinds = _pool_kinds(config)
     pools = out / "pools"
@@ -939,6 +959,7 @@ def generate(out: Path, config: SynthConfig, progress: bool = True, *, force: bo
         f"{kinds['labelled'].folder}/{_pool_name(i)},{label}" for i, label in enumerate(labelled)
     ]
     (pools / "labelled.csv").write_text("\n".join(["path,label", *rows]) + "\n", newline="\n")
+    _write_landmarks(pools / LANDMARKS_CSV, kinds["labelled"].folder, landmarks)
     pair = sorted(name for name in videos if name.endswith(("_left", "_right")))
     info = {
         "fercache_synth": FORMAT_VERSION,

@@ -8,7 +8,8 @@ from typing import Any
 from fercache.errors import FercacheError
 from fercache.settings import given_values, typed_values
 
-RECIPES = ("mpl", "supervised")
+RECIPES = ("mpl", "supervised", "cotex", "emma", "multitask-landmarks")
+COTEX_EXPORTS = ("both", "first")
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,9 @@ class PretrainConfig:
 
     Defaults follow seed 001 §4.2 (ResNet-50, lr 1e-2 / 1e-3 with cosine decay, batch 32,
     100 k steps, 256 px resized and cropped to 224) where it states them, and Meta Pseudo
-    Labels / UDA practice where it does not.
+    Labels / UDA practice where it does not. The `finetune_*` block and what follows it set
+    the recipes of seeds 003/004 (cotex, emma, multitask-landmarks), from seed 003 Table 3
+    where it states them.
     """
 
     recipe: str = "mpl"
@@ -38,6 +41,7 @@ class PretrainConfig:
     lambda_u: float = 1.0
     uda_steps: int = 5000
     feedback_sign: int = 1
+    student_wait_steps: int = 0  # the student's lr stays 0 while the teacher warms up
     ema_decay: float = 0.0
     randaugment: str = "rand-m9-mstd0.5-inc1-mmax9"
     erasing_prob: float = 0.25
@@ -48,6 +52,20 @@ class PretrainConfig:
     workers: int = 4
     amp: bool = True
     seed: int = 0
+    # the recipes of seeds 003/004: AdamW with layer-wise lr decay, warm-up (warmup_steps) + cosine
+    finetune_lr: float = 5e-4  # base lr, scaled by the global batch / 256 (MAE practice)
+    finetune_weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    grad_clip: float = 0.05  # max gradient norm; 0 turns clipping off
+    drop_path: float = 0.1
+    mask_ratio: float = 0.75  # cotex: share of patch tokens each view drops
+    js_weight: float = 1.0  # cotex: lambda of the Jensen-Shannon term
+    cotex_export: str = (
+        "both"  # cotex: the student is both views (features concatenated) or the first
+    )
+    emma_reference: str = ""  # emma: a frozen checkpoint whose EXPR logits also feed the VA head
+    landmarks: str = ""  # multitask-landmarks: CSV of path + 136 columns (x0, y0, ... x67, y67)
+    landmark_weight: float = 1.0  # multitask-landmarks: weight of the landmark MSE
 
     def validate(self) -> None:
         checks = [
@@ -55,6 +73,10 @@ class PretrainConfig:
             (self.steps >= 1, "steps must be at least 1"),
             (self.batch_size >= 1 and self.mu >= 1, "batch_size and mu must be at least 1"),
             (self.feedback_sign in (1, -1), "feedback_sign must be 1 or -1"),
+            (
+                0 <= self.student_wait_steps < self.steps,
+                "student_wait_steps must lie in [0, steps)",
+            ),
             (0 <= self.threshold <= 1, "threshold must lie in [0, 1]"),
             (self.temperature > 0, "temperature must be positive"),
             (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1) (0 turns EMA off)"),
@@ -64,10 +86,32 @@ class PretrainConfig:
                 min(self.eval_every, self.log_every, self.checkpoint_every) >= 1,
                 "eval_every, log_every and checkpoint_every must be at least 1",
             ),
+            *self._finetune_checks(),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise FercacheError("pretrain settings: " + "; ".join(problems))
+
+    def _finetune_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.finetune_lr > 0, "finetune_lr must be positive"),
+            (
+                min(self.finetune_weight_decay, self.grad_clip, self.landmark_weight) >= 0,
+                "finetune_weight_decay, grad_clip and landmark_weight must be >= 0",
+            ),
+            (0 < self.layer_decay <= 1, "layer_decay must lie in (0, 1] (1 turns it off)"),
+            (0 <= self.drop_path < 1, "drop_path must lie in [0, 1)"),
+            (0 <= self.mask_ratio < 1, "mask_ratio must lie in [0, 1)"),
+            (self.js_weight >= 0, "js_weight must be >= 0"),
+            (
+                self.cotex_export in COTEX_EXPORTS,
+                f"cotex_export must be one of {', '.join(COTEX_EXPORTS)}",
+            ),
+            (
+                self.recipe != "multitask-landmarks" or bool(self.landmarks),
+                "recipe multitask-landmarks needs landmarks=PATH (a CSV: path, x0, y0, ... y67)",
+            ),
+        ]
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

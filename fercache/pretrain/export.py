@@ -13,7 +13,9 @@ from fercache.backbone import MODEL_METADATA_KEY, DataConfig
 from fercache.data.tasks import EXPR_CLASSES
 
 
-def model_config(backbone: str, data_config: DataConfig, recipe: str) -> dict:
+def model_config(backbone: str, data_config: DataConfig, recipe: str, **extra: object) -> dict:
+    """What extraction needs to rebuild the model; `extra` adds the keys some recipes need
+    (`views`, `model_kwargs`: see fercache.backbone)."""
     return {
         "backbone": backbone,
         "num_classes": len(EXPR_CLASSES),
@@ -23,6 +25,7 @@ def model_config(backbone: str, data_config: DataConfig, recipe: str) -> dict:
         "interpolation": data_config.interpolation,
         "classes": list(EXPR_CLASSES),
         "recipe": recipe,
+        **extra,
     }
 
 

@@ -26,7 +26,9 @@ from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
 from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.export import export_model, model_config
+from fercache.pretrain.finetune import Recipe
 from fercache.pretrain.mpl import Autocast, MplBatch, MplSettings, mpl_step, supervised_step
+from fercache.pretrain.recipes import export_keys, recipe_for
 from fercache.pretrain.sampling import BalancedBatchSampler, holdout_split
 from fercache.pretrain.sources import Problem, read_labelled, read_unlabelled
 from fercache.pretrain.views import (
@@ -54,6 +56,7 @@ class Models:
     teacher_optimizer: torch.optim.Optimizer | None
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     ema: ModelEmaV3 | None
+    recipe: Recipe | None = None  # cotex, emma, multitask-landmarks: their own step
 
 
 @dataclass
@@ -138,13 +141,16 @@ def _run(
     init_checkpoint: Path | None,
     progress: bool,
 ) -> PretrainReport:
-    labelled_images = read_labelled(labelled)
+    recipe = recipe_for(config)
+    labelled_images = recipe.read(labelled) if recipe else read_labelled(labelled)
     # the baseline never looks at unlabelled images
     unlabelled_images = read_unlabelled(unlabelled) if config.recipe == "mpl" else None
     labels = np.asarray(labelled_images.labels)
     train_index, held_index = holdout_split(labels, config.holdout_fraction, config.seed)
+    held_index = held_index[labels[held_index] >= 0]  # frames without EXPR (EMMA): not scored
 
-    student = _create_model(config.backbone, init_checkpoint, config.seed)
+    create = partial(_create_model, config.backbone, init_checkpoint)
+    student = recipe.build(create) if recipe else create(config.seed)
     teacher = (
         _create_model(config.backbone, init_checkpoint, config.seed + 1)
         if config.recipe == "mpl"
@@ -152,7 +158,7 @@ def _run(
     )
     data_config = data_config_of(student, config.image_size)
     views = build_views(data_config, config.resize_ratio, config.randaugment, config.erasing_prob)
-    models = _build_training(student, teacher, config, ranks)
+    models = _build_training(student, teacher, config, ranks, recipe)
     state = Progress()
     problems: list[Problem] = []
     if resume:
@@ -170,8 +176,9 @@ def _run(
 
     stream_seed = [config.seed, ranks.rank, state.step]  # a resumed run draws a fresh stream
     labelled_paths = [labelled_images.paths[i] for i in train_index]
+    targets = np.asarray(labelled_images.targets)[train_index] if labelled_images.targets else None
     labelled_batches = _labelled_batches(
-        labelled_paths, labels[train_index], views, config, stream_seed, ranks
+        labelled_paths, labels[train_index], views, config, stream_seed, ranks, recipe, targets
     )
     unlabelled_batches = (
         _unlabelled_batches(unlabelled_images.paths, views, config, stream_seed, ranks)
@@ -224,10 +231,14 @@ def _one_step(
     unlabelled_batch: tuple | None,
     step: int,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    images, labels, failed = labelled_batch
+    images, labels, *extra, failed = labelled_batch  # extra: a recipe's targets
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
-    if unlabelled_batch is None:
+    if models.recipe is not None:
+        metrics = models.recipe.step(
+            models.student, models.student_optimizer, images, labels, extra, autocast
+        )
+    elif unlabelled_batch is None:
         metrics = supervised_step(
             models.student, models.student_optimizer, images, labels, autocast
         )
@@ -254,12 +265,16 @@ def _one_step(
     return metrics, [path for joined in failed if joined for path in joined.split("|")]
 
 
-def _create_model(backbone: str, init_checkpoint: Path | None, seed: int) -> nn.Module:
+def _create_model(
+    backbone: str, init_checkpoint: Path | None, seed: int, **timm_options: object
+) -> nn.Module:
     if not timm.is_model(backbone):
         raise FercacheError(f"unknown backbone '{backbone}': not a timm model name")
     torch.manual_seed(seed)
     if init_checkpoint is None:
-        return timm.create_model(backbone, pretrained=False, num_classes=NUM_CLASSES)
+        return timm.create_model(
+            backbone, pretrained=False, num_classes=NUM_CLASSES, **timm_options
+        )
     if not Path(init_checkpoint).is_file():
         raise FercacheError(f"{init_checkpoint}: no such checkpoint file")
     # timm loads a local file through the pretrained path and re-initialises a head whose
@@ -269,16 +284,28 @@ def _create_model(backbone: str, init_checkpoint: Path | None, seed: int) -> nn.
         pretrained=True,
         pretrained_cfg_overlay={"file": str(init_checkpoint)},
         num_classes=NUM_CLASSES,
+        **timm_options,
     )
 
 
 def _build_training(
-    student: nn.Module, teacher: nn.Module | None, config: PretrainConfig, ranks: Ranks
+    student: nn.Module,
+    teacher: nn.Module | None,
+    config: PretrainConfig,
+    ranks: Ranks,
+    recipe: Recipe | None,
 ) -> Models:
-    student_optimizer = _optimizer(student, config.student_lr, config)
+    student_optimizer = (
+        recipe.optimizer(student, ranks.world_size)
+        if recipe
+        else _optimizer(student, config.student_lr, config)
+    )
     teacher_optimizer = _optimizer(teacher, config.teacher_lr, config) if teacher else None
-    optimizers = [opt for opt in (student_optimizer, teacher_optimizer) if opt is not None]
     lr_factor = partial(_warmup_cosine, warmup=config.warmup_steps, total=config.steps)
+    # Face2Exp / MPL practice: the student waits (lr 0) until the teacher's pseudo labels
+    # mean something, then warms up and decays over the steps that remain
+    wait = config.student_wait_steps if teacher else 0
+    student_factor = partial(_after_wait, wait=wait, warmup=config.warmup_steps, total=config.steps)
     ema = (
         ModelEmaV3(student.to(ranks.device), decay=config.ema_decay)
         if config.ema_decay > 0
@@ -289,8 +316,13 @@ def _build_training(
         teacher=_placed(teacher, ranks) if teacher else None,
         student_optimizer=student_optimizer,
         teacher_optimizer=teacher_optimizer,
-        schedulers=[torch.optim.lr_scheduler.LambdaLR(opt, lr_factor) for opt in optimizers],
+        schedulers=[
+            torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            for opt, factor in ((student_optimizer, student_factor), (teacher_optimizer, lr_factor))
+            if opt is not None
+        ],
         ema=ema,
+        recipe=recipe,
     )
 
 
@@ -309,6 +341,10 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _after_wait(step: int, wait: int, warmup: int, total: int) -> float:
+    return 0.0 if step < wait else _warmup_cosine(step - wait, warmup, total - wait)
 
 
 def _placed(model: nn.Module, ranks: Ranks) -> nn.Module:
@@ -346,10 +382,15 @@ def _labelled_batches(
     config: PretrainConfig,
     stream_seed: list[int],
     ranks: Ranks,
+    recipe: Recipe | None,
+    targets: np.ndarray | None,
 ) -> Iterator:
     seed = int(np.random.SeedSequence(stream_seed).generate_state(1)[0])
-    sampler = BalancedBatchSampler(labels, NUM_CLASSES, config.batch_size, seed)
-    dataset = LabelledDataset(paths, labels, views.weak)
+    if recipe is None:
+        sampler = BalancedBatchSampler(labels, NUM_CLASSES, config.batch_size, seed)
+        dataset = LabelledDataset(paths, labels, views.weak)
+    else:
+        dataset, sampler = recipe.training_data(paths, labels, targets, views, seed)
     return iter(DataLoader(dataset, batch_sampler=sampler, **_loader_options(config, ranks)))
 
 
@@ -492,7 +533,7 @@ def _start_run_dir(
         "settings": config.to_json(),
         "labelled": [str(path) for path in labelled],
         "unlabelled": [str(path) for path in unlabelled],
-        "model": model_config(config.backbone, data_config, config.recipe),
+        "model": model_config(config.backbone, data_config, config.recipe, **export_keys(config)),
     }
     (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
@@ -504,8 +545,10 @@ def _report_problems(out: Path, problems: list[Problem]) -> None:
 
 
 def _export(out: Path, config: PretrainConfig, models: Models, data_config: DataConfig) -> None:
-    described = model_config(config.backbone, data_config, config.recipe)
-    export_model(_final_student(models), described, out / "student.safetensors")
+    described = model_config(config.backbone, data_config, config.recipe, **export_keys(config))
+    student = _final_student(models)
+    exported = models.recipe.exported(student) if models.recipe else student
+    export_model(exported, described, out / "student.safetensors")
     if models.teacher is not None:
         export_model(_unwrap(models.teacher), described, out / "teacher.safetensors")
 

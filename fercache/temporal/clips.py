@@ -4,12 +4,13 @@ A window is a row `(video, start, stop)` of an int64 array: rows `start..stop-1`
 never more than `clip` rows and never crossing into another video.
 
 - Training: every epoch tiles each video with `clip`-row windows at a random phase, so every
-  labelled row falls in exactly one window per epoch; the tail is never dropped (a window cut
-  short by the video's end or start is padded), and windows without a labelled row are skipped.
-  With class-balanced sampling the epoch instead draws as many windows with replacement, each
-  with probability proportional to the mean class weight of its labelled rows.
+  labelled row (valid for at least one trained task) falls in exactly one window per epoch; the
+  tail is never dropped (a window cut short by the video's end or start is padded), and windows
+  without a labelled row are skipped. With class-balanced sampling the epoch instead draws as
+  many windows with replacement, each with probability proportional to the mean EXPR class
+  weight of its EXPR-labelled rows (1, the mean weight of a training frame, when it has none).
 - Evaluation: windows of `clip` rows every `stride` rows plus one flush with the end, so every
-  row is covered (a video shorter than `clip` is one padded window); logits are averaged.
+  row is covered (a video shorter than `clip` is one padded window); outputs are averaged.
 """
 
 import math
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fercache.data.tasks import TASKS
 from fercache.temporal.features import LazyFeatures, MemoryFeatures
 
-PAD_LABEL = -1  # padding rows carry the invalid label, so the loss ignores them
+# Per video: task name -> labels of its rows ((rows,) for EXPR, (rows, k) for AU and VA).
+RowTargets = dict[str, np.ndarray]
 
 
 def training_windows(labelled: list[np.ndarray], clip: int, rng: np.random.Generator) -> np.ndarray:
@@ -45,11 +48,13 @@ def balanced_windows(
     class_weights: np.ndarray,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """As many windows, drawn with replacement in proportion to their mean class weight."""
-    scores = np.empty(len(windows))
+    """As many windows, drawn with replacement in proportion to their mean class weight
+    (`labels`: EXPR labels per video; a window without any counts as weight 1)."""
+    scores = np.ones(len(windows))
     for position, (video, start, stop) in enumerate(windows):
         window_labels = labels[video][start:stop]
-        scores[position] = class_weights[window_labels[window_labels >= 0]].mean()
+        if (window_labels >= 0).any():
+            scores[position] = class_weights[window_labels[window_labels >= 0]].mean()
     return windows[rng.choice(len(windows), size=len(windows), p=scores / scores.sum())]
 
 
@@ -74,37 +79,46 @@ def rank_share(windows: np.ndarray, rank: int, world_size: int, batch_size: int)
 
 @dataclass
 class ClipBatch:
-    """`features` (B, clip, D) float16, `labels` (B, clip) int64 (-1: no label or padding),
-    `padding` (B, clip) bool, True where a row is padding."""
+    """`features` (B, clip, D) float16; `targets` per task: EXPR (B, clip) int64, AU
+    (B, clip, 12) int64, VA (B, clip, 2) float32, the task's invalid value where a row has no
+    label or is padding; `padding` (B, clip) bool, True where a row is padding."""
 
     features: torch.Tensor
-    labels: torch.Tensor
+    targets: dict[str, torch.Tensor]
     padding: torch.Tensor
 
     def pin_memory(self) -> "ClipBatch":
-        return ClipBatch(self.features.pin_memory(), self.labels.pin_memory(), self.padding)
+        pinned = {task: values.pin_memory() for task, values in self.targets.items()}
+        return ClipBatch(self.features.pin_memory(), pinned, self.padding)
 
 
 def assemble(
     source: MemoryFeatures | LazyFeatures,
-    labels: list[np.ndarray],
+    labels: list[RowTargets],
     windows: np.ndarray,
     clip: int,
 ) -> ClipBatch:
     """Cut a batch of windows: one copy of each window into a preallocated array."""
     features = np.empty((len(windows), clip, source.feature_dim), np.float16)
-    batch_labels = np.full((len(windows), clip), PAD_LABEL, np.int64)
+    # Padding rows carry each task's invalid label, so the losses ignore them.
+    targets = {
+        task: np.full((len(windows), clip, *rows.shape[1:]), TASKS[task].invalid, rows.dtype)
+        for task, rows in labels[0].items()
+    }
     padding = np.ones((len(windows), clip), bool)
     for position, (video, start, stop) in enumerate(windows.tolist()):
         length = stop - start
         features[position, :length] = source.window(video, start, stop)
         features[position, length:] = 0
-        batch_labels[position, :length] = labels[video][start:stop]
+        for task, values in targets.items():
+            values[position, :length] = labels[video][task][start:stop]
         # An empty filler window keeps its rows visible to attention (masking every key of a
-        # row gives NaN); its labels are all -1, so it still adds nothing to the loss.
+        # row gives NaN); its labels are all invalid, so it still adds nothing to the loss.
         padding[position, : length if length else clip] = False
     return ClipBatch(
-        torch.from_numpy(features), torch.from_numpy(batch_labels), torch.from_numpy(padding)
+        torch.from_numpy(features),
+        {task: torch.from_numpy(values) for task, values in targets.items()},
+        torch.from_numpy(padding),
     )
 
 
@@ -114,7 +128,7 @@ class ClipBatches(Dataset):
     def __init__(
         self,
         source: MemoryFeatures | LazyFeatures,
-        labels: list[np.ndarray],
+        labels: list[RowTargets],
         windows: np.ndarray,
         clip: int,
         batch_size: int,

@@ -8,7 +8,7 @@ there, so a resumed run can never silently change its own recipe.
 import dataclasses
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,11 @@ from fercache.settings import given_values, read_yaml, typed_values
 
 CONFIG_FILE = "config.yaml"
 BALANCE_MODES = ("weights", "sampling", "none")
-TRAINED_TASKS = ("expr",)  # the loader reads any task; the model head so far classifies EXPR
+AU_POS_WEIGHTS = ("none", "inverse_frequency")
+# The validation score of each task, and P = their sum over the trained tasks (seed 003's
+# multi-task score F1_EXPR + F1_AU + CCC_VA when all three are trained).
+SCORE_OF_TASK = {"expr": "expr_f1", "au": "au_f1", "va": "va_ccc"}
+SCORES = (*SCORE_OF_TASK.values(), "p")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -29,9 +33,11 @@ _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 class TemporalConfig:
     """Every knob of a temporal run; `configs/temporal.yaml` justifies each default."""
 
-    task: str = "expr"
+    tasks: tuple[str, ...] = ("expr",)
     train_split: str = "train"
     val_split: str = "val"
+    select: str = "auto"
+    subsample: float = 1.0
     clip_frames: int = 64
     eval_stride: int = 32
     smooth_window: int = 30
@@ -48,6 +54,10 @@ class TemporalConfig:
     warmup_epochs: float = 1.0
     grad_clip: float = 1.0
     balance: str = "weights"
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {task: 1.0 for task in SCORE_OF_TASK}
+    )
+    au_pos_weight: str = "none"
     amp: bool = True
     workers: int = 2
     eval_batch: int = 64
@@ -55,11 +65,8 @@ class TemporalConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}"),
-            (
-                self.task in TRAINED_TASKS,
-                f"task '{self.task}': the trainer so far has a head for {', '.join(TRAINED_TASKS)}",
-            ),
+            *self._task_checks(),
+            (0 < self.subsample <= 1, "subsample must lie in (0, 1]"),
             (self.clip_frames >= 2, "clip_frames must be at least 2"),
             (1 <= self.eval_stride <= self.clip_frames, "eval_stride must lie in [1, clip_frames]"),
             (self.smooth_window >= 1, "smooth_window must be at least 1"),
@@ -71,14 +78,63 @@ class TemporalConfig:
             (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must lie in [0, epochs]"),
             (self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)"),
             (self.balance in BALANCE_MODES, f"balance must be one of {', '.join(BALANCE_MODES)}"),
+            (
+                self.balance != "sampling" or "expr" in self.tasks,
+                "balance=sampling draws windows by EXPR class: it needs expr in tasks",
+            ),
+            (
+                self.au_pos_weight in AU_POS_WEIGHTS,
+                f"au_pos_weight must be one of {', '.join(AU_POS_WEIGHTS)}",
+            ),
             (self.workers >= 0 and self.eval_batch >= 1, "workers >= 0, eval_batch >= 1"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise FercacheError("temporal settings: " + "; ".join(problems))
 
+    def _task_checks(self) -> list[tuple[bool, str]]:
+        known = ", ".join(TASKS)
+        weights = self.loss_weights
+        return [
+            (bool(self.tasks), f"tasks must list at least one of {known}"),
+            (set(self.tasks) <= set(TASKS), f"tasks must be among {known}"),
+            (len(set(self.tasks)) == len(self.tasks), "tasks must not repeat a task"),
+            (set(weights) <= set(TASKS), f"loss_weights names tasks among {known}"),
+            (all(weight >= 0 for weight in weights.values()), "loss_weights must be >= 0"),
+            (
+                sum(weights.get(task, 1.0) for task in self.tasks) > 0,
+                "loss_weights of the trained tasks must not all be 0",
+            ),
+            (
+                self.select in ("auto", *SCORES),
+                f"select must be auto or one of {', '.join(SCORES)}",
+            ),
+            (
+                self.select in ("auto", "p") or _task_of_score(self.select) in self.tasks,
+                f"select={self.select} scores a task that is not in tasks {list(self.tasks)}",
+            ),
+            (self.select != "p" or len(self.tasks) > 1, "select=p needs several tasks"),
+        ]
+
+    @property
+    def selected_score(self) -> str:
+        """The validation score that chooses best.safetensors ("auto" resolved): the task's
+        own score for one task, P for several."""
+        if self.select != "auto":
+            return self.select
+        return SCORE_OF_TASK[self.tasks[0]] if len(self.tasks) == 1 else "p"
+
+    @property
+    def task_weights(self) -> dict[str, float]:
+        """The loss weight of each trained task (1 for a task `loss_weights` does not name)."""
+        return {task: self.loss_weights.get(task, 1.0) for task in self.tasks}
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _task_of_score(score: str) -> str | None:
+    return next((task for task, name in SCORE_OF_TASK.items() if name == score), None)
 
 
 def memory_budget_bytes(budget: str) -> int:
@@ -105,7 +161,14 @@ def resumed_config(
 ) -> TemporalConfig:
     """The run's saved settings; anything given now that would change them is an error."""
     saved_path = Path(run_dir) / CONFIG_FILE
-    saved = _apply(TemporalConfig(), read_yaml(saved_path))
+    values = read_yaml(saved_path)
+    try:
+        saved = _apply(TemporalConfig(), values)
+    except FercacheError as error:
+        raise FercacheError(
+            f"{saved_path}: {error}. The run was written by another version of fercache: "
+            "train into a new --out."
+        ) from error
     given = _apply(saved, given_values(path, overrides, options))
     changed = [key for key, value in given.to_json().items() if saved.to_json()[key] != value]
     if changed:

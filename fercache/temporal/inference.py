@@ -1,8 +1,13 @@
-"""Per-frame class probabilities from a trained run, exactly as evaluation computes them.
+"""Per-frame predictions from a trained run, exactly as evaluation computes them.
 
-`window_logits` covers every row of a video with overlapping `clip`-row windows (see
-`clips.evaluation_starts`) and averages each row's logits over the windows that contain it;
-the trainer's validation and `TemporalPredictor.predict` both use it.
+`window_outputs` covers every row of a video with overlapping `clip`-row windows (see
+`clips.evaluation_starts`) and averages each row's outputs (EXPR and AU logits, VA values) over
+the windows that contain it; `to_predictions` turns them into EXPR class probabilities (softmax),
+AU probabilities (sigmoid) and VA values. The trainer's validation and
+`TemporalPredictor.predict` both use them.
+
+A run folder may hold `thresholds.json`, the per-AU decision thresholds tuned on the validation
+split (`fercache predict --tune-thresholds`), per weights file: {"best": {"AU1": 0.42, ...}}.
 """
 
 import json
@@ -13,21 +18,24 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from fercache.data.tasks import AU_NAMES
 from fercache.errors import FercacheError
+from fercache.predictions import AU_THRESHOLD
 from fercache.temporal.clips import evaluation_starts
-from fercache.temporal.model import ModelConfig, TemporalTransformer
+from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
 from fercache.temporal.step import autocast_for
 
 BEST_WEIGHTS = "best.safetensors"
 FINAL_WEIGHTS = "final.safetensors"
-# "best": the epoch with the best validation macro-F1; "final": the last epoch, for results
-# that must not depend on a choice made on the validation split.
+# "best": the epoch with the best validation score (the run's `select` setting); "final": the
+# last epoch, for results that must not depend on a choice made on the validation split.
 WEIGHTS = {"best": BEST_WEIGHTS, "final": FINAL_WEIGHTS}
 MODEL_JSON = "model.json"
+THRESHOLDS_FILE = "thresholds.json"
 
 
 @torch.no_grad()
-def window_logits(
+def window_outputs(
     model: torch.nn.Module,
     features: np.ndarray,
     *,
@@ -36,35 +44,84 @@ def window_logits(
     device: torch.device,
     batch_size: int = 64,
     amp: bool = False,
-) -> np.ndarray:
-    """(T, D) features → (T, C) float32 logits averaged over the overlapping windows."""
+) -> dict[str, np.ndarray]:
+    """(T, D) features → per task (T, outputs) float32 averaged over the overlapping windows."""
     rows = len(features)
     starts = evaluation_starts(rows, clip, stride)
     length = min(clip, rows)
-    sums: torch.Tensor | None = None
+    index = torch.from_numpy(starts[:, None] + np.arange(length)[None, :]).to(device)
+    sums: dict[str, torch.Tensor] = {}
     for first in range(0, len(starts), batch_size):
-        chunk = starts[first : first + batch_size]
-        windows = np.stack([features[start : start + length] for start in chunk])
+        chunk = slice(first, first + batch_size)
+        windows = np.stack([features[start : start + length] for start in starts[chunk]])
         with autocast_for(device, amp):
-            logits = model(torch.from_numpy(windows).to(device)).float()
-        if sums is None:
-            sums = torch.zeros(rows, logits.shape[-1], device=device)
-        index = torch.from_numpy(chunk[:, None] + np.arange(length)[None, :]).to(device)
-        sums.index_add_(0, index.reshape(-1), logits.reshape(-1, logits.shape[-1]))
-    counts = np.bincount((starts[:, None] + np.arange(length)[None, :]).reshape(-1), minlength=rows)
-    return (sums.cpu().numpy() / counts[:, None]).astype(np.float32)
+            outputs = model(torch.from_numpy(windows).to(device))
+        for task, values in outputs.items():
+            if task not in sums:
+                sums[task] = torch.zeros(rows, values.shape[-1], device=device)
+            sums[task].index_add_(0, index[chunk].reshape(-1), values.float().flatten(0, 1))
+    counts = np.bincount(index.cpu().numpy().reshape(-1), minlength=rows)[:, None]
+    return {task: (total.cpu().numpy() / counts).astype(np.float32) for task, total in sums.items()}
+
+
+def to_predictions(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Averaged outputs → EXPR class probabilities, AU probabilities, VA values."""
+    made = {}
+    for task, values in outputs.items():
+        tensor = torch.from_numpy(values)
+        if task == "expr":
+            tensor = torch.softmax(tensor, dim=1)
+        elif task == "au":
+            tensor = torch.sigmoid(tensor)
+        made[task] = tensor.numpy()
+    return made
+
+
+def read_thresholds(run_dir: Path, weights: str) -> np.ndarray:
+    """The run's tuned AU thresholds for `weights` (AU order), or 0.5 for every AU."""
+    stored = _stored_thresholds(Path(run_dir) / THRESHOLDS_FILE)
+    return stored.get(weights, np.full(len(AU_NAMES), AU_THRESHOLD))
+
+
+def write_thresholds(run_dir: Path, weights: str, thresholds: np.ndarray) -> Path:
+    """Store the tuned thresholds of `weights`, keeping those of the other weights file."""
+    path = Path(run_dir) / THRESHOLDS_FILE
+    stored = {**_stored_thresholds(path), weights: np.asarray(thresholds, float)}
+    named = {
+        key: dict(zip(AU_NAMES, values.tolist(), strict=True)) for key, values in stored.items()
+    }
+    path.write_text(json.dumps(named, indent=2))
+    return path
+
+
+def _stored_thresholds(path: Path) -> dict[str, np.ndarray]:
+    """{weights: thresholds in AU order} of a run's thresholds file; {} when it has none."""
+    if not path.is_file():
+        return {}
+    try:
+        stored = json.loads(path.read_text())
+        return {
+            weights: np.array([float(values[name]) for name in AU_NAMES])
+            for weights, values in stored.items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise FercacheError(
+            f"{path}: unreadable AU thresholds ({error!r}); delete it (predictions then use "
+            "0.5) and tune again with `fercache predict RUN_DIR ... --split val --tune-thresholds`"
+        ) from error
 
 
 @dataclass
 class TemporalPredictor:
-    """A trained temporal model (the run's best or final weights), ready to predict videos."""
+    """A trained temporal model (the run's best or final weights), ready to predict videos;
+    `au_thresholds` are the run's tuned ones for these weights, else 0.5."""
 
     model: TemporalTransformer
     config: ModelConfig
-    classes: list[str]
     caches: list[dict]
     eval_stride: int
     device: torch.device
+    au_thresholds: np.ndarray
 
     @classmethod
     def load(cls, run_dir: Path, device: str = "cpu", weights: str = "best") -> "TemporalPredictor":
@@ -86,10 +143,10 @@ class TemporalPredictor:
         return cls(
             model.to(target).eval(),
             config,
-            list(details["classes"]),
             list(details["caches"]),
             int(details["eval_stride"]),
             target,
+            read_thresholds(run_dir, weights),
         )
 
     @property
@@ -97,24 +154,29 @@ class TemporalPredictor:
         return self.config.feature_dim
 
     @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.config.tasks
+
+    @property
     def cache_fingerprints(self) -> list[str]:
         """Provenance fingerprints of the caches trained on, in concatenation order."""
         return [cache["fingerprint"] for cache in self.caches]
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """(T, D) features of one video → (T, C) float32 class probabilities."""
+    def predict(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """(T, D) features of one video → per trained task, float32: "expr" (T, 8) class
+        probabilities, "au" (T, 12) probabilities, "va" (T, 2) valence and arousal."""
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
             raise FercacheError(
                 f"features of shape {features.shape} do not fit this model: it was trained on "
                 f"(T, {self.feature_dim}) features of caches {self.cache_fingerprints}"
             )
         if len(features) == 0:
-            return np.zeros((0, len(self.classes)), np.float32)
-        logits = window_logits(
+            return {task: np.zeros((0, len(OUTPUTS[task])), np.float32) for task in self.tasks}
+        outputs = window_outputs(
             self.model,
             features,
             clip=self.config.clip_frames,
             stride=self.eval_stride,
             device=self.device,
         )
-        return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+        return to_predictions(outputs)

@@ -1,5 +1,11 @@
 """The training run: caches + annotation tree → clips → epochs → checkpoints and metrics.
 
+A run trains one or more tasks (`tasks`: EXPR, AU, VA) with one head each on a shared encoder.
+A row joins the training windows when it is valid for at least one trained task; every task's
+loss is masked to its own valid rows (`fercache.temporal.step`). Each epoch is validated on
+every trained task (EXPR macro-F1 raw and smoothed, AU mean F1 at threshold 0.5, VA mean CCC,
+and P, their sum, when several tasks are trained); the `select` score picks best.safetensors.
+
 Runs single-process or under torchrun (DistributedDataParallel; gloo on CPU, NCCL on GPU):
 every rank draws the same epoch plan and trains on its own disjoint share of the windows;
 validation splits the videos over the ranks and gathers every prediction before scoring.
@@ -10,6 +16,7 @@ Determinism: each epoch's random streams (window phases and order, dropout) deri
 as an uninterrupted run does; on CPU the same seed gives bit-identical metrics.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
@@ -25,10 +32,18 @@ from fercache.data.affwild2 import AffWild2
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
+from fercache.evaluate import au_metrics, va_metrics
 from fercache.progress import progress_bar
 from fercache.smooth import majority_vote
-from fercache.temporal.clips import ClipBatches, balanced_windows, rank_share, training_windows
+from fercache.temporal.clips import (
+    ClipBatches,
+    RowTargets,
+    balanced_windows,
+    rank_share,
+    training_windows,
+)
 from fercache.temporal.config import (
+    SCORE_OF_TASK,
     TemporalConfig,
     load_config,
     memory_budget_bytes,
@@ -36,9 +51,15 @@ from fercache.temporal.config import (
     write_config,
 )
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures, open_features
-from fercache.temporal.inference import FINAL_WEIGHTS, window_logits
-from fercache.temporal.labels import class_counts, read_split, row_labels
-from fercache.temporal.model import ModelConfig, TemporalTransformer
+from fercache.temporal.inference import FINAL_WEIGHTS, to_predictions, window_outputs
+from fercache.temporal.labels import (
+    class_counts,
+    positive_counts,
+    read_split,
+    row_targets,
+    row_valid,
+)
+from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
 from fercache.temporal.rundir import (
     SUMMARY_FILE,
     holds_run,
@@ -50,9 +71,17 @@ from fercache.temporal.rundir import (
     write_metrics,
     write_weights,
 )
-from fercache.temporal.step import inverse_frequency, train_step, warmup_cosine
+from fercache.temporal.step import (
+    Objective,
+    inverse_frequency,
+    positive_weights,
+    train_step,
+    warmup_cosine,
+)
+from fercache.temporal.subsample import subsample_videos
 
-CLASSES_OF_TASK = {"expr": list(EXPR_CLASSES)}
+# The epoch record's key of each validation score (`select` names the score).
+RECORD_KEY = {"expr_f1": "val_f1", "au_f1": "val_au_f1", "va_ccc": "val_va_ccc", "p": "val_p"}
 
 
 @dataclass(frozen=True)
@@ -71,16 +100,15 @@ class TrainRequest:
 
 @dataclass
 class RunData:
-    """Features of the training videos (first) and validation videos, with per-row labels."""
+    """Features of the training videos (first) and validation videos, with each trained
+    task's labels per row."""
 
     source: MemoryFeatures | LazyFeatures
-    labels: list[np.ndarray]
+    labels: list[RowTargets]
     train_count: int
-    classes: list[str]
 
-    @property
-    def train_labels(self) -> list[np.ndarray]:
-        return self.labels[: self.train_count]
+    def train_labels(self, task: str) -> list[np.ndarray]:
+        return [targets[task] for targets in self.labels[: self.train_count]]
 
     @property
     def val_indices(self) -> range:
@@ -94,8 +122,8 @@ class Training:
     model: TemporalTransformer  # the plain module: validated and saved
     stepped: torch.nn.Module  # what the steps run: DDP-wrapped under torchrun, else `model`
     optimizer: torch.optim.Optimizer
-    loss_weights: torch.Tensor  # per class, on the device
-    sampling_weights: np.ndarray  # per class, for class-balanced window sampling
+    objective: Objective  # per-task losses and their weights, on the device
+    sampling_weights: np.ndarray | None  # EXPR per class, for class-balanced window sampling
 
 
 @dataclass
@@ -103,7 +131,7 @@ class RunState:
     """What survives a restart besides the weights and optimizer."""
 
     epochs_done: int = 0
-    best_f1: float = -1.0
+    best_score: float = -math.inf
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -146,9 +174,7 @@ def _run(
     if checkpoint is not None:
         _check_resumable(checkpoint, model_config, caches, out)
     run_data = _load_data(caches, data, config, request, ranks)
-    counts = class_counts(run_data.train_labels, model_config.num_classes)
-    inverse = inverse_frequency(counts)
-    loss_weights = inverse if config.balance == "weights" else np.ones(len(counts))
+    objective, sampling_weights = _objective(run_data, config, ranks.device)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = TemporalTransformer(model_config).to(ranks.device)
@@ -162,10 +188,11 @@ def _run(
         model,
         DistributedDataParallel(model) if ranks.world_size > 1 else model,
         optimizer,
-        torch.tensor(loss_weights, dtype=torch.float32, device=ranks.device),
-        inverse,
+        objective,
+        sampling_weights,
     )
-    details = _model_details(model_config, config, caches, run_data.classes)
+    details = _model_details(model_config, config, caches)
+    selected = RECORD_KEY[config.selected_score]
 
     for epoch in range(state.epochs_done, config.epochs):
         record = {"epoch": epoch + 1}
@@ -175,14 +202,15 @@ def _run(
         record["timing"]["val_seconds"] = perf_counter() - validation_started
         state.history.append(record)
         state.epochs_done = epoch + 1
-        improved = record["val_f1"] > state.best_f1
+        # A NaN score never improves, but the first epoch always gives best weights.
+        improved = record[selected] > state.best_score or state.best_epoch == 0
         if improved:
-            state.best_f1, state.best_epoch = record["val_f1"], epoch + 1
+            state.best_score, state.best_epoch = record[selected], epoch + 1
         if ranks.is_main:
             _save_epoch(out, training, state, details, improved)
         ranks.barrier()
 
-    summary = _summary(state, run_data, counts, caches, data, details)
+    summary = _summary(state, run_data, config, caches, data, details)
     if ranks.is_main:
         write_weights(out / FINAL_WEIGHTS, model.state_dict())
         write_json(out / SUMMARY_FILE, summary)
@@ -193,7 +221,7 @@ def _run(
 def _model_config(config: TemporalConfig, caches: CacheSet) -> ModelConfig:
     return ModelConfig(
         feature_dim=caches.feature_dim,
-        num_classes=len(CLASSES_OF_TASK[config.task]),
+        tasks=config.tasks,
         clip_frames=config.clip_frames,
         width=config.width,
         layers=config.layers,
@@ -226,17 +254,58 @@ def _load_data(
 ) -> RunData:
     tree = AffWild2(data)
     splits = [
-        read_split(tree, config.task, split) for split in (config.train_split, config.val_split)
+        read_split(tree, config.tasks, split) for split in (config.train_split, config.val_split)
     ]
+    splits[0] = subsample_videos(splits[0], config.subsample, config.seed)
     for split in splits:
-        caches.require(split.names, f"{config.task.upper()} {split.split}")
+        caches.require(split.names, f"{_tasks_text(config.tasks)} {split.split}")
     videos = [video for split in splits for video in split.videos]
     budget = memory_budget_bytes(request.memory_budget)
     source = open_features(
         caches, [video.video for video in videos], budget, request.progress and ranks.is_main
     )
-    labels = [row_labels(video, source.frames(index)) for index, video in enumerate(videos)]
-    return RunData(source, labels, len(splits[0].videos), CLASSES_OF_TASK[config.task])
+    labels = [
+        row_targets(video, config.tasks, source.frames(index)) for index, video in enumerate(videos)
+    ]
+    run_data = RunData(source, labels, len(splits[0].videos))
+    _check_labelled(run_data, data, config)
+    return run_data
+
+
+def _tasks_text(tasks: tuple[str, ...]) -> str:
+    return "/".join(task.upper() for task in tasks)
+
+
+def _check_labelled(run_data: RunData, data: Path, config: TemporalConfig) -> None:
+    """Every trained task needs valid labels on cached rows of both splits."""
+    parts = {
+        config.train_split: run_data.labels[: run_data.train_count],
+        config.val_split: run_data.labels[run_data.train_count :],
+    }
+    for task in config.tasks:
+        for split, videos in parts.items():
+            if not any(row_valid(task, targets[task]).any() for targets in videos):
+                raise FercacheError(
+                    f"{data}: the {task.upper()} {split} annotations hold no valid label on a "
+                    f"frame with features; annotate that split or drop {task} from tasks "
+                    f"(--set tasks=[...])"
+                )
+
+
+def _objective(
+    run_data: RunData, config: TemporalConfig, device: torch.device
+) -> tuple[Objective, np.ndarray | None]:
+    """The losses to minimise, and the EXPR class weights of balanced sampling (or None)."""
+    class_weights = sampling_weights = pos_weight = None
+    if "expr" in config.tasks:
+        counts = class_counts(run_data.train_labels("expr"), len(EXPR_CLASSES))
+        sampling_weights = inverse_frequency(counts)
+        chosen = sampling_weights if config.balance == "weights" else np.ones(len(counts))
+        class_weights = torch.tensor(chosen, dtype=torch.float32, device=device)
+    if "au" in config.tasks and config.au_pos_weight == "inverse_frequency":
+        weights = positive_weights(*positive_counts(run_data.train_labels("au")))
+        pos_weight = torch.tensor(weights, dtype=torch.float32, device=device)
+    return Objective(config.task_weights, class_weights, pos_weight), sampling_weights
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -249,13 +318,11 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
     ]
 
 
-def _model_details(
-    model_config: ModelConfig, config: TemporalConfig, caches: CacheSet, classes: list[str]
-) -> dict:
+def _model_details(model_config: ModelConfig, config: TemporalConfig, caches: CacheSet) -> dict:
     return {
         **model_config.to_json(),
-        "task": config.task,
-        "classes": classes,
+        "outputs": {task: list(OUTPUTS[task]) for task in config.tasks},
+        "selected_by": config.selected_score,
         "eval_stride": config.eval_stride,
         "smooth_window": config.smooth_window,
         "caches": caches.describe(),
@@ -268,6 +335,11 @@ def _epoch_generators(seed: int, epoch: int, rank: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
+def _labelled_rows(targets: RowTargets) -> np.ndarray:
+    """Per row: valid for at least one trained task."""
+    return np.logical_or.reduce([row_valid(task, labels) for task, labels in targets.items()])
+
+
 def _train_epoch(
     training: Training,
     run_data: RunData,
@@ -277,10 +349,11 @@ def _train_epoch(
     progress: bool,
 ) -> dict:
     rng = _epoch_generators(config.seed, epoch, ranks.rank)
-    labelled = [labels >= 0 for labels in run_data.train_labels]
+    labelled = [_labelled_rows(targets) for targets in run_data.labels[: run_data.train_count]]
     windows = training_windows(labelled, config.clip_frames, rng)
     if config.balance == "sampling":
-        windows = balanced_windows(windows, run_data.train_labels, training.sampling_weights, rng)
+        expr = run_data.train_labels("expr")
+        windows = balanced_windows(windows, expr, training.sampling_weights, rng)
     share = rank_share(windows, ranks.rank, ranks.world_size, config.batch_size)
     batches = ClipBatches(
         run_data.source, run_data.labels, share, config.clip_frames, config.batch_size
@@ -293,7 +366,7 @@ def _train_epoch(
         pin_memory=ranks.device.type == "cuda",
     )
     training.model.train()
-    loss_sum = torch.zeros((), device=ranks.device)
+    loss_sums = {name: torch.zeros((), device=ranks.device) for name in ("total", *config.tasks)}
     waited, started = 0.0, perf_counter()
     steps = len(batches)
     with progress_bar(
@@ -308,21 +381,27 @@ def _train_epoch(
             factor = warmup_cosine(progress_in_epochs, config.warmup_epochs, config.epochs)
             for group in training.optimizer.param_groups:
                 group["lr"] = config.lr * factor
-            loss_sum += train_step(
+            losses = train_step(
                 training.stepped,
                 training.optimizer,
                 batch,
-                training.loss_weights,
+                training.objective,
                 ranks.device,
                 grad_clip=config.grad_clip,
                 amp=config.amp,
             )
+            for name, loss in losses.items():
+                loss_sums[name] += loss
             advance()
     if ranks.world_size > 1:
-        dist.all_reduce(loss_sum)
+        for total in loss_sums.values():
+            dist.all_reduce(total)
     seconds = perf_counter() - started
+    steps_done = max(steps * ranks.world_size, 1)
+    # One task's loss equals the total: per-task figures only when several are trained.
+    shown = ("total", *config.tasks) if len(config.tasks) > 1 else ("total",)
     return {
-        "train_loss": float(loss_sum) / max(steps * ranks.world_size, 1),
+        **{_loss_key(name): float(loss_sums[name]) / steps_done for name in shown},
         "lr": training.optimizer.param_groups[0]["lr"],
         "train_windows": len(windows),
         "timing": {
@@ -333,12 +412,16 @@ def _train_epoch(
     }
 
 
+def _loss_key(name: str) -> str:
+    return "train_loss" if name == "total" else f"train_loss_{name}"
+
+
 def _validate(
     model: TemporalTransformer, run_data: RunData, config: TemporalConfig, ranks: Ranks
 ) -> dict:
     model.eval()
     mine = {
-        index: window_logits(
+        index: window_outputs(
             model,
             run_data.source.whole(index),
             clip=config.clip_frames,
@@ -350,16 +433,43 @@ def _validate(
         for index in run_data.val_indices[ranks.rank :: ranks.world_size]
         if run_data.source.rows(index) > 0
     }
-    logits = _gather(mine, ranks)
-    order = [index for index in run_data.val_indices if index in logits]
-    scores = np.concatenate([logits[index] for index in order])
-    labels = np.concatenate([run_data.labels[index] for index in order])
-    probabilities = torch.softmax(torch.from_numpy(scores), dim=1).numpy()
+    outputs = _gather(mine, ranks)
+    order = [index for index in run_data.val_indices if index in outputs]
+    predicted = to_predictions(
+        {task: np.concatenate([outputs[index][task] for index in order]) for task in config.tasks}
+    )
+    labels = {
+        task: np.concatenate([run_data.labels[index][task] for index in order])
+        for task in config.tasks
+    }
+    record = {}
+    if "expr" in config.tasks:
+        lengths = np.array([len(outputs[index]["expr"]) for index in order])
+        record.update(_expr_scores(predicted["expr"], labels["expr"], lengths, config))
+    if "au" in config.tasks:
+        scores = au_metrics(labels["au"], predicted["au"])
+        record["val_au_f1"] = scores["au_f1"]
+        record["val_au_per_au"] = {name: round(f1, 6) for name, f1 in scores["per_au_f1"].items()}
+        record["val_au_frames"] = int(row_valid("au", labels["au"]).sum())
+    if "va" in config.tasks:
+        scores = va_metrics(labels["va"], predicted["va"])
+        record["val_va_ccc"] = scores["va_ccc"]
+        record["val_va_per_dimension"] = {
+            name: round(ccc, 6) for name, ccc in scores["per_dimension_ccc"].items()
+        }
+        record["val_va_frames"] = int(row_valid("va", labels["va"]).sum())
+    if len(config.tasks) > 1:
+        record["val_p"] = sum(record[RECORD_KEY[SCORE_OF_TASK[task]]] for task in config.tasks)
+    return record
+
+
+def _expr_scores(
+    probabilities: np.ndarray, labels: np.ndarray, lengths: np.ndarray, config: TemporalConfig
+) -> dict:
     predicted = probabilities.argmax(axis=1)
-    lengths = np.array([len(logits[index]) for index in order])
     smoothed = majority_vote(predicted, probabilities, config.smooth_window, "centered", lengths)
     valid = labels >= 0
-    classes = list(range(len(run_data.classes)))
+    classes = list(range(len(EXPR_CLASSES)))
     per_class = f1_score(
         labels[valid], predicted[valid], labels=classes, average=None, zero_division=0
     )
@@ -370,12 +480,12 @@ def _validate(
                 labels[valid], smoothed[valid], labels=classes, average="macro", zero_division=0
             )
         ),
-        "val_class_f1": dict(zip(run_data.classes, per_class.round(6).tolist(), strict=True)),
+        "val_class_f1": dict(zip(EXPR_CLASSES, per_class.round(6).tolist(), strict=True)),
         "val_frames": int(valid.sum()),
     }
 
 
-def _gather(mine: dict[int, np.ndarray], ranks: Ranks) -> dict[int, np.ndarray]:
+def _gather(mine: dict[int, dict], ranks: Ranks) -> dict[int, dict]:
     if ranks.world_size == 1:
         return mine
     shares: list[dict | None] = [None] * ranks.world_size
@@ -390,7 +500,7 @@ def _save_epoch(
     # then metrics rewritten from the checkpointed history.
     model = training.model
     if improved:
-        best = {**details, "epoch": state.best_epoch, "val_f1": state.best_f1}
+        best = {**details, "epoch": state.best_epoch, "score": state.best_score}
         write_best(out, model.state_dict(), best)
     write_last(
         out,
@@ -408,25 +518,56 @@ def _save_epoch(
 def _summary(
     state: RunState,
     run_data: RunData,
-    counts: np.ndarray,
+    config: TemporalConfig,
     caches: CacheSet,
     data: Path,
     details: dict,
 ) -> dict:
+    """The run at its end; `best_val_*` are the best epoch's validation scores (the numeric
+    ones are what tables of runs compare), `selected_by` the score that chose it."""
     best = state.history[state.best_epoch - 1]
-    return {
+    summary = {
+        "tasks": list(config.tasks),
+        "selected_by": config.selected_score,
         "best_epoch": state.best_epoch,
-        "best_val_f1": best["val_f1"],
-        "best_val_f1_smoothed": best["val_f1_smoothed"],
-        "best_val_class_f1": best["val_class_f1"],
+        **{
+            f"best_{key}": value
+            for key, value in best.items()
+            if key.startswith("val_") and not key.endswith("_frames")
+        },
         "last_epoch": state.history[-1],
         "epochs": state.epochs_done,
         "train_videos": run_data.train_count,
         "val_videos": len(run_data.val_indices),
-        "train_class_frames": dict(zip(run_data.classes, counts.tolist(), strict=True)),
+        "train_frames": {
+            task: int(sum(row_valid(task, labels).sum() for labels in run_data.train_labels(task)))
+            for task in config.tasks
+        },
+    }
+    if "expr" in config.tasks:
+        counts = class_counts(run_data.train_labels("expr"), len(EXPR_CLASSES))
+        summary["train_class_frames"] = dict(zip(EXPR_CLASSES, counts.tolist(), strict=True))
+    return {
+        **summary,
         "features_in_memory": isinstance(run_data.source, MemoryFeatures),
         "feature_dim": details["feature_dim"],
         "caches": details["caches"],
         "data": str(data),
         "train_seconds": sum(record["timing"]["train_seconds"] for record in state.history),
     }
+
+
+def best_scores_text(summary: dict) -> str:
+    """One line of the best epoch's validation scores, e.g. for the command line."""
+    shown = (
+        ("best_val_f1", "EXPR macro-F1"),
+        ("best_val_f1_smoothed", "smoothed"),
+        ("best_val_au_f1", "AU mean F1"),
+        ("best_val_va_ccc", "VA mean CCC"),
+        ("best_val_p", "P"),
+    )
+    scores = ", ".join(f"{name} {summary[key]:.4f}" for key, name in shown if key in summary)
+    return (
+        f"best validation epoch {summary['best_epoch']} (chosen by {summary['selected_by']}): "
+        f"{scores}"
+    )

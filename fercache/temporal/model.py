@@ -1,8 +1,10 @@
-"""The temporal model: per-frame features → transformer encoder along time → per-frame logits.
+"""The temporal model: per-frame features → transformer encoder along time → per-frame outputs.
 
 Input LayerNorm (fused caches differ in scale), dropout, a linear projection to `width`,
 fixed sinusoidal positions, a pre-norm `torch.nn.TransformerEncoder` with a key padding mask
-(padding rows are never attended to), a final LayerNorm and a linear per-frame head.
+(padding rows are never attended to), a final LayerNorm and one linear per-frame head per
+trained task, side by side on the shared encoding: EXPR 8 class logits, AU 12 logits (one
+sigmoid each), VA 2 values squashed by tanh into [-1, 1].
 """
 
 import dataclasses
@@ -13,7 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, TASKS, VA_NAMES
 from fercache.errors import FercacheError
+
+# What each task's head outputs, in order.
+OUTPUTS: dict[str, tuple[str, ...]] = {"expr": EXPR_CLASSES, "au": AU_NAMES, "va": VA_NAMES}
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,7 @@ class ModelConfig:
     """Everything needed to rebuild the network (written to the run's `model.json`)."""
 
     feature_dim: int
-    num_classes: int
+    tasks: tuple[str, ...]
     clip_frames: int
     width: int
     layers: int
@@ -42,7 +48,13 @@ class ModelConfig:
                 f"{source}: model config lacks {', '.join(missing)}; it was not written by "
                 "this version of `fercache train` (retrain, or use a matching fercache)"
             )
-        return cls(**{name: values[name] for name in names})
+        unknown = [task for task in values["tasks"] if task not in TASKS]
+        if unknown:
+            raise FercacheError(f"{source}: unknown task(s) {', '.join(unknown)} in 'tasks'")
+        return cls(
+            **{name: values[name] for name in names if name != "tasks"},
+            tasks=tuple(values["tasks"]),
+        )
 
 
 def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
@@ -76,10 +88,19 @@ class TemporalTransformer(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.width)
-        self.head = nn.Linear(config.width, config.num_classes)
+        self.heads = nn.ModuleDict(
+            {task: nn.Linear(config.width, len(OUTPUTS[task])) for task in config.tasks}
+        )
 
-    def forward(self, features: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, D) features, (B, T) bool padding (True = pad) → (B, T, C) logits; T ≤ clip."""
+    def forward(
+        self, features: torch.Tensor, padding: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """(B, T, D) features, (B, T) bool padding (True = pad) → per task (B, T, outputs):
+        EXPR and AU logits, VA values in [-1, 1]; T ≤ clip."""
         x = self.project(self.input_dropout(self.input_norm(features.float())))
         x = x + self.positions[: x.shape[1]]
-        return self.head(self.norm(self.encoder(x, src_key_padding_mask=padding)))
+        encoded = self.norm(self.encoder(x, src_key_padding_mask=padding))
+        outputs = {task: head(encoded) for task, head in self.heads.items()}
+        if "va" in outputs:
+            outputs["va"] = torch.tanh(outputs["va"])
+        return outputs

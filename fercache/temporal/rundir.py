@@ -1,12 +1,14 @@
 """The files of a run folder; each is written whole (temporary name, then rename).
 
 - `config.yaml`       resolved settings (`config.write_config`)
-- `model.json`        network config + classes, task, evaluation stride, caches trained on
-- `best.safetensors`  weights of the epoch with the best validation macro-F1
+- `model.json`        network config + tasks and their outputs, evaluation stride, caches
+- `best.safetensors`  weights of the epoch with the best validation score (`select`)
+- `final.safetensors` weights of the last epoch, at the end
 - `last.pt`           what `--resume` needs: weights, optimizer state, epochs done, history
-- `metrics.jsonl`     one JSON record per finished epoch
-- `summary.json`      the best epoch, its figures, the run's inputs, at the end
-- `curves.png`        training loss and validation macro-F1 per epoch, at the end
+- `metrics.jsonl`     one JSON record per finished epoch: training losses, every validation score
+- `summary.json`      the best epoch, its figures (`best_val_*`), the run's inputs, at the end
+- `curves.png`        training losses and validation scores per epoch, at the end
+- `thresholds.json`   per-AU thresholds, written by `fercache predict --tune-thresholds`
 """
 
 import json
@@ -24,6 +26,14 @@ LAST_CHECKPOINT = "last.pt"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
+# The validation scores an epoch record may hold, as the curves name them.
+SCORE_TITLES = {
+    "val_f1": "EXPR macro-F1",
+    "val_f1_smoothed": "EXPR macro-F1, smoothed",
+    "val_au_f1": "AU mean F1",
+    "val_va_ccc": "VA mean CCC",
+    "val_p": "P (sum of the task scores)",
+}
 
 
 def _replace_atomically(path: Path, write) -> None:
@@ -85,14 +95,18 @@ def holds_run(run_dir: Path) -> bool:
 def plot_curves(run_dir: Path, history: list[dict]) -> None:
     epochs = [record["epoch"] for record in history]
     figure = Figure(figsize=(10, 4))  # no pyplot: no global figure state, no GUI backend
-    loss_axis, f1_axis = figure.subplots(1, 2)
-    loss_axis.plot(epochs, [record["train_loss"] for record in history], marker="o")
-    loss_axis.set(xlabel="epoch", ylabel="training loss (weighted CE)", title="training")
-    f1_axis.plot(epochs, [record["val_f1"] for record in history], marker="o", label="raw")
-    f1_axis.plot(
-        epochs, [record["val_f1_smoothed"] for record in history], marker="o", label="smoothed"
-    )
-    f1_axis.set(xlabel="epoch", ylabel="macro-F1", title="validation")
-    f1_axis.legend()
+    loss_axis, score_axis = figure.subplots(1, 2)
+    losses = [key for key in history[0] if key.startswith("train_loss")]
+    for key in losses:
+        label = "total" if key == "train_loss" else key.removeprefix("train_loss_").upper()
+        loss_axis.plot(epochs, [record[key] for record in history], marker="o", label=label)
+    loss_axis.set(xlabel="epoch", ylabel="training loss", title="training")
+    loss_axis.legend()
+    for key, title in SCORE_TITLES.items():
+        if key in history[0]:
+            scores = [record[key] for record in history]
+            score_axis.plot(epochs, scores, marker="o", label=title)
+    score_axis.set(xlabel="epoch", ylabel="score", title="validation")
+    score_axis.legend()
     figure.tight_layout()
     _replace_atomically(run_dir / CURVES_FILE, lambda tmp: figure.savefig(tmp, format="png"))

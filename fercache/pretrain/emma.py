@@ -1,0 +1,152 @@
+"""EMMA (seed 003 §3.2): one backbone with an EXPR head (8 classes, cross-entropy) and an AU
+head (12 units, binary cross-entropy); a VA head on the concatenated EXPR and AU scores (and,
+optionally, a second frozen model's EXPR scores) trained with 1 - CCC per dimension. The VA
+head's input is detached: VA trains its head only, never the backbone (the seed's remedy for
+VA overfitting). Invalid labels (EXPR -1, AU -1, VA -5) count for nothing.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fercache.backbone import Backbone, DataConfig, load_backbone
+from fercache.data.tasks import AU_NAMES, VA_NAMES
+from fercache.errors import FercacheError
+from fercache.extract import preprocess
+from fercache.pretrain.finetune import (
+    NUM_CLASSES,
+    ModelFactory,
+    Recipe,
+    masked_mean,
+    pooled_and_logits,
+)
+from fercache.pretrain.mpl import Autocast
+from fercache.pretrain.sources import LabelledImages, read_multitask
+from fercache.pretrain.views import data_config_of
+
+AU_COUNT, VA_COUNT = len(AU_NAMES), len(VA_NAMES)
+VA_HIDDEN = 64  # seed 003: "a two-layer fully connected layer", width not stated: ours
+
+
+def concordance(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Lin's concordance correlation coefficient (population moments), differentiable."""
+    mean_p, mean_t = predicted.mean(), truth.mean()
+    covariance = ((predicted - mean_p) * (truth - mean_t)).mean()
+    spread = predicted.var(unbiased=False) + truth.var(unbiased=False) + (mean_p - mean_t) ** 2
+    return 2 * covariance / spread.clamp(min=1e-8)
+
+
+def ccc_loss(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Σ over valence and arousal of 1 - CCC on the frames whose value is valid (not NaN). A
+    dimension with fewer than two valid frames adds nothing. (Seed 003 eq. 4 writes
+    1 - (CCC_A + CCC_V): the same gradient.)"""
+    total = predicted.sum() * 0  # joined to the graph even when nothing is valid
+    for dimension in range(predicted.shape[1]):
+        valid = ~truth[:, dimension].isnan()
+        if int(valid.sum()) >= 2:
+            total = total + 1 - concordance(predicted[valid, dimension], truth[valid, dimension])
+    return total
+
+
+class EmmaNet(nn.Module):
+    """The backbone (a timm network whose head is the EXPR head), the AU and VA heads, and the
+    optional frozen reference whose EXPR logits join the VA head's input."""
+
+    def __init__(
+        self, backbone: nn.Module, data_config: DataConfig, reference: Backbone | None
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pretrained_cfg = backbone.pretrained_cfg  # what timm's resolve_data_config reads
+        self.au_head = nn.Linear(int(backbone.num_features), AU_COUNT)
+        scores = NUM_CLASSES + AU_COUNT + (reference.num_classes if reference else 0)
+        self.va_head = nn.Sequential(
+            nn.Linear(scores, VA_HIDDEN), nn.ReLU(), nn.Linear(VA_HIDDEN, VA_COUNT), nn.Tanh()
+        )
+        self.reference = reference.model if reference else None
+        self.reference_config = reference.data_config if reference else None
+        # to undo our normalisation before the reference applies its own
+        self.register_buffer("mean", torch.tensor(data_config.mean).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(data_config.std).view(1, 3, 1, 1), False)
+
+    def train(self, mode: bool = True) -> "EmmaNet":
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # frozen: no dropout, no batch-norm statistics updates
+        return self
+
+    def forward(
+        self, images: torch.Tensor, train_outputs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EXPR logits; with `train_outputs`, also AU logits and VA predictions."""
+        pooled, expr = pooled_and_logits(self.backbone, images)
+        if not train_outputs:
+            return expr
+        au = self.au_head(pooled)
+        scores = [expr, au]
+        if self.reference is not None:
+            scores.append(self._reference_scores(images))
+        # stop-gradient: the VA loss reaches the VA head only
+        return expr, au, self.va_head(torch.cat(scores, dim=1).detach())
+
+    @torch.no_grad()
+    def _reference_scores(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (images * self.std + self.mean).clamp(0, 1) * 255
+        return self.reference(preprocess(pixels, self.reference_config)).float()
+
+
+class Emma(Recipe):
+    balanced = False  # frames without an EXPR label (AU or VA only) must be drawn too
+
+    def read(self, sources: list[Path]) -> LabelledImages:
+        return read_multitask(sources)
+
+    def build(self, create: ModelFactory) -> nn.Module:
+        backbone = create(self.config.seed, **self.timm_options())
+        reference = _load_reference(self.config.emma_reference)
+        return EmmaNet(backbone, data_config_of(backbone, self.config.image_size), reference)
+
+    def trained_parts(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+        return [model.backbone], [model.au_head, model.va_head]
+
+    def losses(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor | None,
+        autocast: Autocast,
+    ) -> dict[str, torch.Tensor]:
+        with autocast():
+            expr, au, va = (output.float() for output in model(images, train_outputs=True))
+        au_truth, va_truth = targets[:, :AU_COUNT], targets[:, AU_COUNT:]
+        per_frame_ce = F.cross_entropy(expr, labels.clamp(min=0), reduction="none")
+        expr_ce = masked_mean(per_frame_ce, labels >= 0)
+        per_unit_bce = F.binary_cross_entropy_with_logits(
+            au, au_truth.nan_to_num(0.0), reduction="none"
+        )
+        au_bce = masked_mean(per_unit_bce, ~au_truth.isnan())
+        va_loss = ccc_loss(va, va_truth)
+        return {
+            "loss": expr_ce + au_bce + va_loss,
+            "expr_ce": expr_ce,
+            "au_bce": au_bce,
+            "va_ccc_loss": va_loss,
+        }
+
+    def exported(self, model: nn.Module) -> nn.Module:
+        return model.backbone
+
+
+def _load_reference(checkpoint: str) -> Backbone | None:
+    if not checkpoint:
+        return None
+    reference = load_backbone(None, Path(checkpoint))
+    if reference.num_classes == 0:
+        raise FercacheError(
+            f"{checkpoint}: emma_reference must predict expressions, but this model has no "
+            "classifier head; give a student exported by fercache pretrain"
+        )
+    return reference

@@ -1,0 +1,170 @@
+"""Grid sweeps of training runs and the runs table (issue 8, part B)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fercache.cli import app
+from fercache.errors import FercacheError
+from fercache.runs import runs_table
+from fercache.sweep import grid_points, parse_grid, sweep
+from fercache.temporal.loop import TrainRequest
+from tests.train_data import TreeSpec, write_cache, write_tree
+
+runner = CliRunner()
+TINY = ("width=16", "heads=2", "ff_width=32", "batch_size=8", "workers=0")
+POINTS = ["layers=1,lr=0.001", "layers=1,lr=0.003", "layers=2,lr=0.001", "layers=2,lr=0.003"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test machine is shared: one intra-op thread is faster and as deterministic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sweep")
+    labels = write_tree(root / "data", TreeSpec(train_videos=4, val_videos=2, frames=120))
+    write_cache(root / "cache", root / "data", labels)
+    return {"data": root / "data", "cache": root / "cache", "root": root}
+
+
+def _request(**options) -> TrainRequest:
+    return TrainRequest(overrides=TINY, epochs=1, device="cpu", progress=False, **options)
+
+
+@pytest.fixture(scope="module")
+def swept(tree) -> Path:
+    """`fercache sweep` over 2 x 2 points (the issue's dotted keys), one epoch each."""
+    out = tree["root"] / "sweep"
+    result = runner.invoke(
+        app,
+        [
+            *("sweep", str(tree["cache"]), "--data", str(tree["data"]), "--out", str(out)),
+            *("--grid", "model.layers=1,2", "--grid", "optim.lr=1e-3,3e-3", "--epochs", "1"),
+            *(item for setting in TINY for item in ("--set", setting)),
+            *("--device", "cpu", "--no-progress"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": trained;") == 4
+    return out
+
+
+def _summaries(out: Path) -> dict[str, dict]:
+    return {name: json.loads((out / name / "summary.json").read_text()) for name in POINTS}
+
+
+def test_grid_expands_to_every_combination():
+    grid = parse_grid(["model.layers=2,4", "lr=1e-4, 3e-4", "balance=none"])
+    assert grid == {"layers": ["2", "4"], "lr": ["1e-4", "3e-4"], "balance": ["none"]}
+    assert grid_points(grid) == [
+        {"layers": layers, "lr": lr, "balance": "none"}
+        for layers in ("2", "4")
+        for lr in ("1e-4", "3e-4")
+    ]
+
+
+def test_runs_of_a_four_run_sweep_lists_the_best_first_as_in_the_summaries(swept, tmp_path):
+    summaries = _summaries(swept)
+    best = max(summaries, key=lambda name: summaries[name]["best_val_f1"])
+    json_path = tmp_path / "runs.json"
+
+    result = runner.invoke(app, ["runs", str(swept), "--json", str(json_path)])
+
+    assert result.exit_code == 0, result.output
+    table = json.loads(json_path.read_text())
+    assert table["columns"][:3] == ["run", "layers", "lr"]  # only the settings that differ
+    assert "width" not in table["columns"] and "best_val_f1" in table["columns"]
+    rows = table["rows"]
+    assert sorted(row["run"] for row in rows) == POINTS
+    assert rows[0]["run"] == best
+    for row in rows:
+        summary = summaries[row["run"]]
+        for key in ("best_val_f1", "best_val_f1_smoothed", "best_epoch"):
+            assert row[key] == summary[key]
+        assert row["status"] == "finished" and row["epochs"] == 1
+    assert [row["best_val_f1"] for row in rows] == sorted(
+        (summary["best_val_f1"] for summary in summaries.values()), reverse=True
+    )
+    first_row = next(line for line in result.output.splitlines() if line.startswith("│"))
+    assert f"{summaries[best]['best_val_f1']:.4f}" in first_row
+
+
+def test_runs_sorts_on_any_column_and_refuses_an_unknown_one(swept):
+    by_lr = runs_table(swept, sort="lr").rows
+    assert [row["lr"] for row in by_lr] == [0.001, 0.001, 0.003, 0.003]
+    assert [row["run"] for row in by_lr[:2]] == POINTS[0::2]  # ties by run name
+    with pytest.raises(FercacheError, match="--sort 'f1': not a column; choose one of run, "):
+        runs_table(swept, sort="f1")
+
+
+def test_a_killed_sweep_resumes_and_skips_finished_runs(swept, tree):
+    interrupted = swept / POINTS[2]
+    (interrupted / "summary.json").unlink()  # as if killed after its last checkpoint
+    rows = {row["run"]: row for row in runs_table(swept).rows}
+    assert rows[POINTS[2]]["status"] == "unfinished (1/1 epochs)"
+    assert rows[POINTS[2]]["best_val_f1"] is None
+    assert runs_table(swept).rows[-1]["run"] == POINTS[2]  # empty scores sort last
+    finished = swept / POINTS[0] / "best.safetensors"
+    before = finished.stat().st_mtime_ns
+
+    runs = sweep([tree["cache"]], tree["data"], swept, ["layers=1,2", "lr=1e-3,3e-3"], _request())
+
+    statuses = {run.name: run.status for run in runs}
+    assert statuses == {name: "finished earlier" for name in POINTS} | {POINTS[2]: "resumed"}
+    assert finished.stat().st_mtime_ns == before
+    assert (interrupted / "summary.json").is_file()
+    narrower = TrainRequest(overrides=(*TINY, "width=8"), epochs=1, device="cpu", progress=False)
+    with pytest.raises(FercacheError, match="width 16 -> 8"):
+        sweep([tree["cache"]], tree["data"], swept, ["layers=1,2", "lr=1e-3,3e-3"], narrower)
+
+
+def test_under_torchrun_each_rank_trains_its_share_alone(tree, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tree["root"] / "ranks"
+
+    runs = sweep([tree["cache"]], tree["data"], out, ["layers=1,2,3"], _request())
+
+    assert [run.name for run in runs] == ["layers=2"]  # points 1, 3, ... of 0, 1, 2
+    assert sorted(path.name for path in out.iterdir()) == ["layers=2"]
+    assert os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        (["layers"], "expected key=value1,value2"),
+        (["layers=1,,2"], "expected key=value1,value2"),
+        (["layers=1", "model.layers=2"], "'layers' is already swept"),
+        (["layers=2,2"], "a value is repeated"),
+        (["lr=1e-3,0.001"], "several points resolve to the same settings"),
+        (["foo.layers=1,2"], "unknown temporal setting"),
+        (["layers=1,two"], "setting layers='two' should be like 4"),
+        ([], "give at least one --grid"),
+    ],
+)
+def test_bad_grids_are_refused_before_any_run(tree, tmp_path, grid, message):
+    with pytest.raises(FercacheError, match=message):
+        sweep([tree["cache"]], tree["data"], tmp_path / "out", grid, _request())
+    assert not (tmp_path / "out").exists()
+
+
+def test_runs_names_a_folder_without_runs_and_an_unreadable_summary(tmp_path):
+    result = runner.invoke(app, ["runs", str(tmp_path)])
+    assert result.exit_code == 2 and "no training runs found" in result.stderr
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("layers: 2\n")
+    (run / "summary.json").write_text("{not json")
+    with pytest.raises(FercacheError, match=r"run/summary\.json: not valid JSON"):
+        runs_table(tmp_path)
