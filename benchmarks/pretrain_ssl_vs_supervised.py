@@ -58,7 +58,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--backbone", default="resnet10t")
     parser.add_argument("--image-size", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=0.05, help="student and teacher")
+    parser.add_argument("--lr", type=float, default=0.05, help="the baseline's and the teacher's")
+    parser.add_argument("--student-lr", type=float, default=0.01, help="the MPL student's")
+    parser.add_argument("--erasing", type=float, default=0.0, help="strong-view erasing")
     parser.add_argument("--labelled", type=int, default=800)
     parser.add_argument("--unlabelled", type=int, default=3000)
     args = parser.parse_args()
@@ -85,9 +87,10 @@ def main() -> None:
                 steps=args.steps,
                 batch_size=32,
                 mu=2,
-                student_lr=args.lr,
+                student_lr=args.lr if recipe == "supervised" else args.student_lr,
                 teacher_lr=args.lr,
-                uda_steps=args.steps // 4,
+                uda_steps=args.steps,
+                erasing_prob=args.erasing,
                 eval_every=args.steps,
                 log_every=max(1, args.steps // 10),
                 checkpoint_every=args.steps,

@@ -49,6 +49,22 @@ def test_report_numbers_equal_evaluate_json(demo, tmp_path):
         assert float(table[row.name]) == expected == row.f1
 
 
+def test_the_runs_use_the_documented_phase_one_settings(demo):
+    """The baseline learns at the teacher's rate; only the SSL student learns slower, and only
+    the SSL run has unlabelled views (README, "What it gives")."""
+    out, _ = demo
+
+    def settings(name):
+        return json.loads((out / "runs" / name / "config.json").read_text())["settings"]
+
+    baseline, ssl = settings("baseline"), settings("ssl")
+    assert baseline["recipe"] == "supervised" and ssl["recipe"] == "mpl"
+    assert baseline["student_lr"] == ssl["teacher_lr"] == TINY.pretrain_lr
+    assert ssl["student_lr"] == TINY.ssl_student_lr < TINY.pretrain_lr
+    assert ssl["uda_steps"] == ssl["steps"] == baseline["steps"] == TINY.pretrain_steps
+    assert ssl["erasing_prob"] == 0
+
+
 def test_report_says_when_a_row_does_not_improve(demo):
     _, result = demo
     report = result.report.read_text()

@@ -37,7 +37,7 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     warmup_steps: int = 0
     temperature: float = 0.7
-    threshold: float = 0.6
+    threshold: float = 0.95
     lambda_u: float = 1.0
     uda_steps: int = 5000
     feedback_sign: int = 1
