@@ -42,7 +42,7 @@ SEED_ROWS = (
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Every size of the demo in one place; the default fits ~7 min on 2 CPU cores."""
+    """Every size of the demo in one place; the default fits 6 to 7 min on 2 CPU cores."""
 
     videos: int = 16
     frames: int = 300
