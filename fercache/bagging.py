@@ -12,13 +12,12 @@ scores beside the ensemble's. Finished bags are reused and interrupted ones resu
 and rank 0 alone predicts, votes and evaluates.
 """
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
 from rich.table import Table
 
-from fercache.distributed import resolve_device
+from fercache.distributed import resolve_device, torchrun_rank
 from fercache.ensemble import ensemble
 from fercache.errors import FercacheError
 from fercache.evaluate import evaluate, write_report
@@ -53,7 +52,7 @@ def train_bagged(
         bag_dir, seed = out / f"bag-{k}", config.seed + k
         summary, _ = train_or_reuse(cache_dirs, data, bag_dir, replace(request, seed=seed))
         bags_trained.append({"run": str(bag_dir), "seed": seed, **_training_figures(summary)})
-    if int(os.environ.get("RANK", "0")) != 0:
+    if torchrun_rank()[0] != 0:
         return None
     options = PredictOptions(
         split=config.val_split,

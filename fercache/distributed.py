@@ -32,6 +32,11 @@ class Ranks:
             dist.barrier()
 
 
+def torchrun_rank() -> tuple[int, int]:
+    """(rank, world size) as torchrun set them for this process; (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`; under torchrun, the local rank's
     GPU."""
@@ -46,7 +51,7 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise FercacheError(f"--device {choice}: no CUDA device here; use --device cpu")
-        if device.index is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.index is None or torchrun_rank()[1] > 1:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
@@ -55,8 +60,7 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
 @contextmanager
 def distributed(device_choice: str = "auto") -> Iterator[Ranks]:
     """The process group (when under torchrun) for the duration of a stage, then torn down."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world_size = torchrun_rank()
     device = resolve_device(device_choice, int(os.environ.get("LOCAL_RANK", "0")))
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

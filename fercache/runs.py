@@ -20,7 +20,7 @@ from rich.table import Table
 from fercache.errors import FercacheError
 from fercache.settings import read_yaml
 from fercache.temporal.config import CONFIG_FILE
-from fercache.temporal.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
+from fercache.temporal.rundir import METRICS_FILE, read_metrics, read_summary
 
 RUN = "run"
 EPOCHS = "epochs"
@@ -50,7 +50,7 @@ def runs_table(root: Path, sort: str | None = None) -> RunsTable:
             "folder of `fercache train`, `fercache sweep` or `fercache train --bagging`"
         )
     configs = {run_dir: read_yaml(run_dir / CONFIG_FILE) for run_dir in run_dirs}
-    summaries = {run_dir: _summary(run_dir) for run_dir in run_dirs}
+    summaries = {run_dir: read_summary(run_dir) for run_dir in run_dirs}
     differing = _differing_keys(list(configs.values()))
     scores = _score_names([summary for summary in summaries.values() if summary])
     rows = [
@@ -59,19 +59,6 @@ def runs_table(root: Path, sort: str | None = None) -> RunsTable:
     ]
     columns = [RUN, *differing, EPOCHS, BEST_EPOCH, *scores, STATUS]
     return RunsTable(columns, scores, _sorted(rows, sort or (scores or [RUN])[0], columns, scores))
-
-
-def _summary(run_dir: Path) -> dict | None:
-    path = run_dir / SUMMARY_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise FercacheError(
-            f"{path}: not valid JSON ({error}); delete it and resume the run "
-            "(`fercache train ... --resume`) to write it again"
-        ) from error
 
 
 def _differing_keys(configs: list[dict]) -> list[str]:

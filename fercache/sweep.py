@@ -15,17 +15,17 @@ group) on its own device; without torchrun the points run one after the other.
 """
 
 import itertools
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fercache.distributed import torchrun_rank
 from fercache.errors import FercacheError
 from fercache.temporal.config import load_config, resumed_config
 from fercache.temporal.loop import TrainRequest, train
-from fercache.temporal.rundir import SUMMARY_FILE, holds_run
+from fercache.temporal.rundir import holds_run, read_summary
 
 SECTIONS = ("data", "clips", "model", "optim", "loading")  # groups of configs/temporal.yaml
 TORCHRUN_WORLD = ("RANK", "WORLD_SIZE")
@@ -77,8 +77,7 @@ def sweep(
 ) -> list[SweepRun]:
     """Train every point of the grid this process owns into `out/<point name>`."""
     points = _named_points(grid_points(parse_grid(grid_items)), request)
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size = torchrun_rank()
     runs = []
     for name, point_request in points[rank::world_size]:
         with _alone():
@@ -126,7 +125,8 @@ def train_or_reuse(
     """The run's summary and how it was obtained: read back from a finished run (whose saved
     settings must be the ones asked for), resumed from an interrupted one, or trained."""
     run_dir = Path(run_dir)
-    if (run_dir / SUMMARY_FILE).is_file():
+    summary = read_summary(run_dir)
+    if summary is not None:
         resumed_config(
             run_dir,
             request.config_file,
@@ -134,7 +134,7 @@ def train_or_reuse(
             epochs=request.epochs,
             seed=request.seed,
         )
-        return json.loads((run_dir / SUMMARY_FILE).read_text()), "finished earlier"
+        return summary, "finished earlier"
     resume = holds_run(run_dir)
     summary = train(cache_dirs, data, run_dir, replace(request, resume=resume))
     return summary, "resumed" if resume else "trained"

@@ -1,8 +1,9 @@
-"""Shared fixtures: one small synthetic Aff-Wild2 tree per test session."""
+"""Shared fixtures: one small synthetic Aff-Wild2 tree per test session; one torch thread."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from fercache.data.synthetic import SynthConfig, generate
 
@@ -15,3 +16,14 @@ def synthetic_tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "tree"
     generate(root, SMALL_TREE, progress=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): intra-op
+    threads gain nothing there, and on a busy 2-core machine they spin against each other (a 4x
+    slowdown measured). Restored for the modules after the one that asked."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,19 +18,10 @@ from fercache.predictions import Predictions, VideoPredictions
 from fercache.temporal.config import load_config
 from fercache.temporal.loop import TrainRequest
 from fercache.temporal.subsample import subsample_videos
-from tests.train_data import TreeSpec, write_cache, write_tree
+from tests.train_data import TINY_TEMPORAL, TreeSpec, write_cache, write_tree
 
 runner = CliRunner()
-TINY = ("width=16", "layers=1", "heads=2", "ff_width=32", "batch_size=8", "workers=0")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread is faster and as deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _predictions(seed: int, *, frames: int = 40, without: str = "") -> Predictions:
@@ -218,7 +209,7 @@ def bagged(tree, tmp_path_factory) -> dict:
         [
             *("train", str(tree["cache"]), "--data", str(tree["data"]), "--out", str(out)),
             *("--bagging", "3", "--subsample", "0.5", "--epochs", "1", "--seed", "5"),
-            *(item for setting in TINY for item in ("--set", setting)),
+            *(item for setting in TINY_TEMPORAL for item in ("--set", setting)),
             *("--device", "cpu", "--no-progress"),
         ],
     )
@@ -282,14 +273,14 @@ def test_rerun_bagging_reuses_finished_bags_and_refuses_changed_settings(bagged,
     out = bagged["out"]
     before = (out / "bag-1" / "best.safetensors").stat().st_mtime_ns
     request = TrainRequest(
-        overrides=(*TINY, "subsample=0.5"), epochs=1, seed=5, device="cpu", progress=False
+        overrides=(*TINY_TEMPORAL, "subsample=0.5"), epochs=1, seed=5, device="cpu", progress=False
     )
     again = train_bagged([bagged["cache"]], bagged["data"], out, request, 3)
     assert (out / "bag-1" / "best.safetensors").stat().st_mtime_ns == before
     assert [bag["best_val_f1"] for bag in again["bags"]] == [
         json.loads((out / f"bag-{k}" / "summary.json").read_text())["best_val_f1"] for k in range(3)
     ]
-    changed = replace(request, overrides=(*TINY, "subsample=0.3"))
+    changed = replace(request, overrides=(*TINY_TEMPORAL, "subsample=0.3"))
     with pytest.raises(FercacheError, match=r"subsample 0\.5 -> 0\.3"):
         train_bagged([bagged["cache"]], bagged["data"], out, changed, 3)
     with pytest.raises(FercacheError, match="bagging needs at least 2 models"):

@@ -24,7 +24,14 @@ from fercache.temporal.features import load_fused_features
 from fercache.temporal.inference import TemporalPredictor
 from fercache.temporal.loop import TrainRequest, train
 from fercache.temporal.rundir import read_metrics
-from tests.train_data import TreeSpec, fake_provenance, write_cache, write_label_cache, write_tree
+from tests.train_data import (
+    TINY_TEMPORAL,
+    TreeSpec,
+    fake_provenance,
+    write_cache,
+    write_label_cache,
+    write_tree,
+)
 
 runner = CliRunner()
 FEATURE_DIM = 16
@@ -264,7 +271,6 @@ def test_temporal_run_refuses_a_cache_it_was_not_trained_on(temporal_run, tmp_pa
 
 # --- AU and VA beside EXPR (issue 8) -----------------------------------------------------------
 
-TINY = ("width=16", "layers=1", "heads=2", "ff_width=32", "batch_size=8", "workers=0")
 LEARNS = ("lr=1e-2", "batch_size=2", "dropout=0", "input_dropout=0", "warmup_epochs=0")
 
 
@@ -273,7 +279,7 @@ def three_tasks(synthetic_tree, tmp_path_factory) -> dict:
     """A tiny EXPR+AU+VA run on the generator's tree, its cache a noisy view of the labels."""
     root = tmp_path_factory.mktemp("three-tasks")
     cache = write_label_cache(root / "cache", synthetic_tree)
-    overrides = (*TINY, *LEARNS, "tasks=[expr,au,va]")
+    overrides = (*TINY_TEMPORAL, *LEARNS, "tasks=[expr,au,va]")
     request = TrainRequest(overrides=overrides, epochs=15, device="cpu", progress=False)
     summary = train([cache], synthetic_tree, root / "run", request)
     return {"cache": cache, "run": root / "run", "summary": summary}
@@ -370,7 +376,9 @@ def test_tuned_thresholds_are_stored_with_the_run_and_used_by_later_predicts(
 
 
 def test_a_run_without_expr_predicts_and_scores_au_only(synthetic_tree, three_tasks, tmp_path):
-    request = TrainRequest(overrides=(*TINY, "tasks=[au]"), epochs=1, device="cpu", progress=False)
+    request = TrainRequest(
+        overrides=(*TINY_TEMPORAL, "tasks=[au]"), epochs=1, device="cpu", progress=False
+    )
     summary = train([three_tasks["cache"]], synthetic_tree, tmp_path / "au", request)
     assert summary["selected_by"] == "au_f1" and "best_val_f1" not in summary
     pred = tmp_path / "au.h5"

@@ -27,22 +27,12 @@ from fercache.pretrain.loop import _create_model
 from fercache.pretrain.sources import attach_landmarks, read_labelled, read_multitask
 from fercache.pretrain.views import data_config_of
 from fercache.temporal.loop import TrainRequest, train
-from tests.train_data import TreeSpec, write_tree
+from tests.train_data import TINY_TEMPORAL, TreeSpec, write_tree
 
 TREE = SynthConfig(videos=4, frames=64, seed=7, labelled_pool=48, unlabelled_pool=1, workers=1)
 RUN = {"batch_size": 16, "workers": 0, "steps": 4, "eval_every": 4, "log_every": 2}
 RUN |= {"checkpoint_every": 4, "finetune_lr": 0.05}
-TINY_TEMPORAL = ("width=16", "layers=1", "heads=2", "ff_width=32", "batch_size=8", "workers=0")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads gain nothing, and on a busy 2-core machine they
-    spin against each other (a 4x slowdown measured). Restored for the modules after this one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

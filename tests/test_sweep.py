@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fercache.cli import app
@@ -16,17 +15,9 @@ from fercache.temporal.loop import TrainRequest
 from tests.train_data import TreeSpec, write_cache, write_tree
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ("width=16", "heads=2", "ff_width=32", "batch_size=8", "workers=0")
 POINTS = ["layers=1,lr=0.001", "layers=1,lr=0.003", "layers=2,lr=0.001", "layers=2,lr=0.003"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread is faster and as deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,7 @@ from fercache.temporal.step import (
 from tests.train_data import TreeSpec, write_cache, write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_MODEL = ("width=16", "layers=1", "heads=2", "ff_width=32", "batch_size=8", "workers=1")
 RUN_FILES = {
     "config.yaml",
@@ -55,15 +56,6 @@ RUN_FILES = {
     "summary.json",
     "curves.png",
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread is faster and as deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

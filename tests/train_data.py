@@ -20,6 +20,8 @@ from fercache.data.tasks import AU_NAMES, EXPR, TASKS, VA_NAMES
 from fercache.store import Provenance, write_manifest, write_store
 
 CLASSES = 8
+# the smallest temporal model the trainer builds: `--set` values for tests that train one
+TINY_TEMPORAL = ("width=16", "layers=1", "heads=2", "ff_width=32", "batch_size=8", "workers=0")
 ANNOTATIONS = "Annotations/EXPR_Recognition_Challenge"
 SPLIT_FOLDERS = {"train": "Train_Set", "val": "Validation_Set"}
 

@@ -88,6 +88,20 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_summary(run_dir: Path) -> dict | None:
+    """The finished run's `summary.json`; None while the run is unfinished."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise FercacheError(
+            f"{path}: not valid JSON ({error}); delete it and resume the run "
+            "(`fercache train ... --resume`) to write it again"
+        ) from error
+
+
 def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in (LAST_CHECKPOINT, METRICS_FILE, BEST_WEIGHTS))
 
