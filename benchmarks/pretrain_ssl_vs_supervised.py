@@ -6,6 +6,7 @@ and the macro-F1 of the exported student on every labelled frame of the syntheti
 Validation_Set videos (other identities, video-like nuisance: the frames extraction will see).
 
     python benchmarks/pretrain_ssl_vs_supervised.py --out /tmp/bench --steps 300 --seeds 0 1
+    python benchmarks/pretrain_ssl_vs_supervised.py --out /tmp/b2 --steps 1200 --finetune-steps 600
 """
 
 import argparse
@@ -51,6 +52,14 @@ def frame_f1(run: Path, config: PretrainConfig, frames: tuple[list[Path], np.nda
     return evaluate(model, loader, torch.device("cpu"), contextlib.nullcontext)["f1"]
 
 
+def _student_f1_at(records: list[dict], step: int) -> float | None:
+    """The held-out student F1 logged at `step` (for MPL: before its fine-tuning)."""
+    logged = [
+        r["heldout_student_f1"] for r in records if r["step"] == step and "heldout_student_f1" in r
+    ]
+    return logged[0] if logged else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -61,6 +70,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05, help="the baseline's and the teacher's")
     parser.add_argument("--student-lr", type=float, default=0.01, help="the MPL student's")
     parser.add_argument("--erasing", type=float, default=0.0, help="strong-view erasing")
+    parser.add_argument(
+        "--finetune-steps", type=int, default=0, help="of --steps, the MPL student's fine-tuning"
+    )
+    parser.add_argument("--finetune-lr", type=float, default=0.05, help="its peak lr")
     parser.add_argument("--labelled", type=int, default=800)
     parser.add_argument("--unlabelled", type=int, default=3000)
     args = parser.parse_args()
@@ -89,8 +102,10 @@ def main() -> None:
                 mu=2,
                 student_lr=args.lr if recipe == "supervised" else args.student_lr,
                 teacher_lr=args.lr,
-                uda_steps=args.steps,
+                uda_steps=args.steps - args.finetune_steps,
                 erasing_prob=args.erasing,
+                student_finetune_steps=args.finetune_steps if recipe == "mpl" else 0,
+                student_finetune_lr=args.finetune_lr,
                 eval_every=args.steps,
                 log_every=max(1, args.steps // 10),
                 checkpoint_every=args.steps,
@@ -114,8 +129,9 @@ def main() -> None:
                 "seed": seed,
                 "seconds": round(seconds, 1),
                 "first_loss": records[0][loss_key],
-                "last_loss": records[-1][loss_key],
+                "last_loss": [record for record in records if loss_key in record][-1][loss_key],
                 "heldout_f1": report.evaluation["student_f1"],
+                "heldout_f1_after_mpl": _student_f1_at(records, config.mpl_steps),
                 "heldout_accuracy": report.evaluation["student_accuracy"],
                 "teacher_heldout_f1": report.evaluation.get("teacher_f1"),
                 "validation_frames_f1": frame_f1(run, config, frames),

@@ -3,6 +3,7 @@
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -12,7 +13,7 @@ from fercache.demo import SEED_ROWS, DemoSettings, run_demo
 from fercache.errors import FercacheError
 
 runner = CliRunner()
-TINY = DemoSettings.small()
+TINY = replace(DemoSettings.small(), ssl_finetune_steps=2)  # the SSL student's last 2 of 4 steps
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,30 @@ def test_the_runs_use_the_documented_phase_one_settings(demo):
     assert baseline["recipe"] == "supervised" and ssl["recipe"] == "mpl"
     assert baseline["student_lr"] == ssl["teacher_lr"] == TINY.pretrain_lr
     assert ssl["student_lr"] == TINY.ssl_student_lr < TINY.pretrain_lr
-    assert ssl["uda_steps"] == ssl["steps"] == baseline["steps"] == TINY.pretrain_steps
-    assert ssl["erasing_prob"] == 0
+    assert ssl["steps"] == baseline["steps"] == TINY.pretrain_steps
+    assert ssl["student_finetune_steps"] == TINY.ssl_finetune_steps
+    assert ssl["uda_steps"] == TINY.pretrain_steps - TINY.ssl_finetune_steps  # the MPL steps
+    assert ssl["student_finetune_lr"] == TINY.pretrain_lr
+    assert ssl["erasing_prob"] == 0 and baseline["student_finetune_steps"] == 0
+
+
+def test_the_report_gives_the_ssl_students_f1_before_and_after_its_fine_tuning(demo):
+    out, result = demo
+    records = [json.loads(line) for line in (out / "runs" / "ssl" / "metrics.jsonl").open()]
+    before = next(r for r in records if r["step"] == 2)["heldout_student_f1"]
+    after = records[-1]["heldout_student_f1"]
+    assert (
+        f"student's {after:.3f} ({before:.3f} before its fine-tuning)" in result.report.read_text()
+    )
+
+
+def test_the_command_refuses_fine_tuning_that_leaves_no_mpl_step(tmp_path):
+    invoked = runner.invoke(
+        app,
+        ["demo", "--out", str(tmp_path / "d"), "--pretrain-steps", "50", "--finetune-steps", "50"],
+    )
+    assert invoked.exit_code == 2 and "must be fewer than the phase-1 steps" in invoked.stderr
+    assert not (tmp_path / "d").exists()
 
 
 def test_report_says_when_a_row_does_not_improve(demo):

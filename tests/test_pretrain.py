@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
@@ -203,6 +204,26 @@ def test_the_student_waits_at_lr_0_then_warms_up_and_decays_over_the_rest():
     assert student_lrs[4:6] == pytest.approx([0.05, 0.1])  # warm-up restarts after the wait
     assert student_lrs[6] == pytest.approx(0.1) and student_lrs[-1] < student_lrs[6]
     assert teacher_lrs[0] > 0  # the teacher learns from the first step
+
+
+def test_the_teacher_stops_and_the_student_restarts_its_cosine_for_the_fine_tuning():
+    config = PretrainConfig(
+        steps=10, student_finetune_steps=4, student_lr=0.1, student_finetune_lr=0.2
+    )
+    ranks = Ranks(rank=0, world_size=1, device=torch.device("cpu"))
+    models = _build_training(_tiny_net(0), _tiny_net(1), config, ranks, None)
+    student_lrs, teacher_lrs = [], []
+    for _ in range(config.steps):
+        student_lrs.append(models.student_optimizer.param_groups[0]["lr"])
+        teacher_lrs.append(models.teacher_optimizer.param_groups[0]["lr"])
+        for scheduler in models.schedulers:
+            scheduler.optimizer.step()
+            scheduler.step()
+    assert student_lrs[0] == pytest.approx(0.1) and teacher_lrs[0] == pytest.approx(0.01)
+    assert student_lrs[5] < student_lrs[0] and teacher_lrs[5] < teacher_lrs[0]
+    assert teacher_lrs[6:] == pytest.approx([0.0] * 4, abs=1e-12)  # cosine over 6 MPL steps
+    assert student_lrs[6] == pytest.approx(0.2)
+    assert student_lrs[6] > student_lrs[7] > student_lrs[8] > student_lrs[9] > 0
 
 
 def test_balanced_sampler_gives_equal_class_counts_from_a_1_to_20_source():
@@ -444,6 +465,38 @@ def test_the_supervised_baseline_lowers_its_loss_and_writes_no_teacher(synthetic
     assert last["student_supervised"] < first["student_supervised"]
     assert set(report.evaluation) == {"student_accuracy", "student_f1"}
     assert not (tmp_path / "run" / "teacher.safetensors").exists()
+
+
+def test_the_student_fine_tunes_alone_after_the_mpl_steps(synthetic_tree, tmp_path):
+    pool = synthetic_tree / "pools"
+    settings = {**TINY, "eval_every": 100, "log_every": 1, "checkpoint_every": 100}
+    mpl_only = PretrainConfig(**settings, steps=3)
+    with_finetuning = PretrainConfig(**settings, steps=5, student_finetune_steps=2)
+    for name, config in (("mpl", mpl_only), ("finetuned", with_finetuning)):
+        pretrain(
+            [pool / "labelled.csv"], [pool / "unlabelled"], tmp_path / name, config, progress=False
+        )
+
+    records = _read_metrics(tmp_path / "finetuned")
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 5]
+    assert all("feedback" in record for record in records[:3])
+    assert "heldout_student_f1" in records[2]  # what MPL alone gave, before the fine-tuning
+    for record in records[3:]:  # the student's CE on labelled batches; the teacher rests
+        assert "feedback" not in record and np.isfinite(record["student_supervised"])
+        assert record["lr_teacher"] == pytest.approx(0.0, abs=1e-12)
+    teacher = load_file(tmp_path / "mpl" / "teacher.safetensors")
+    student = load_file(tmp_path / "mpl" / "student.safetensors")
+    # the same first three steps (same seed and schedules), then only the student moved
+    torch.testing.assert_close(load_file(tmp_path / "finetuned" / "teacher.safetensors"), teacher)
+    moved = load_file(tmp_path / "finetuned" / "student.safetensors")
+    assert not torch.equal(moved["fc.weight"], student["fc.weight"])
+
+
+def test_fine_tuning_is_refused_where_it_cannot_apply():
+    with pytest.raises(FercacheError, match="at least one Meta Pseudo Labels step"):
+        load_config(None, ["steps=10", "student_finetune_steps=10"])
+    with pytest.raises(FercacheError, match="applies to recipe mpl only"):
+        load_config(None, ["recipe=supervised", "student_finetune_steps=2"])
 
 
 def test_two_processes_under_torchrun_train_one_model(synthetic_tree, tmp_path):

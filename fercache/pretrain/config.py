@@ -42,6 +42,8 @@ class PretrainConfig:
     uda_steps: int = 5000
     feedback_sign: int = 1
     student_wait_steps: int = 0  # the student's lr stays 0 while the teacher warms up
+    student_finetune_steps: int = 0  # mpl: the last N steps train the student alone on labels
+    student_finetune_lr: float = 1e-3  # their peak lr (cosine from it to 0 over those steps)
     ema_decay: float = 0.0
     randaugment: str = "rand-m9-mstd0.5-inc1-mmax9"
     erasing_prob: float = 0.25
@@ -76,6 +78,19 @@ class PretrainConfig:
             (
                 0 <= self.student_wait_steps < self.steps,
                 "student_wait_steps must lie in [0, steps)",
+            ),
+            (
+                0 <= self.student_finetune_steps < self.steps - self.student_wait_steps,
+                "student_finetune_steps must lie in [0, steps - student_wait_steps): "
+                "at least one Meta Pseudo Labels step must remain",
+            ),
+            (
+                self.recipe == "mpl" or self.student_finetune_steps == 0,
+                f"student_finetune_steps applies to recipe mpl only (this run: {self.recipe})",
+            ),
+            (
+                min(self.student_lr, self.teacher_lr, self.student_finetune_lr) > 0,
+                "student_lr, teacher_lr and student_finetune_lr must be positive",
             ),
             (0 <= self.threshold <= 1, "threshold must lie in [0, 1]"),
             (self.temperature > 0, "temperature must be positive"),
@@ -112,6 +127,11 @@ class PretrainConfig:
                 "recipe multitask-landmarks needs landmarks=PATH (a CSV: path, x0, y0, ... y67)",
             ),
         ]
+
+    @property
+    def mpl_steps(self) -> int:
+        """Steps of teacher/student training; the student fine-tunes alone after them."""
+        return self.steps - self.student_finetune_steps
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

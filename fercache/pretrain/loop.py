@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -175,6 +176,7 @@ def _run(
     ranks.barrier()
 
     stream_seed = [config.seed, ranks.rank, state.step]  # a resumed run draws a fresh stream
+    _seed_host_random(stream_seed)
     labelled_paths = [labelled_images.paths[i] for i in train_index]
     targets = np.asarray(labelled_images.targets)[train_index] if labelled_images.targets else None
     labelled_batches = _labelled_batches(
@@ -201,9 +203,11 @@ def _run(
     with progress_bar("pretraining", config.steps, progress and ranks.is_main) as advance:
         advance(state.step)
         while state.step < config.steps:
+            # after the MPL steps the student fine-tunes alone: no unlabelled batch is drawn
+            with_unlabelled = unlabelled_batches is not None and state.step < config.mpl_steps
             metrics, unreadable = run(
                 next(labelled_batches),
-                next(unlabelled_batches) if unlabelled_batches else None,
+                next(unlabelled_batches) if with_unlabelled else None,
                 state.step,
             )
             state.step += 1
@@ -222,6 +226,15 @@ def _run(
     return PretrainReport(out, state.step, last_eval, [str(problem) for problem in problems])
 
 
+def _seed_host_random(stream_seed: list[int]) -> None:
+    """With workers=0 the views are drawn in this process, and timm's RandAugment draws from
+    Python's `random` and NumPy's global generator (loader workers are seeded by torch):
+    seeded here, a run repeats exactly whatever `workers` is."""
+    seed = int(np.random.SeedSequence([*stream_seed, 2]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def _one_step(
     models: Models,
     settings: MplSettings,
@@ -238,7 +251,7 @@ def _one_step(
         metrics = models.recipe.step(
             models.student, models.student_optimizer, images, labels, extra, autocast
         )
-    elif unlabelled_batch is None:
+    elif unlabelled_batch is None:  # the baseline, or the MPL student's fine-tuning
         metrics = supervised_step(
             models.student, models.student_optimizer, images, labels, autocast
         )
@@ -301,11 +314,13 @@ def _build_training(
         else _optimizer(student, config.student_lr, config)
     )
     teacher_optimizer = _optimizer(teacher, config.teacher_lr, config) if teacher else None
-    lr_factor = partial(_warmup_cosine, warmup=config.warmup_steps, total=config.steps)
-    # Face2Exp / MPL practice: the student waits (lr 0) until the teacher's pseudo labels
-    # mean something, then warms up and decays over the steps that remain
-    wait = config.student_wait_steps if teacher else 0
-    student_factor = partial(_after_wait, wait=wait, warmup=config.warmup_steps, total=config.steps)
+    # the teacher's cosine ends with the MPL steps: it does not learn while the student fine-tunes
+    teacher_factor = partial(_warmup_cosine, warmup=config.warmup_steps, total=config.mpl_steps)
+    student_factor = (
+        partial(_mpl_student_lr_factor, config=config)
+        if teacher
+        else partial(_warmup_cosine, warmup=config.warmup_steps, total=config.steps)
+    )
     ema = (
         ModelEmaV3(student.to(ranks.device), decay=config.ema_decay)
         if config.ema_decay > 0
@@ -318,7 +333,10 @@ def _build_training(
         teacher_optimizer=teacher_optimizer,
         schedulers=[
             torch.optim.lr_scheduler.LambdaLR(opt, factor)
-            for opt, factor in ((student_optimizer, student_factor), (teacher_optimizer, lr_factor))
+            for opt, factor in (
+                (student_optimizer, student_factor),
+                (teacher_optimizer, teacher_factor),
+            )
             if opt is not None
         ],
         ema=ema,
@@ -343,8 +361,18 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _after_wait(step: int, wait: int, warmup: int, total: int) -> float:
-    return 0.0 if step < wait else _warmup_cosine(step - wait, warmup, total - wait)
+def _mpl_student_lr_factor(step: int, config: PretrainConfig) -> float:
+    """The MPL student's lr / student_lr: 0 for `student_wait_steps` (Face2Exp / MPL practice:
+    the teacher's pseudo labels mean nothing yet), warm-up and cosine over the MPL steps left,
+    then a fresh cosine from `student_finetune_lr` over the fine-tuning steps (MPL's last
+    stage: the student meets the labels themselves)."""
+    wait, mpl_steps = config.student_wait_steps, config.mpl_steps
+    if step < wait:
+        return 0.0
+    if step >= mpl_steps and config.student_finetune_steps > 0:
+        finetune_scale = config.student_finetune_lr / config.student_lr
+        return finetune_scale * _warmup_cosine(step - mpl_steps, 0, config.student_finetune_steps)
+    return _warmup_cosine(step - wait, config.warmup_steps, mpl_steps - wait)
 
 
 def _placed(model: nn.Module, ranks: Ranks) -> nn.Module:
@@ -460,11 +488,13 @@ def _maybe_log_and_save(
 ) -> dict | None:
     """Log every `log_every`, evaluate every `eval_every`, checkpoint every
     `checkpoint_every` steps, and all three at the last step. A checkpoint step is also
-    logged, so the saved feedback mean counts every step before it."""
+    logged, so the saved feedback mean counts every step before it. The last MPL step before
+    the student's fine-tuning is evaluated too: what MPL alone gave."""
     last = state.step == config.steps
     checkpoint = last or state.step % config.checkpoint_every == 0
+    mpl_end = config.student_finetune_steps > 0 and state.step == config.mpl_steps
     evaluation = None
-    if ranks.is_main and (last or state.step % config.eval_every == 0):
+    if ranks.is_main and (last or mpl_end or state.step % config.eval_every == 0):
         evaluation = _evaluate_models(models, held_out, ranks.device, autocast)
     if ranks.is_main and (checkpoint or evaluation or state.step % config.log_every == 0):
         _append_metrics(out, config, models, state, evaluation)
