@@ -189,8 +189,8 @@ def test_measuring_the_labelled_loss_leaves_batch_norm_statistics_alone():
 # --- sampling -----------------------------------------------------------------------------
 
 
-def test_the_student_waits_at_lr_0_then_warms_up_and_decays_over_the_rest():
-    config = PretrainConfig(steps=10, student_wait_steps=4, warmup_steps=2, student_lr=0.1)
+def _learning_rates(config: PretrainConfig) -> tuple[list[float], list[float]]:
+    """The student's and the teacher's lr at each step of an MPL run with `config`."""
     ranks = Ranks(rank=0, world_size=1, device=torch.device("cpu"))
     models = _build_training(_tiny_net(0), _tiny_net(1), config, ranks, None)
     student_lrs, teacher_lrs = [], []
@@ -200,6 +200,12 @@ def test_the_student_waits_at_lr_0_then_warms_up_and_decays_over_the_rest():
         for scheduler in models.schedulers:
             scheduler.optimizer.step()  # no gradients: moves nothing, keeps torch's order
             scheduler.step()
+    return student_lrs, teacher_lrs
+
+
+def test_the_student_waits_at_lr_0_then_warms_up_and_decays_over_the_rest():
+    config = PretrainConfig(steps=10, student_wait_steps=4, warmup_steps=2, student_lr=0.1)
+    student_lrs, teacher_lrs = _learning_rates(config)
     assert student_lrs[:4] == [0.0] * 4
     assert student_lrs[4:6] == pytest.approx([0.05, 0.1])  # warm-up restarts after the wait
     assert student_lrs[6] == pytest.approx(0.1) and student_lrs[-1] < student_lrs[6]
@@ -210,15 +216,7 @@ def test_the_teacher_stops_and_the_student_restarts_its_cosine_for_the_fine_tuni
     config = PretrainConfig(
         steps=10, student_finetune_steps=4, student_lr=0.1, student_finetune_lr=0.2
     )
-    ranks = Ranks(rank=0, world_size=1, device=torch.device("cpu"))
-    models = _build_training(_tiny_net(0), _tiny_net(1), config, ranks, None)
-    student_lrs, teacher_lrs = [], []
-    for _ in range(config.steps):
-        student_lrs.append(models.student_optimizer.param_groups[0]["lr"])
-        teacher_lrs.append(models.teacher_optimizer.param_groups[0]["lr"])
-        for scheduler in models.schedulers:
-            scheduler.optimizer.step()
-            scheduler.step()
+    student_lrs, teacher_lrs = _learning_rates(config)
     assert student_lrs[0] == pytest.approx(0.1) and teacher_lrs[0] == pytest.approx(0.01)
     assert student_lrs[5] < student_lrs[0] and teacher_lrs[5] < teacher_lrs[0]
     assert teacher_lrs[6:] == pytest.approx([0.0] * 4, abs=1e-12)  # cosine over 6 MPL steps
