@@ -54,10 +54,8 @@ def frame_f1(run: Path, config: PretrainConfig, frames: tuple[list[Path], np.nda
 
 def _student_f1_at(records: list[dict], step: int) -> float | None:
     """The held-out student F1 logged at `step` (for MPL: before its fine-tuning)."""
-    logged = [
-        r["heldout_student_f1"] for r in records if r["step"] == step and "heldout_student_f1" in r
-    ]
-    return logged[0] if logged else None
+    at_step = (r for r in records if r["step"] == step and "heldout_student_f1" in r)
+    return next((r["heldout_student_f1"] for r in at_step), None)
 
 
 def main() -> None:

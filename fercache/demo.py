@@ -401,7 +401,8 @@ def _run_notes(out: Path, settings: DemoSettings) -> list[str]:
 
 
 def _ssl_note(out: Path, settings: DemoSettings) -> str:
-    """The SSL run's last MPL step and last evaluation, from its metrics.jsonl."""
+    """The SSL run's last MPL step and last evaluation, from its metrics.jsonl (the last
+    step, and the last MPL step of a run that fine-tunes, are always evaluated)."""
     lines = (out / "runs" / "ssl" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     mpl = [record for record in records if "mask_ratio" in record][-1]
@@ -413,9 +414,7 @@ def _ssl_note(out: Path, settings: DemoSettings) -> str:
         + (f" (the SSL student's last {finetuned} fine-tuning on the labels)" if finetuned else "")
         + ", against 100 k steps of ResNet-50 at 224 px."
     )
-    before = (
-        f" ({mpl.get('heldout_student_f1', 0):.3f} before its fine-tuning)" if finetuned else ""
-    )
+    before = f" ({mpl['heldout_student_f1']:.3f} before its fine-tuning)" if finetuned else ""
     verdict = (
         ""
         if finetuned
@@ -425,10 +424,10 @@ def _ssl_note(out: Path, settings: DemoSettings) -> str:
     )
     return (
         f"{budget} At the last MPL step the teacher was confident on "
-        f"{100 * mpl.get('mask_ratio', 0):.0f} % of the unlabelled images and the feedback "
-        f"averaged {mpl.get('feedback_running_mean', 0):+.4f}; on the held-out labelled images "
-        f"the teacher's macro-F1 was {last.get('heldout_teacher_f1', 0):.3f} and the "
-        f"student's {last.get('heldout_student_f1', 0):.3f}{before}.{verdict}"
+        f"{100 * mpl['mask_ratio']:.0f} % of the unlabelled images and the feedback "
+        f"averaged {mpl['feedback_running_mean']:+.4f}; on the held-out labelled images "
+        f"the teacher's macro-F1 was {last['heldout_teacher_f1']:.3f} and the "
+        f"student's {last['heldout_student_f1']:.3f}{before}.{verdict}"
     )
 
 
