@@ -31,6 +31,7 @@ from sklearn.metrics import (
 from fercache.data.affwild2 import AffWild2, VideoLabels
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
+from fercache.outputs import write_atomically
 from fercache.predictions import AU_THRESHOLD, Predictions
 from fercache.temporal.labels import row_valid
 
@@ -232,13 +233,12 @@ def plot_confusion(matrix: np.ndarray, path: Path) -> Path:
     display.plot(ax=axes, values_format=".2f", colorbar=True, xticks_rotation=45)
     axes.set_title("EXPR confusion (rows: true class, normalised)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return Path(path)
+    return write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=100), "the confusion plot")
 
 
 def write_report(report: dict, path: Path) -> Path:
-    Path(path).write_text(json.dumps(report, indent=2))
-    return Path(path)
+    text = json.dumps(report, indent=2)
+    return write_atomically(path, lambda tmp: tmp.write_text(text), "the evaluation report")
 
 
 def render(report: dict) -> Table:

@@ -27,7 +27,6 @@ The file is written under a temporary name and renamed when complete.
 """
 
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from fercache import __version__
 from fercache.data.affwild2 import SPLITS
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
+from fercache.outputs import write_atomically
 
 FORMAT = "fercache-predictions"
 FORMAT_VERSION = 1
@@ -176,19 +176,11 @@ class Predictions:
         """Validate, then write atomically to `path`."""
         path = Path(path)
         self.validate(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with h5py.File(tmp, "w") as handle:
-                self._write_into(handle)
-            os.replace(tmp, path)
-        except OSError as error:
-            raise FercacheError(
-                f"{path}: could not write predictions ({error.strerror or error}); "
-                "check the folder exists and has space"
-            ) from error
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_atomically(path, self._write_file, "predictions")
+
+    def _write_file(self, path: Path) -> None:
+        with h5py.File(path, "w") as handle:
+            self._write_into(handle)
 
     def _write_into(self, handle: h5py.File) -> None:
         attrs = handle.attrs

@@ -15,7 +15,6 @@ the organisers' example submission file, and any submission, is itself a frame l
 optional first line starting with `image_location`; blank lines are ignored.
 """
 
-import os
 import re
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
+from fercache.outputs import write_atomically
 from fercache.predictions import Predictions, VideoPredictions
 
 HEADER = ",".join(["image_location", *EXPR_CLASSES])
@@ -140,15 +140,8 @@ def write_submission(pred: Path, out: Path, frames: Path | None = None, task: st
     )
     source = f"{pred} against frame list {frames}" if frames else pred
     rows = submission_rows(predictions, required, source, task)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text("\n".join([HEADERS[task], *rows]) + "\n", newline="\n")
-        os.replace(tmp, out)
-    except OSError as error:
-        raise FercacheError(f"{out}: could not write the submission ({error.strerror})") from error
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = "\n".join([HEADERS[task], *rows]) + "\n"
+    write_atomically(out, lambda tmp: tmp.write_text(text, newline="\n"), "the submission")
     return len(rows)
 
 

@@ -1,8 +1,12 @@
 """Metrics equal scikit-learn's (EXPR, AU per AU) and numpy's (CCC) on the same frames; pooled
 over videos; P; AU threshold tuning; bad PRED files refused."""
 
+import errno
+import json
+import os
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +251,34 @@ def test_videos_must_carry_the_same_tasks_and_thresholds_must_be_probabilities(t
     thresholds = replace(mixed, videos={"a": with_au}, au_thresholds=(0.5,) * 11 + (2.0,))
     with pytest.raises(FercacheError, match=r"au_thresholds must be 12 values in \[0, 1\]"):
         thresholds.write(tmp_path / "x.h5")
+
+
+def test_result_files_land_in_new_folders_and_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    expr = small_tree(tmp_path)
+    predicted = {"a": [0, 4, 4, 1, 4, 0], "b": [7, 3, 3, 3]}
+    pred = write_pred(tmp_path / "new" / "pred.h5", expr, predicted)  # folder made on the way
+    report_path = tmp_path / "reports" / "val" / "pred.json"
+    png = tmp_path / "plots" / "confusion.png"
+
+    command = ["evaluate", str(pred), "--data", str(tmp_path), "--json", str(report_path)]
+
+    result = runner.invoke(app, [*command, "--confusion", str(png)])
+
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads(report_path.read_text())["expr_f1"] == evaluate(pred, tmp_path, "val")["expr_f1"]
+    )
+    assert png.read_bytes().startswith(b"\x89PNG")
+    written = report_path.read_text()
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    result = runner.invoke(app, command)
+
+    assert result.exit_code == 2
+    assert f"{report_path}: could not write the evaluation report (No space left" in result.stderr
+    monkeypatch.undo()
+    assert report_path.read_text() == written  # the earlier report is intact
+    assert sorted(path.name for path in report_path.parent.iterdir()) == ["pred.json"]
