@@ -7,12 +7,15 @@ Validation_Set videos (other identities, video-like nuisance: the frames extract
 
     python benchmarks/pretrain_ssl_vs_supervised.py --out /tmp/bench --steps 300 --seeds 0 1
     python benchmarks/pretrain_ssl_vs_supervised.py --out /tmp/b2 --steps 1200 --finetune-steps 600
+    python benchmarks/pretrain_ssl_vs_supervised.py --out /tmp/b3 --steps 600 --finetune-steps 300 \
+        --seeds 0 --set threshold=0.7 --set lambda_u=3
 """
 
 import argparse
 import contextlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from fercache.data.synthetic import SynthConfig, generate
 from fercache.pretrain import PretrainConfig, pretrain
 from fercache.pretrain.loop import evaluate
 from fercache.pretrain.views import LabelledDataset, build_views, data_config_of
+from fercache.settings import parse_override, typed_values
 
 
 def validation_frames(tree: Path) -> tuple[list[Path], np.ndarray]:
@@ -74,7 +78,18 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=0.05, help="its peak lr")
     parser.add_argument("--labelled", type=int, default=800)
     parser.add_argument("--unlabelled", type=int, default=3000)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a pretrain setting for both runs, e.g. threshold=0.7 (repeatable)",
+    )
     args = parser.parse_args()
+    overrides = typed_values(
+        PretrainConfig, dict(parse_override(text) for text in args.overrides), "pretrain"
+    )
 
     tree = args.out / "tree"
     if not tree.is_dir():
@@ -91,7 +106,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         for recipe in ("supervised", "mpl"):
-            config = PretrainConfig(
+            defaults = PretrainConfig(
                 recipe=recipe,
                 backbone=args.backbone,
                 image_size=args.image_size,
@@ -110,6 +125,8 @@ def main() -> None:
                 workers=1,
                 seed=seed,
             )
+            config = replace(defaults, **overrides)  # --set wins over the defaults above
+            config.validate()
             run = args.out / f"{recipe}-seed{seed}"
             started = time.perf_counter()
             report = pretrain(
