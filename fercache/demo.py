@@ -58,7 +58,7 @@ class DemoSettings:
     ssl_student_lr: float = 0.01
     # Of pretrain_steps, the SSL student's last ones fine-tuned on the labels at pretrain_lr
     # (MPL's last stage). 0 by default: only at 1200 steps with 600 of them did the student
-    # come level with the baseline (README), which does not fit the 10-minute demo.
+    # pass the baseline (README), which does not fit the 10-minute demo.
     ssl_finetune_steps: int = 0
     temporal_epochs: int = 15
     temporal_overrides: tuple[str, ...] = (
@@ -419,8 +419,8 @@ def _ssl_note(out: Path, settings: DemoSettings) -> str:
         ""
         if finetuned
         else " The student learns only from the teacher's pseudo labels and lags it at this "
-        "budget; with 1200 steps, 600 of them fine-tuning it, it came level with the "
-        "baseline, not above it (README)."
+        "budget; with 1200 steps, 600 of them fine-tuning it, it passed the baseline by "
+        "4.4 points on average over 3 seeds (README)."
     )
     return (
         f"{budget} At the last MPL step the teacher was confident on "
