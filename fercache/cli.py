@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from fercache import __version__
 from fercache.errors import FercacheError
+from fercache.outputs import write_atomically
 
 console = Console()
 error_console = Console(stderr=True)
@@ -124,7 +125,8 @@ def inspect(
     summary = inspect_dataset(data, annotations=annotations, progress=progress)
     console.print(render(summary, max_notes=max_notes))
     if json_out:
-        json_out.write_text(json.dumps(summary.to_json(), indent=2))
+        text = json.dumps(summary.to_json(), indent=2)
+        write_atomically(json_out, lambda tmp: tmp.write_text(text), "the summary")
         console.print(f"summary written to {json_out}")
 
 
@@ -747,7 +749,8 @@ def runs(
     table = runs_table(folder, sort)
     console.print(render(table, f"{len(table.rows)} runs in {folder}"))
     if json_out:
-        json_out.write_text(json.dumps(table.to_json(), indent=2))
+        text = json.dumps(table.to_json(), indent=2)
+        write_atomically(json_out, lambda tmp: tmp.write_text(text), "the table")
         console.print(f"table written to {json_out}")
 
 

@@ -2,8 +2,10 @@
 learning, determinism, resume, DDP, run-folder files and clear errors. Caches are written
 directly (no CNN) by tests/train_data.py."""
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -419,6 +421,29 @@ def test_missing_video_in_the_cache_is_named(small, tmp_path):
     )
     with pytest.raises(FercacheError, match=r"no features for 4 video\(s\) of EXPR train: train02"):
         train([partial], small["data"], tmp_path / "run", _request())
+
+
+def test_a_full_disk_at_a_checkpoint_names_it_and_keeps_the_finished_epoch(
+    small, tmp_path, monkeypatch
+):
+    run, real_save, saves = tmp_path / "run", torch.save, []
+
+    def no_space_after_the_first(checkpoint, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(checkpoint, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", no_space_after_the_first)
+    message = re.escape(f"{run / 'last.pt'}: could not write the checkpoint (No space left")
+    with pytest.raises(FercacheError, match=message):
+        train([small["cache"]], small["data"], run, _request(epochs=2))
+    monkeypatch.undo()
+
+    assert torch.load(run / "last.pt", weights_only=False)["state"]["epochs_done"] == 1
+    assert not [path.name for path in run.iterdir() if ".tmp-" in path.name]
+    train([small["cache"]], small["data"], run, _request(epochs=2, resume=True))
+    assert [record["epoch"] for record in read_metrics(run)] == [1, 2]
 
 
 def test_resume_with_a_cache_of_another_feature_dim_is_refused(small, tmp_path):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from fercache.data.tasks import AU_NAMES
 from fercache.errors import FercacheError
+from fercache.outputs import write_atomically
 from fercache.predictions import AU_THRESHOLD
 from fercache.temporal.clips import evaluation_starts
 from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
@@ -90,8 +91,8 @@ def write_thresholds(run_dir: Path, weights: str, thresholds: np.ndarray) -> Pat
     named = {
         key: dict(zip(AU_NAMES, values.tolist(), strict=True)) for key, values in stored.items()
     }
-    path.write_text(json.dumps(named, indent=2))
-    return path
+    text = json.dumps(named, indent=2)
+    return write_atomically(path, lambda tmp: tmp.write_text(text), "the AU thresholds")
 
 
 def _stored_thresholds(path: Path) -> dict[str, np.ndarray]:

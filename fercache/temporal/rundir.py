@@ -12,7 +12,6 @@
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from matplotlib.figure import Figure
 from safetensors.torch import save_file
 
 from fercache.errors import FercacheError
+from fercache.outputs import write_atomically
 from fercache.temporal.inference import BEST_WEIGHTS, MODEL_JSON
 
 LAST_CHECKPOINT = "last.pt"
@@ -36,22 +36,14 @@ SCORE_TITLES = {
 }
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: Path, value: dict) -> None:
-    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
+    text = json.dumps(value, indent=2)
+    write_atomically(path, lambda tmp: tmp.write_text(text), "the JSON file")
 
 
 def write_weights(path: Path, state_dict: dict) -> None:
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-    _replace_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp)), "the weights")
 
 
 def write_best(run_dir: Path, state_dict: dict, model_details: dict) -> None:
@@ -60,7 +52,9 @@ def write_best(run_dir: Path, state_dict: dict, model_details: dict) -> None:
 
 
 def write_last(run_dir: Path, checkpoint: dict) -> None:
-    _replace_atomically(run_dir / LAST_CHECKPOINT, lambda tmp: torch.save(checkpoint, tmp))
+    write_atomically(
+        run_dir / LAST_CHECKPOINT, lambda tmp: torch.save(checkpoint, tmp), "the checkpoint"
+    )
 
 
 def read_last(run_dir: Path) -> dict:
@@ -80,7 +74,7 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """Rewrite `metrics.jsonl` from the checkpointed history: a resumed run never keeps a
     record of an epoch that its checkpoint does not hold, nor loses one it does."""
     text = "".join(json.dumps(record) + "\n" for record in history)
-    _replace_atomically(run_dir / METRICS_FILE, lambda tmp: tmp.write_text(text))
+    write_atomically(run_dir / METRICS_FILE, lambda tmp: tmp.write_text(text), "the metrics")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -123,4 +117,6 @@ def plot_curves(run_dir: Path, history: list[dict]) -> None:
     score_axis.set(xlabel="epoch", ylabel="score", title="validation")
     score_axis.legend()
     figure.tight_layout()
-    _replace_atomically(run_dir / CURVES_FILE, lambda tmp: figure.savefig(tmp, format="png"))
+    write_atomically(
+        run_dir / CURVES_FILE, lambda tmp: figure.savefig(tmp, format="png"), "the curves"
+    )
