@@ -1,5 +1,8 @@
-"""Shared fixtures: one small synthetic Aff-Wild2 tree per test session; one torch thread."""
+"""Shared fixtures: one small synthetic Aff-Wild2 tree per test session; one torch thread; a
+disk that fills up."""
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -27,3 +30,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def full_disk_after(monkeypatch):
+    """`full_disk_after(owner, "name", calls)`: from its call `calls` + 1 on, the writer
+    `owner.name` fails as on a full disk (ENOSPC). `monkeypatch.undo()` frees the disk."""
+
+    def install(owner: object, name: str, calls: int) -> None:
+        real, made = getattr(owner, name), []
+
+        def writer(*args, **kwargs):
+            made.append(args)
+            if len(made) > calls:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, writer)
+
+    return install

@@ -1,9 +1,7 @@
 """Metrics equal scikit-learn's (EXPR, AU per AU) and numpy's (CCC) on the same frames; pooled
 over videos; P; AU threshold tuning; bad PRED files refused."""
 
-import errno
 import json
-import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -253,7 +251,9 @@ def test_videos_must_carry_the_same_tasks_and_thresholds_must_be_probabilities(t
         thresholds.write(tmp_path / "x.h5")
 
 
-def test_result_files_land_in_new_folders_and_a_full_disk_names_the_file(tmp_path, monkeypatch):
+def test_result_files_land_in_new_folders_and_a_full_disk_names_the_file(
+    tmp_path, monkeypatch, full_disk_after
+):
     expr = small_tree(tmp_path)
     predicted = {"a": [0, 4, 4, 1, 4, 0], "b": [7, 3, 3, 3]}
     pred = write_pred(tmp_path / "new" / "pred.h5", expr, predicted)  # folder made on the way
@@ -271,10 +271,7 @@ def test_result_files_land_in_new_folders_and_a_full_disk_names_the_file(tmp_pat
     assert png.read_bytes().startswith(b"\x89PNG")
     written = report_path.read_text()
 
-    def no_space(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(Path, "write_text", no_space)
+    full_disk_after(Path, "write_text", calls=0)
     result = runner.invoke(app, command)
 
     assert result.exit_code == 2

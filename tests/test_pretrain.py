@@ -5,6 +5,7 @@ import copy
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -512,6 +513,23 @@ def test_two_processes_under_torchrun_train_one_model(synthetic_tree, tmp_path):
     assert [record["step"] for record in _read_metrics(run)] == [2, 4]  # rank 0 alone logs
     with safe_open(str(run / "student.safetensors"), framework="pt") as handle:
         assert not any(key.startswith("module.") for key in handle.keys())  # noqa: SIM118
+
+
+def test_a_full_disk_at_a_checkpoint_names_it_and_keeps_the_last_one(
+    synthetic_tree, tmp_path, monkeypatch, full_disk_after
+):
+    labelled, run = [synthetic_tree / "pools" / "labelled.csv"], tmp_path / "run"
+    config = PretrainConfig(**{**TINY, "recipe": "supervised", "steps": 8})
+    full_disk_after(torch, "save", calls=1)  # the state of step 4 is written, that of step 8 not
+
+    message = re.escape(f"{run / 'state.pt'}: could not write the training state (No space left")
+    with pytest.raises(FercacheError, match=message):
+        pretrain(labelled, [], run, config, progress=False)
+    monkeypatch.undo()
+
+    assert torch.load(run / "state.pt", weights_only=True)["progress"][0] == 4
+    assert not [path.name for path in run.iterdir() if ".tmp-" in path.name]
+    assert pretrain(labelled, [], run, config, resume=True, progress=False).steps == 8
 
 
 def test_the_command_resumes_a_run_killed_mid_way(synthetic_tree, tmp_path):

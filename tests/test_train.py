@@ -2,7 +2,6 @@
 learning, determinism, resume, DDP, run-folder files and clear errors. Caches are written
 directly (no CNN) by tests/train_data.py."""
 
-import errno
 import json
 import os
 import re
@@ -424,17 +423,10 @@ def test_missing_video_in_the_cache_is_named(small, tmp_path):
 
 
 def test_a_full_disk_at_a_checkpoint_names_it_and_keeps_the_finished_epoch(
-    small, tmp_path, monkeypatch
+    small, tmp_path, monkeypatch, full_disk_after
 ):
-    run, real_save, saves = tmp_path / "run", torch.save, []
-
-    def no_space_after_the_first(checkpoint, path, *args, **kwargs):
-        saves.append(path)
-        if len(saves) > 1:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_save(checkpoint, path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", no_space_after_the_first)
+    run = tmp_path / "run"
+    full_disk_after(torch, "save", calls=1)  # epoch 1's checkpoint is written, epoch 2's not
     message = re.escape(f"{run / 'last.pt'}: could not write the checkpoint (No space left")
     with pytest.raises(FercacheError, match=message):
         train([small["cache"]], small["data"], run, _request(epochs=2))

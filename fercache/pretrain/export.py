@@ -3,7 +3,6 @@ state dict (no `module.` prefix) with the model config as JSON in the metadata k
 `fercache_model`, and the same JSON in a sidecar `<name>.json`."""
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from safetensors.torch import save_file
 
 from fercache.backbone import MODEL_METADATA_KEY, DataConfig
 from fercache.data.tasks import EXPR_CLASSES
+from fercache.outputs import write_atomically
 
 
 def model_config(backbone: str, data_config: DataConfig, recipe: str, **extra: object) -> dict:
@@ -36,12 +36,10 @@ def export_model(model: torch.nn.Module, config: dict, out: Path) -> Path:
         key: value.detach().to("cpu").contiguous().clone()
         for key, value in model.state_dict().items()
     }
-    text = json.dumps(config)
-    partial = out.with_name(out.name + ".partial")
-    save_file(state, str(partial), metadata={MODEL_METADATA_KEY: text})
-    os.replace(partial, out)
-    sidecar = out.with_suffix(".json")
-    partial_sidecar = sidecar.with_name(sidecar.name + ".partial")
-    partial_sidecar.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(partial_sidecar, sidecar)
+    metadata = {MODEL_METADATA_KEY: json.dumps(config)}
+    write_atomically(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), "the model")
+    sidecar_text = json.dumps(config, indent=2) + "\n"
+    write_atomically(
+        out.with_suffix(".json"), lambda tmp: tmp.write_text(sidecar_text), "the model config"
+    )
     return out

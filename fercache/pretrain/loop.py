@@ -5,7 +5,6 @@ on GPU); rank 0 writes every file."""
 import contextlib
 import json
 import math
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from fercache.backbone import DataConfig
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
+from fercache.outputs import write_atomically
 from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.export import export_model, model_config
 from fercache.pretrain.finetune import Recipe
@@ -596,9 +596,7 @@ def _save_state(path: Path, models: Models, state: Progress, config: PretrainCon
         saved["teacher_optimizer"] = models.teacher_optimizer.state_dict()
     if models.ema is not None:
         saved["ema"] = models.ema.module.state_dict()
-    partial_path = path.with_name(path.name + ".partial")
-    torch.save(saved, partial_path)
-    os.replace(partial_path, path)
+    write_atomically(path, lambda tmp: torch.save(saved, tmp), "the training state")
 
 
 def _load_state(path: Path, models: Models) -> Progress:
