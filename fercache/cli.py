@@ -10,7 +10,7 @@ from typer.core import TyperGroup
 
 from fercache import __version__
 from fercache.errors import FercacheError
-from fercache.outputs import write_atomically
+from fercache.outputs import write_text_atomically
 
 console = Console()
 error_console = Console(stderr=True)
@@ -125,8 +125,7 @@ def inspect(
     summary = inspect_dataset(data, annotations=annotations, progress=progress)
     console.print(render(summary, max_notes=max_notes))
     if json_out:
-        text = json.dumps(summary.to_json(), indent=2)
-        write_atomically(json_out, lambda tmp: tmp.write_text(text), "the summary")
+        write_text_atomically(json_out, json.dumps(summary.to_json(), indent=2), "the summary")
         console.print(f"summary written to {json_out}")
 
 
@@ -749,8 +748,7 @@ def runs(
     table = runs_table(folder, sort)
     console.print(render(table, f"{len(table.rows)} runs in {folder}"))
     if json_out:
-        text = json.dumps(table.to_json(), indent=2)
-        write_atomically(json_out, lambda tmp: tmp.write_text(text), "the table")
+        write_text_atomically(json_out, json.dumps(table.to_json(), indent=2), "the table")
         console.print(f"table written to {json_out}")
 
 

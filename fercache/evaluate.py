@@ -31,7 +31,7 @@ from sklearn.metrics import (
 from fercache.data.affwild2 import AffWild2, VideoLabels
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
-from fercache.outputs import write_atomically
+from fercache.outputs import write_atomically, write_text_atomically
 from fercache.predictions import AU_THRESHOLD, Predictions
 from fercache.temporal.labels import row_valid
 
@@ -237,8 +237,7 @@ def plot_confusion(matrix: np.ndarray, path: Path) -> Path:
 
 
 def write_report(report: dict, path: Path) -> Path:
-    text = json.dumps(report, indent=2)
-    return write_atomically(path, lambda tmp: tmp.write_text(text), "the evaluation report")
+    return write_text_atomically(path, json.dumps(report, indent=2), "the evaluation report")
 
 
 def render(report: dict) -> Table:

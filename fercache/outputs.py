@@ -1,5 +1,6 @@
-"""Writing a result file (predictions, reports, plots, submissions): its folder is created, it
-appears complete or not at all, and a failure names the file instead of a stack trace."""
+"""Writing a result or run file (predictions, reports, plots, submissions, weights, checkpoints):
+its folder is created, it appears complete or not at all, and a failure names the file instead
+of a stack trace."""
 
 import os
 from collections.abc import Callable
@@ -28,3 +29,8 @@ def write_atomically(path: Path, write: Callable[[Path], object], what: str) -> 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_text_atomically(path: Path, text: str, what: str) -> Path:
+    """`write_atomically` for a text file (JSON, JSON lines, CSV), with Unix line ends."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text, newline="\n"), what)

@@ -22,7 +22,7 @@ import numpy as np
 
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
-from fercache.outputs import write_atomically
+from fercache.outputs import write_text_atomically
 from fercache.predictions import Predictions, VideoPredictions
 
 HEADER = ",".join(["image_location", *EXPR_CLASSES])
@@ -140,8 +140,7 @@ def write_submission(pred: Path, out: Path, frames: Path | None = None, task: st
     )
     source = f"{pred} against frame list {frames}" if frames else pred
     rows = submission_rows(predictions, required, source, task)
-    text = "\n".join([HEADERS[task], *rows]) + "\n"
-    write_atomically(out, lambda tmp: tmp.write_text(text, newline="\n"), "the submission")
+    write_text_atomically(out, "\n".join([HEADERS[task], *rows]) + "\n", "the submission")
     return len(rows)
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from fercache.backbone import MODEL_METADATA_KEY, DataConfig
 from fercache.data.tasks import EXPR_CLASSES
-from fercache.outputs import write_atomically
+from fercache.outputs import write_atomically, write_text_atomically
 
 
 def model_config(backbone: str, data_config: DataConfig, recipe: str, **extra: object) -> dict:
@@ -38,8 +38,7 @@ def export_model(model: torch.nn.Module, config: dict, out: Path) -> Path:
     }
     metadata = {MODEL_METADATA_KEY: json.dumps(config)}
     write_atomically(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), "the model")
-    sidecar_text = json.dumps(config, indent=2) + "\n"
-    write_atomically(
-        out.with_suffix(".json"), lambda tmp: tmp.write_text(sidecar_text), "the model config"
+    write_text_atomically(
+        out.with_suffix(".json"), json.dumps(config, indent=2) + "\n", "the model config"
     )
     return out

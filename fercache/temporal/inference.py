@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from fercache.data.tasks import AU_NAMES
 from fercache.errors import FercacheError
-from fercache.outputs import write_atomically
+from fercache.outputs import write_text_atomically
 from fercache.predictions import AU_THRESHOLD
 from fercache.temporal.clips import evaluation_starts
 from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
@@ -91,8 +91,7 @@ def write_thresholds(run_dir: Path, weights: str, thresholds: np.ndarray) -> Pat
     named = {
         key: dict(zip(AU_NAMES, values.tolist(), strict=True)) for key, values in stored.items()
     }
-    text = json.dumps(named, indent=2)
-    return write_atomically(path, lambda tmp: tmp.write_text(text), "the AU thresholds")
+    return write_text_atomically(path, json.dumps(named, indent=2), "the AU thresholds")
 
 
 def _stored_thresholds(path: Path) -> dict[str, np.ndarray]:

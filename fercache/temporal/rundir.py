@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from safetensors.torch import save_file
 
 from fercache.errors import FercacheError
-from fercache.outputs import write_atomically
+from fercache.outputs import write_atomically, write_text_atomically
 from fercache.temporal.inference import BEST_WEIGHTS, MODEL_JSON
 
 LAST_CHECKPOINT = "last.pt"
@@ -37,8 +37,7 @@ SCORE_TITLES = {
 
 
 def write_json(path: Path, value: dict) -> None:
-    text = json.dumps(value, indent=2)
-    write_atomically(path, lambda tmp: tmp.write_text(text), "the JSON file")
+    write_text_atomically(path, json.dumps(value, indent=2), "the JSON file")
 
 
 def write_weights(path: Path, state_dict: dict) -> None:
@@ -73,8 +72,11 @@ def read_last(run_dir: Path) -> dict:
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """Rewrite `metrics.jsonl` from the checkpointed history: a resumed run never keeps a
     record of an epoch that its checkpoint does not hold, nor loses one it does."""
-    text = "".join(json.dumps(record) + "\n" for record in history)
-    write_atomically(run_dir / METRICS_FILE, lambda tmp: tmp.write_text(text), "the metrics")
+    write_text_atomically(
+        run_dir / METRICS_FILE,
+        "".join(json.dumps(record) + "\n" for record in history),
+        "the metrics",
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
