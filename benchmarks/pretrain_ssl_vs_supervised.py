@@ -24,23 +24,18 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from fercache.data.affwild2 import AffWild2, frame_filename
 from fercache.data.synthetic import SynthConfig, generate
 from fercache.pretrain import PretrainConfig, pretrain
 from fercache.pretrain.loop import evaluate
+from fercache.pretrain.sources import affwild2_frames
 from fercache.pretrain.views import LabelledDataset, build_views, data_config_of
 from fercache.settings import parse_override, typed_values
 
 
 def validation_frames(tree: Path) -> tuple[list[Path], np.ndarray]:
-    data = AffWild2(tree)
-    paths, labels = [], []
-    for video in data.load("expr", "val"):
-        valid = video.image_labels != video.task.invalid
-        for frame, label in zip(video.image_frames[valid], video.image_labels[valid], strict=True):
-            paths.append(data.images / video.video / frame_filename(int(frame)))
-            labels.append(int(label))
-    return paths, np.asarray(labels)
+    """Every labelled Validation_Set frame that has an image, and its class."""
+    frames = affwild2_frames(tree, "val")
+    return frames.paths, np.asarray(frames.labels)
 
 
 def frame_f1(run: Path, config: PretrainConfig, frames: tuple[list[Path], np.ndarray]) -> float:

@@ -630,9 +630,9 @@ def demo(
         int | None,
         typer.Option(
             min=1,
-            help="Phase-1 steps of the baseline and of the SSL run alike (the same budget); "
-            "default 300, which fits the ~7 min demo. With 1200 and --finetune-steps 600 the "
-            "SSL student beat the baseline at 3 seeds of 3 (README; ~40 min on 2 cores).",
+            help="Phase-1 steps of each of the three students alike (the same budget); the "
+            "default fits the demo in 10 minutes on 2 cores (results/demo.md: figures at other "
+            "budgets).",
             show_default=False,
         ),
     ] = None,
@@ -647,7 +647,8 @@ def demo(
     ] = None,
     progress: ProgressOption = True,
 ) -> None:
-    """The whole pipeline on a synthetic tree (~7 min on 2 CPU cores); prints the ablation table."""
+    """The whole pipeline on a synthetic tree (under 10 min on 2 CPU cores): the five rows of
+    Yu et al.'s Table 1, each trained on the data that row ticks; prints the table."""
     from fercache.demo import DemoSettings, render_table, run_demo
 
     given = {"pretrain_steps": pretrain_steps, "ssl_finetune_steps": finetune_steps}

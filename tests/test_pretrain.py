@@ -30,8 +30,9 @@ from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks
 from fercache.errors import FercacheError
 from fercache.pretrain import PretrainConfig, load_config, pretrain
-from fercache.pretrain.loop import _build_training
+from fercache.pretrain.loop import Progress, _build_training, _load_state, _save_state
 from fercache.pretrain.mpl import (
+    DistributionAlignment,
     MplBatch,
     MplSettings,
     consistency_weight,
@@ -40,7 +41,7 @@ from fercache.pretrain.mpl import (
     mpl_step,
 )
 from fercache.pretrain.sampling import BalancedBatchSampler, holdout_split
-from fercache.pretrain.sources import read_labelled, read_unlabelled
+from fercache.pretrain.sources import other_from_videos_only, read_labelled, read_unlabelled
 from fercache.pretrain.views import LabelledDataset, build_views, data_config_of, strong_augment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,8 @@ def test_feedback_is_the_students_labelled_loss_before_minus_after_its_step():
     assert (hard != t_strong.argmax(dim=1)).any()
     manual = copy.deepcopy(student0)
     old = F.cross_entropy(copy.deepcopy(manual)(batch.labelled), batch.labels)
-    loss = F.cross_entropy(manual(batch.strong), hard)
+    # the strong views go through beside the labelled images (batch norm sees both)
+    loss = F.cross_entropy(manual(torch.cat([batch.labelled, batch.strong]))[16:], hard)
     grads = torch.autograd.grad(loss, list(manual.parameters()))
     with torch.no_grad():
         for parameter, grad in zip(manual.parameters(), grads, strict=True):
@@ -177,6 +179,68 @@ def test_feedback_loss_gradient_is_f_times_the_ce_gradient_numerically():
         down = f * F.cross_entropy(logits.detach() - step, hard)
         numeric[index] = (up - down) / (2 * eps)
     torch.testing.assert_close(grad, numeric, atol=1e-7, rtol=1e-5)
+
+
+def test_the_students_batch_norm_statistics_see_the_labelled_images_too():
+    """Trained on strong views alone, the student's running statistics described RandAugment
+    output, not the faces extraction feeds it (results/demo.md: recomputing them on clean faces
+    lifted such a student's validation F1 to its teacher's)."""
+    _, batch, (_, student0), (_, student1) = _step(SETTINGS)
+    joint, strong_only = copy.deepcopy(student0), copy.deepcopy(student0)
+    joint(torch.cat([batch.labelled, batch.strong]))
+    strong_only(batch.strong)
+    torch.testing.assert_close(student1[1].running_mean, joint[1].running_mean)
+    assert not torch.allclose(student1[1].running_mean, strong_only[1].running_mean)
+
+
+def test_distribution_alignment_divides_by_the_running_mean_and_renormalises():
+    align = DistributionAlignment(4, momentum=0.5)
+    probabilities = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1]])
+    aligned = align(probabilities)
+    running = 0.5 * 0.25 + 0.5 * probabilities.mean(0)
+    expected = probabilities / running
+    torch.testing.assert_close(align.running, running)
+    torch.testing.assert_close(aligned, expected / expected.sum(1, keepdim=True))
+    for _ in range(20):  # a teacher that keeps favouring class 0 has it pulled down
+        aligned = align(probabilities)
+    assert aligned[:, 0].mean() < 0.4 < probabilities[:, 0].mean()
+
+
+def test_aligned_pseudo_labels_teach_the_student_the_aligned_arg_max():
+    teacher, student = _tiny_net(1), _tiny_net(2)
+    batch = _fixed_batch()
+    align = DistributionAlignment(8, momentum=0.0)  # aligns to this batch's own mean
+    with torch.no_grad():
+        weak = torch.softmax(
+            copy.deepcopy(teacher)(torch.cat([batch.labelled, batch.weak, batch.strong]))[16:28], 1
+        )
+    aligned = weak / weak.mean(0)
+    expected_hard = aligned.argmax(1)
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=1.0)
+    manual = copy.deepcopy(student)
+    mpl_step(teacher, student, t_opt, s_opt, batch, SETTINGS, 1, _no_autocast, align)
+    loss = F.cross_entropy(manual(torch.cat([batch.labelled, batch.strong]))[16:], expected_hard)
+    grads = torch.autograd.grad(loss, list(manual.parameters()))
+    for parameter, grad, stepped in zip(
+        manual.parameters(), grads, student.parameters(), strict=True
+    ):
+        torch.testing.assert_close(parameter - 0.5 * grad, stepped)
+    assert not torch.equal(expected_hard, weak.argmax(1))  # alignment changed some labels
+
+
+def test_the_alignment_running_mean_survives_a_restart(tmp_path):
+    config = PretrainConfig(steps=10, distribution_alignment=True)
+    ranks = Ranks(rank=0, world_size=1, device=torch.device("cpu"))
+    models = _build_training(_tiny_net(0), _tiny_net(1), config, ranks, None)
+    models.alignment(torch.softmax(torch.randn(6, 8), dim=1))
+    _save_state(tmp_path / "state.pt", models, Progress(step=3), config)
+    restarted = _build_training(_tiny_net(0), _tiny_net(1), config, ranks, None)
+    assert not torch.equal(restarted.alignment.running, models.alignment.running)
+    assert _load_state(tmp_path / "state.pt", restarted).step == 3
+    torch.testing.assert_close(restarted.alignment.running, models.alignment.running)
+    off = _build_training(_tiny_net(0), _tiny_net(1), PretrainConfig(steps=10), ranks, None)
+    assert off.alignment is None
 
 
 def test_measuring_the_labelled_loss_leaves_batch_norm_statistics_alone():
@@ -246,9 +310,26 @@ def test_balanced_sampler_spreads_a_remainder_and_needs_every_class():
 
 def test_holdout_split_holds_out_a_share_of_every_class():
     labels = np.repeat(np.arange(8), [100, 10, 3, 2, 1, 50, 20, 30])
-    train, held = holdout_split(labels, 0.1, seed=0)
+    train, held = holdout_split(labels, [None] * len(labels), 0.1, seed=0)
     assert not set(train) & set(held) and len(train) + len(held) == len(labels)
     assert np.bincount(labels[held], minlength=8).tolist() == [10, 1, 1, 1, 0, 5, 2, 3]
+
+
+def test_holdout_split_of_video_frames_holds_out_whole_videos_and_keeps_every_class():
+    # ten videos of 50 frames; only video 0 shows class 7 and only video 1 class 6
+    videos = [f"video{v}" for v in range(10) for _ in range(50)]
+    labels = np.array([v % 6 for v in range(10) for _ in range(50)])
+    labels[:50], labels[50:100] = 7, 6
+    stills = np.repeat(np.arange(6), 10)  # no still image of class 6 or 7
+    labels = np.concatenate([labels, stills])
+    train, held = holdout_split(labels, [*videos, *[None] * len(stills)], 0.2, seed=3)
+    frames_of = {v: {i for i in range(len(videos)) if videos[i] == v} for v in set(videos)}
+    held_videos = {videos[i] for i in held if i < len(videos)}
+    assert held_videos and not {"video0", "video1"} & held_videos
+    assert all(frames_of[v] <= set(held) for v in held_videos)  # never part of a video
+    assert len(held_videos) == 2  # 100 of 500 frames
+    assert set(labels[train]) == set(range(8))
+    assert np.bincount(labels[held[held >= len(videos)]], minlength=8).tolist() == [2] * 6 + [0, 0]
 
 
 # --- sources and views --------------------------------------------------------------------
@@ -284,6 +365,24 @@ def test_bad_labels_and_missing_files_are_reported_with_file_and_line(tmp_path):
         problems[3].startswith(f"{tmp_path / 'list.csv'}:6: image ") and "gone.jpg" in problems[3]
     )
     assert problems[4].startswith(str(tmp_path / "folders" / "misc"))
+
+
+def test_other_comes_from_the_video_frames_only_when_there_are_some(synthetic_tree):
+    frames = read_labelled([synthetic_tree])
+    both = read_labelled([synthetic_tree, synthetic_tree / "pools" / "labelled.csv"])
+    other = EXPR_CLASSES.index("Other")
+    still_other = sum(
+        1
+        for video, label in zip(both.videos, both.labels, strict=True)
+        if video is None and label == other
+    )
+    assert still_other > 0 and all(video is not None for video in frames.videos)
+    kept = other_from_videos_only(both)
+    assert len(kept.paths) == len(both.paths) - still_other
+    assert kept.labels.count(other) == frames.labels.count(other)  # the frames' Other stay
+    assert f"{still_other} still images labelled Other left out" in str(kept.problems[-1])
+    stills = read_labelled([synthetic_tree / "pools" / "labelled.csv"])
+    assert other_from_videos_only(stills) is stills  # no frames: a still source keeps Other
 
 
 def test_sources_that_give_nothing_usable_fail_before_training(tmp_path):

@@ -5,6 +5,7 @@ headers), not through the generator's code, and compare with what synth.json cla
 """
 
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
@@ -347,3 +348,23 @@ def test_rejects_configs_it_cannot_honour(tmp_path, change, option):
     with pytest.raises(FercacheError, match=option):
         generate(tmp_path / "out", SynthConfig(**{**TINY.__dict__, **change}), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_unlabelled_truth_is_what_each_unlabelled_image_was_drawn_with(synthetic_tree):
+    """The classes benchmarks score pseudo labels against: recomputed from the seed, they are
+    the very draws the images were rendered from (re-rendered here, same pixels)."""
+    from fercache.data import synthetic
+
+    config = SynthConfig(**json.loads((synthetic_tree / "synth.json").read_text())["config"])
+    classes, intensities = synthetic.unlabelled_truth(config)
+    assert len(classes) == len(intensities) == config.unlabelled_pool
+    assert set(classes.tolist()) <= set(range(len(EXPR_CLASSES)))
+    assert intensities.min() >= 0 and intensities.max() < 1
+    kind = synthetic._pool_kinds(config)["unlabelled"]
+    for index in (0, 7, config.unlabelled_pool - 1):
+        draw = synthetic._pool_draw(config.seed, kind, index, None)
+        assert (draw.expression, draw.intensity) == (classes[index], intensities[index])
+        image, quality, _ = synthetic._pool_image(config.seed, kind, index, None)
+        saved = Image.open(synthetic_tree / "pools" / "unlabelled" / f"{index + 1:06d}.jpg")
+        image.save(buffer := io.BytesIO(), format="JPEG", quality=quality)
+        assert np.array_equal(np.asarray(Image.open(buffer)), np.asarray(saved))

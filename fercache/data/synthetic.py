@@ -737,11 +737,19 @@ def _pool_backgrounds(seed: int, stream: _Stream) -> tuple[Image.Image, ...]:
     return tuple(sample_background(rng, IMAGE_SIZE) for _ in range(_BACKGROUNDS_PER_POOL))
 
 
-def _pool_image(
-    seed: int, kind: _PoolKind, index: int, label: int | None
-) -> tuple[Image.Image, int, np.ndarray]:
-    """Pool image `index`, its JPEG quality and its 68 landmarks (pixels); label None draws a
-    broad unlabelled class."""
+class _PoolDraw(NamedTuple):
+    """Every random choice behind one pool image."""
+
+    identity: Identity
+    expression: int
+    intensity: float
+    geometry: np.ndarray
+    nuisance: Nuisance
+    jpeg_quality: int
+
+
+def _pool_draw(seed: int, kind: _PoolKind, index: int, label: int | None) -> _PoolDraw:
+    """What pool image `index` shows; label None draws a broad unlabelled class."""
     rng = _rng(seed, kind.stream, index)
     identity_index = kind.first_identity + index % kind.identities
     identity = sample_identity(_rng(seed, _Stream.IDENTITY, identity_index))
@@ -765,9 +773,31 @@ def _pool_image(
     geometry += identity.rest.as_array() + rng.normal(0, 0.05, GEOMETRY_SIZE)
     geometry[_FIELD["mouth_open"]] += talk
     nuisance = _nuisance(scene, drift, occluder, blur, 0, 0.0, int(rng.integers(2**31)))
-    face = Geometry.from_array(geometry)
-    image = render_face(identity, face, nuisance, IMAGE_SIZE)
-    return image, round(scene.jpeg_quality), face_landmarks(identity, face, nuisance, IMAGE_SIZE)
+    return _PoolDraw(
+        identity, expression, float(intensity), geometry, nuisance, round(scene.jpeg_quality)
+    )
+
+
+def _pool_image(
+    seed: int, kind: _PoolKind, index: int, label: int | None
+) -> tuple[Image.Image, int, np.ndarray]:
+    """Pool image `index`, its JPEG quality and its 68 landmarks (pixels)."""
+    draw = _pool_draw(seed, kind, index, label)
+    face = Geometry.from_array(draw.geometry)
+    image = render_face(draw.identity, face, draw.nuisance, IMAGE_SIZE)
+    return image, draw.jpeg_quality, face_landmarks(draw.identity, face, draw.nuisance, IMAGE_SIZE)
+
+
+def unlabelled_truth(config: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The class each unlabelled pool image was drawn with and its intensity (0 looks neutral
+    whatever the class), by index: what measures the pseudo labels a teacher gives them. No
+    training reads it; it is recomputed from the seed, not written to the tree."""
+    kind = _pool_kinds(config)["unlabelled"]
+    draws = [_pool_draw(config.seed, kind, i, None) for i in range(config.unlabelled_pool)]
+    return (
+        np.array([draw.expression for draw in draws]),
+        np.array([draw.intensity for draw in draws]),
+    )
 
 
 def _pool_name(index: int) -> str:

@@ -38,6 +38,7 @@ class PretrainConfig:
     warmup_steps: int = 0
     temperature: float = 0.7
     threshold: float = 0.95
+    distribution_alignment: bool = False  # mpl: ReMixMatch's alignment of the pseudo labels
     lambda_u: float = 1.0
     uda_steps: int = 5000
     feedback_sign: int = 1
@@ -45,6 +46,7 @@ class PretrainConfig:
     student_finetune_steps: int = 0  # mpl: the last N steps train the student alone on labels
     student_finetune_lr: float = 1e-3  # their peak lr (cosine from it to 0 over those steps)
     ema_decay: float = 0.0
+    other_from_videos_only: bool = True  # with video frames among the labelled sources
     randaugment: str = "rand-m9-mstd0.5-inc1-mmax9"
     erasing_prob: float = 0.25
     holdout_fraction: float = 0.1

@@ -28,10 +28,22 @@ from fercache.outputs import write_atomically
 from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.export import export_model, model_config
 from fercache.pretrain.finetune import Recipe
-from fercache.pretrain.mpl import Autocast, MplBatch, MplSettings, mpl_step, supervised_step
+from fercache.pretrain.mpl import (
+    Autocast,
+    DistributionAlignment,
+    MplBatch,
+    MplSettings,
+    mpl_step,
+    supervised_step,
+)
 from fercache.pretrain.recipes import export_keys, recipe_for
 from fercache.pretrain.sampling import BalancedBatchSampler, holdout_split
-from fercache.pretrain.sources import Problem, read_labelled, read_unlabelled
+from fercache.pretrain.sources import (
+    Problem,
+    other_from_videos_only,
+    read_labelled,
+    read_unlabelled,
+)
 from fercache.pretrain.views import (
     LabelledDataset,
     UnlabelledDataset,
@@ -58,6 +70,7 @@ class Models:
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     ema: ModelEmaV3 | None
     recipe: Recipe | None = None  # cotex, emma, multitask-landmarks: their own step
+    alignment: DistributionAlignment | None = None  # mpl: of the teacher's pseudo labels
 
 
 @dataclass
@@ -144,10 +157,14 @@ def _run(
 ) -> PretrainReport:
     recipe = recipe_for(config)
     labelled_images = recipe.read(labelled) if recipe else read_labelled(labelled)
+    if config.other_from_videos_only:
+        labelled_images = other_from_videos_only(labelled_images)
     # the baseline never looks at unlabelled images
     unlabelled_images = read_unlabelled(unlabelled) if config.recipe == "mpl" else None
     labels = np.asarray(labelled_images.labels)
-    train_index, held_index = holdout_split(labels, config.holdout_fraction, config.seed)
+    train_index, held_index = holdout_split(
+        labels, labelled_images.videos, config.holdout_fraction, config.seed
+    )
     held_index = held_index[labels[held_index] >= 0]  # frames without EXPR (EMMA): not scored
 
     create = partial(_create_model, config.backbone, init_checkpoint)
@@ -270,6 +287,7 @@ def _one_step(
             settings,
             step,
             autocast,
+            models.alignment,
         )
     for scheduler in models.schedulers:
         scheduler.step()
@@ -341,6 +359,11 @@ def _build_training(
         ],
         ema=ema,
         recipe=recipe,
+        alignment=(
+            DistributionAlignment(NUM_CLASSES).to(ranks.device)
+            if teacher and config.distribution_alignment
+            else None
+        ),
     )
 
 
@@ -596,6 +619,8 @@ def _save_state(path: Path, models: Models, state: Progress, config: PretrainCon
         saved["teacher_optimizer"] = models.teacher_optimizer.state_dict()
     if models.ema is not None:
         saved["ema"] = models.ema.module.state_dict()
+    if models.alignment is not None:
+        saved["alignment"] = models.alignment.state_dict()
     write_atomically(path, lambda tmp: torch.save(saved, tmp), "the training state")
 
 
@@ -608,6 +633,8 @@ def _load_state(path: Path, models: Models) -> Progress:
         models.teacher_optimizer.load_state_dict(saved["teacher_optimizer"])
     if models.ema is not None:
         models.ema.module.load_state_dict(saved["ema"])
+    if models.alignment is not None:
+        models.alignment.load_state_dict(saved["alignment"])
     for scheduler, scheduler_state in zip(models.schedulers, saved["schedulers"], strict=True):
         scheduler.load_state_dict(scheduler_state)
     step, feedback_sum, feedback_count, unreadable = saved["progress"]

@@ -29,6 +29,26 @@ class MplBatch:
     strong: torch.Tensor  # (μB, 3, H, W) strong view of the same images
 
 
+class DistributionAlignment(nn.Module):
+    """Distribution alignment of ReMixMatch (Berthelot et al. 2020): the teacher's weak-view
+    class distributions are multiplied by (target shares / their running mean) and renormalised
+    before they become pseudo labels. The target is uniform, the shares the class-balanced
+    labelled batches teach. Without it the teacher's confident mistakes on the unlabelled faces
+    feed on themselves until one class takes most pseudo labels (confirmation bias).
+    """
+
+    def __init__(self, num_classes: int, momentum: float = 0.99) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
+        self.running.mul_(self.momentum).add_(probabilities.mean(0), alpha=1 - self.momentum)
+        aligned = probabilities / self.running / len(self.running)
+        return aligned / aligned.sum(dim=1, keepdim=True)
+
+
 def consistency_weight(settings: MplSettings, step: int) -> float:
     return settings.lambda_u * min(1.0, (step + 1) / max(1, settings.uda_steps))
 
@@ -48,6 +68,7 @@ def mpl_step(
     settings: MplSettings,
     step: int,
     autocast: Autocast,
+    alignment: DistributionAlignment | None = None,
 ) -> dict[str, torch.Tensor]:
     """Teacher forward, student step on hard pseudo labels, feedback, teacher step.
 
@@ -65,12 +86,15 @@ def mpl_step(
         [labelled_count, unlabelled_count, unlabelled_count]
     )
     t_supervised = F.cross_entropy(t_labelled, batch.labels)
-    t_consistency, mask = consistency_loss(t_weak, t_strong, settings)
-    hard_pseudo = t_weak.detach().argmax(dim=1)
+    weak_log_probs = pseudo_log_probabilities(t_weak, alignment)
+    t_consistency, mask = consistency_loss(weak_log_probs, t_strong, settings)
+    hard_pseudo = weak_log_probs.argmax(dim=1)
 
     s_old = labelled_loss(student, batch, autocast)
     with autocast():
-        s_strong = student(batch.strong).float()
+        # the labelled images go through with the strong views, as in the MPL reference code:
+        # batch norm's running statistics then describe clean faces too, not strong views alone
+        s_strong = student(torch.cat([batch.labelled, batch.strong])).float()[labelled_count:]
     s_unlabelled = F.cross_entropy(s_strong, hard_pseudo)
     student_optimizer.zero_grad(set_to_none=True)
     s_unlabelled.backward()
@@ -96,12 +120,21 @@ def mpl_step(
     }
 
 
+@torch.no_grad()
+def pseudo_log_probabilities(
+    t_weak: torch.Tensor, alignment: DistributionAlignment | None
+) -> torch.Tensor:
+    """Log of the teacher's weak-view class distribution, aligned when `alignment` is given."""
+    log_probs = F.log_softmax(t_weak.detach(), dim=1)
+    return log_probs if alignment is None else torch.log(alignment(log_probs.exp()))
+
+
 def consistency_loss(
-    t_weak: torch.Tensor, t_strong: torch.Tensor, settings: MplSettings
+    weak_log_probs: torch.Tensor, t_strong: torch.Tensor, settings: MplSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """UDA: CE between the sharpened weak-view distribution (no gradient) and the strong-view
     prediction, counting only images whose weak confidence reaches the threshold; and the mask."""
-    soft_pseudo = torch.softmax(t_weak.detach() / settings.temperature, dim=1)
+    soft_pseudo = torch.softmax(weak_log_probs / settings.temperature, dim=1)
     mask = (soft_pseudo.max(dim=1).values >= settings.threshold).float()
     per_image = -(soft_pseudo * F.log_softmax(t_strong, dim=1)).sum(dim=1)
     return (per_image * mask).mean(), mask

@@ -52,14 +52,61 @@ class BalancedBatchSampler:
         return taken
 
 
-def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, held-out): `fraction` of every class held out, at least one image of
-    each class with two or more, so the held-out F1 covers every class."""
+def holdout_split(
+    labels: np.ndarray, videos: list[str | None], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held-out) of the labelled images.
+
+    Still images (`videos[i]` None): `fraction` of every class held out, at least one image of
+    each class with two or more, so the held-out F1 covers every class. Video frames: whole
+    videos are held out, about `fraction` of the frames: frames of one video are near-duplicates
+    of each other, so holding out single frames would score the network on the people and
+    moments it trained on. A video is kept for training when holding it out would leave a class
+    without training images, and at least one video always stays.
+    """
+    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    held: list[np.ndarray] = []
-    for cls in np.unique(labels):
-        indices = rng.permutation(np.flatnonzero(labels == cls))
-        count = max(1, round(fraction * len(indices))) if len(indices) >= 2 else 0
-        held.append(indices[:count])
+    is_still = np.array([video is None for video in videos], dtype=bool)
+    held = [_still_holdout(labels, is_still, fraction, rng)]
+    held.append(_video_holdout(labels, videos, is_still, fraction, rng, held[0]))
     held_out = np.sort(np.concatenate(held))
     return np.setdiff1d(np.arange(len(labels)), held_out), held_out
+
+
+def _still_holdout(
+    labels: np.ndarray, is_still: np.ndarray, fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    held: list[np.ndarray] = [np.empty(0, dtype=int)]
+    for cls in np.unique(labels[is_still]):
+        indices = rng.permutation(np.flatnonzero(is_still & (labels == cls)))
+        count = max(1, round(fraction * len(indices))) if len(indices) >= 2 else 0
+        held.append(indices[:count])
+    return np.concatenate(held)
+
+
+def _video_holdout(
+    labels: np.ndarray,
+    videos: list[str | None],
+    is_still: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    held_stills: np.ndarray,
+) -> np.ndarray:
+    """Whole videos, in a seeded order, until `fraction` of the video frames is held out."""
+    names = np.array([video or "" for video in videos], dtype=object)
+    frame_count = int((~is_still).sum())
+    training = np.ones(len(labels), dtype=bool)
+    training[held_stills] = False
+    held: list[np.ndarray] = [np.empty(0, dtype=int)]
+    taken = 0
+    order = sorted(set(names[~is_still]))
+    for video in (order[i] for i in rng.permutation(len(order))):
+        if taken >= fraction * frame_count or len(held) == len(order):
+            break
+        frames = np.flatnonzero(names == video)
+        kept = training.copy()
+        kept[frames] = False
+        if set(labels[training].tolist()) <= set(labels[kept].tolist()):
+            held.append(frames)
+            training, taken = kept, taken + len(frames)
+    return np.concatenate(held)

@@ -41,19 +41,21 @@ class Problem:
 @dataclass
 class LabelledImages:
     """Image paths with their expression class (0-7; -1 in multi-task sources where a frame has
-    other labels only), per-image targets of the multi-task recipes (empty otherwise), and what
-    was left out on the way."""
+    other labels only), the video each image is a frame of (None for a still image), per-image
+    targets of the multi-task recipes (empty otherwise), and what was left out on the way."""
 
     paths: list[Path] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     targets: list[np.ndarray] = field(default_factory=list)
+    videos: list[str | None] = field(default_factory=list)
 
     def extend(self, other: "LabelledImages") -> None:
         self.paths += other.paths
         self.labels += other.labels
         self.problems += other.problems
         self.targets += other.targets
+        self.videos += other.videos
 
 
 @dataclass
@@ -76,6 +78,43 @@ def read_labelled(sources: list[Path]) -> LabelledImages:
             )
         combined.extend(images)
     return combined
+
+
+def other_from_videos_only(images: LabelledImages) -> LabelledImages:
+    """`images` without the still images labelled Other when video frames are among them.
+
+    Yu et al. take "Other" from the Aff-Wild2 frames only when they add AffectNet/ExpW images:
+    those sets have no such class, and what a still-image set files under a catch-all class is
+    not what Aff-Wild2's annotators meant by Other. Without video frames nothing is left out
+    (a still-image source is then the only source of every class). One problem per run counts
+    what was left out.
+    """
+    if all(video is None for video in images.videos):
+        return images
+    other = EXPR_CLASSES.index("Other")
+    keep = [
+        not (video is None and label == other)
+        for video, label in zip(images.videos, images.labels, strict=True)
+    ]
+    dropped = len(keep) - sum(keep)
+    if not dropped:
+        return images
+    note = Problem(
+        "labelled sources",
+        f"{dropped} still images labelled Other left out: Other comes from the video frames "
+        "only (set other_from_videos_only=false to keep them)",
+    )
+    return LabelledImages(
+        _kept(images.paths, keep),
+        _kept(images.labels, keep),
+        [*images.problems, note],
+        _kept(images.targets, keep) if images.targets else [],
+        _kept(images.videos, keep),
+    )
+
+
+def _kept(values: list, keep: list[bool]) -> list:
+    return [value for value, kept in zip(values, keep, strict=True) if kept]
 
 
 def read_multitask(sources: list[Path]) -> LabelledImages:
@@ -127,6 +166,7 @@ def _read_affwild2_multitask(root: Path) -> LabelledImages:
         images.paths += [folder / frame_filename(int(frame)) for frame in frames[useful]]
         images.labels += [int(label) for label in np.nan_to_num(expr[useful, 0], nan=-1)]
         images.targets += list(targets[useful])
+        images.videos += [str(folder)] * int(useful.sum())
     return images
 
 
@@ -170,6 +210,7 @@ def attach_landmarks(images: LabelledImages, path: Path) -> LabelledImages:
         images.labels,
         images.problems + problems,
         [no_landmarks if found is None else found for found in targets],
+        images.videos,
     )
 
 
@@ -230,7 +271,7 @@ def _read_labelled_source(source: Path) -> LabelledImages:
     if source.is_file() and source.suffix.lower() == ".csv":
         return _read_labelled_csv(source)
     if source.is_dir() and (source / IMAGES_DIRNAME).is_dir():
-        return _read_affwild2_train(source)
+        return affwild2_frames(source)
     if source.is_dir():
         return _read_class_folders(source)
     if not source.exists():
@@ -241,16 +282,17 @@ def _read_labelled_source(source: Path) -> LabelledImages:
     )
 
 
-def _read_affwild2_train(root: Path) -> LabelledImages:
-    """Frames of the EXPR train split that have an image and a valid label."""
+def affwild2_frames(root: Path, split: str = "train") -> LabelledImages:
+    """Frames of an EXPR split that have an image and a valid label."""
     data = AffWild2(root)
     images = LabelledImages()
-    for video in data.load("expr", "train"):
+    for video in data.load("expr", split):
         valid = video.image_labels != video.task.invalid
         folder = data.images / video.video
         for frame, label in zip(video.image_frames[valid], video.image_labels[valid], strict=True):
             images.paths.append(folder / frame_filename(int(frame)))
             images.labels.append(int(label))
+            images.videos.append(str(folder))
     return images
 
 
@@ -274,6 +316,7 @@ def _read_labelled_csv(path: Path) -> LabelledImages:
             else:
                 images.paths.append(image)
                 images.labels.append(label)
+                images.videos.append(None)
     return images
 
 
@@ -290,6 +333,7 @@ def _read_class_folders(root: Path) -> LabelledImages:
         for image in sorted(_images_below(folder)):
             images.paths.append(image)
             images.labels.append(label)
+            images.videos.append(None)
     return images
 
 
