@@ -26,7 +26,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results" / "demo.md"
 
 
 def seed_rows(work: Path, seed: int) -> list[float]:
-    """The five validation macro-F1 figures of one seed's demo, from its evaluate JSON files."""
+    """The five validation macro-F1 figures of the demo at `seed`, from its evaluate JSON files."""
     out = work / f"seed-{seed}"
     if not (out / "report.md").is_file():
         run_demo(out, seed=seed, progress=False)

@@ -1,4 +1,5 @@
-"""One training step of each recipe: Meta Pseudo Labels (DESIGN.md "Method facts") and the
+"""One training step of each recipe: Meta Pseudo Labels as Yu, Wei and Cai use it (Exploring
+Facial Expression Recognition through Semi-Supervised Pretraining and Temporal Modeling) and the
 supervised baseline. Steps return detached 0-dim tensors, so logging costs no device sync."""
 
 from collections.abc import Callable
@@ -18,7 +19,7 @@ class MplSettings:
     threshold: float  # confidence below which an image adds no consistency loss
     lambda_u: float  # weight of the consistency loss once ramped in
     uda_steps: int  # steps over which the consistency weight ramps linearly to lambda_u
-    feedback_sign: int  # +1: f = old - new (seed 001 eq. 6); -1: f = new - old
+    feedback_sign: int  # +1: f = old - new (Yu et al. eq. 6); -1: f = new - old
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,11 @@ def mpl_step(
 ) -> dict[str, torch.Tensor]:
     """Teacher forward, student step on hard pseudo labels, feedback, teacher step.
 
-    The student learns the arg-max of the teacher's weak-view distribution (DESIGN.md step 2:
-    the pseudo label comes from the weak view; so do Face2Exp's and MPL's reference code). The
-    feedback term reinforces the arg-max of the teacher's own strong-view logits (seed 001
-    eq. 5). Not one label for both: a strong view is often unrecognisable (RandAugment plus
-    erasing; a supervised resnet10t at 48 px is right on 87 % of weak views of its training
-    images and 45 % of strong ones), so strong-view labels would teach the student mostly noise.
+    The student learns the arg-max of the teacher's weak-view distribution (the pseudo label
+    comes from the weak view, as in Face2Exp's and MPL's reference code). The feedback term
+    reinforces the arg-max of the teacher's own strong-view logits (Yu et al. eq. 5). Not one
+    label for both: a strong view is often unrecognisable (RandAugment plus erasing), so
+    strong-view labels would teach the student mostly noise.
     """
     labelled_count, unlabelled_count = len(batch.labelled), len(batch.weak)
     with autocast():

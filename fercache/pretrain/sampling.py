@@ -93,20 +93,23 @@ def _video_holdout(
     held_stills: np.ndarray,
 ) -> np.ndarray:
     """Whole videos, in a seeded order, until `fraction` of the video frames is held out."""
-    names = np.array([video or "" for video in videos], dtype=object)
-    frame_count = int((~is_still).sum())
-    training = np.ones(len(labels), dtype=bool)
-    training[held_stills] = False
-    held: list[np.ndarray] = [np.empty(0, dtype=int)]
-    taken = 0
-    order = sorted(set(names[~is_still]))
-    for video in (order[i] for i in rng.permutation(len(order))):
-        if taken >= fraction * frame_count or len(held) == len(order):
+    frames = np.flatnonzero(~is_still)
+    if not len(frames):
+        return frames
+    names, video_of = np.unique([videos[i] for i in frames], return_inverse=True)
+    classes = np.unique(labels, return_inverse=True)[1]  # -1 (no EXPR label) counts as one
+    width = classes.max() + 1
+    per_video = np.zeros((len(names), width), dtype=int)
+    np.add.at(per_video, (video_of, classes[frames]), 1)
+    training = np.bincount(classes, minlength=width) - np.bincount(
+        classes[held_stills], minlength=width
+    )
+    taken: list[int] = []
+    for video in rng.permutation(len(names)):
+        if per_video[taken].sum() >= fraction * len(frames) or len(taken) == len(names) - 1:
             break
-        frames = np.flatnonzero(names == video)
-        kept = training.copy()
-        kept[frames] = False
-        if set(labels[training].tolist()) <= set(labels[kept].tolist()):
-            held.append(frames)
-            training, taken = kept, taken + len(frames)
-    return np.concatenate(held)
+        left = training - per_video[video]
+        if np.all((left > 0) | (training == 0)):  # every class it trains on stays
+            taken.append(int(video))
+            training = left
+    return frames[np.isin(video_of, taken)]
