@@ -43,7 +43,7 @@ class DataConfig:
 
 class ViewPair(nn.Module):
     """Two networks of one architecture used as one backbone: their pooled features are
-    concatenated and their logits summed (the inference rule of masked CoTEX, seed 003)."""
+    concatenated and their logits summed (the inference rule of masked CoTEX, Li et al.)."""
 
     def __init__(self, views: list[nn.Module]) -> None:
         super().__init__()

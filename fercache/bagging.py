@@ -1,4 +1,4 @@
-"""Bagging (seed 004): K temporal models, each on its own seeded subsample of the training
+"""Bagging (the LSD paper): K temporal models, each on its own seeded subsample of the training
 videos, soft-voted on the validation split.
 
 Bag k trains into `OUT/bag-<k>` with seed `base + k` (base: `--seed`, else the config's) and the

@@ -291,9 +291,9 @@ def pretrain(
         typer.Option(
             help="mpl (teacher/student with feedback, the default); supervised (the baseline: "
             "labelled data only, same schedule); cotex (two masked ViTs + JS consistency, "
-            "seed 003); emma (EXPR + AU heads, VA head on their scores; --labelled must be "
-            "Aff-Wild2 roots); multitask-landmarks (expression + landmark heads, seed 004; needs "
-            "--set landmarks=CSV)."
+            "Li et al.); emma (EXPR + AU heads, VA head on their scores; --labelled must be "
+            "Aff-Wild2 roots); multitask-landmarks (expression + landmark heads, the LSD "
+            "paper; needs --set landmarks=CSV)."
         ),
     ] = None,
     resume: Annotated[
@@ -583,7 +583,7 @@ def train(
         float | None,
         typer.Option(
             help="Fraction of the training videos each model uses, drawn with its seed (the "
-            "subsample setting; seed 004 bags 0.2). Default from the config: 1.0."
+            "subsample setting; the LSD paper bags 0.2). Default from the config: 1.0."
         ),
     ] = None,
     progress: ProgressOption = True,

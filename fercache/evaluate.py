@@ -12,7 +12,7 @@ it; every frame with a valid label of an annotated video must have a prediction.
   (the PRED's `au_thresholds`: 0.5 unless tuned), and their mean over the 12 AUs.
 - VA: Lin's concordance correlation coefficient of valence and of arousal, each on the frames
   where its value is valid (not -5), and their mean.
-- P = F1_EXPR + F1_AU + CCC_VA (seed 003's multi-task score, at most 3) when all three are
+- P = F1_EXPR + F1_AU + CCC_VA (Li et al.'s multi-task score, at most 3) when all three are
   scored.
 """
 

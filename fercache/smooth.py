@@ -1,4 +1,4 @@
-"""Sliding-window majority vote over per-frame labels: the seed paper's post-processing.
+"""Sliding-window majority vote over per-frame labels: Yu et al.'s post-processing.
 
 `majority_vote(labels, probabilities, window, mode, lengths)` is a plain function on numpy
 arrays; `smooth_predictions` applies it to a PRED file (`fercache.predictions`), voting each

@@ -1,4 +1,4 @@
-"""The seed 003/004 recipes: token dropping and the JS term of masked CoTEX, EMMA's stopped
+"""The Li et al. / LSD recipes: token dropping and the JS term of masked CoTEX, EMMA's stopped
 VA gradient and masked labels, the landmark sources, layer-wise lr decay, and for each recipe
 a short run whose exported student extracts with no other option and trains a temporal model."""
 

@@ -16,11 +16,11 @@ COTEX_EXPORTS = ("both", "first")
 class PretrainConfig:
     """Every knob of phase 1; `configs/pretrain.yaml` documents each one.
 
-    Defaults follow seed 001 §4.2 (ResNet-50, lr 1e-2 / 1e-3 with cosine decay, batch 32,
+    Defaults follow Yu et al. §4.2 (ResNet-50, lr 1e-2 / 1e-3 with cosine decay, batch 32,
     100 k steps, 256 px resized and cropped to 224) where it states them, and Meta Pseudo
     Labels / UDA practice where it does not. The `finetune_*` block and what follows it set
-    the recipes of seeds 003/004 (cotex, emma, multitask-landmarks), from seed 003 Table 3
-    where it states them.
+    the recipes of Li et al. and the LSD paper (cotex, emma, multitask-landmarks), from Li et
+    al. Table 3 where it states them.
     """
 
     recipe: str = "mpl"
@@ -56,7 +56,8 @@ class PretrainConfig:
     workers: int = 4
     amp: bool = True
     seed: int = 0
-    # the recipes of seeds 003/004: AdamW with layer-wise lr decay, warm-up (warmup_steps) + cosine
+    # the recipes of Li et al. and the LSD paper: AdamW with layer-wise lr decay, warm-up
+    # (warmup_steps) + cosine
     finetune_lr: float = 5e-4  # base lr, scaled by the global batch / 256 (MAE practice)
     finetune_weight_decay: float = 0.05
     layer_decay: float = 0.65

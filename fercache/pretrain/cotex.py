@@ -1,4 +1,4 @@
-"""Masked CoTEX (seed 003 §3.3): two ViTs trained on labelled faces, each seeing its own random
+"""Masked CoTEX (Li et al. §3.3): two ViTs trained on labelled faces, each seeing its own random
 subset of patch tokens (MAE-style: the dropped tokens are gone, no mask tokens stand in);
 loss = mean cross-entropy of the two views + λ · Jensen-Shannon divergence of their softmax
 outputs. At inference nothing is masked and the two views' logits are summed.

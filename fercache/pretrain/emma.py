@@ -1,7 +1,7 @@
-"""EMMA (seed 003 §3.2): one backbone with an EXPR head (8 classes, cross-entropy) and an AU
+"""EMMA (Li et al. §3.2): one backbone with an EXPR head (8 classes, cross-entropy) and an AU
 head (12 units, binary cross-entropy); a VA head on the concatenated EXPR and AU scores (and,
 optionally, a second frozen model's EXPR scores) trained with 1 - CCC per dimension. The VA
-head's input is detached: VA trains its head only, never the backbone (the seed's remedy for
+head's input is detached: VA trains its head only, never the backbone (the paper's remedy for
 VA overfitting). Invalid labels (EXPR -1, AU -1, VA -5) count for nothing.
 """
 
@@ -27,7 +27,7 @@ from fercache.pretrain.sources import LabelledImages, read_multitask
 from fercache.pretrain.views import data_config_of
 
 AU_COUNT, VA_COUNT = len(AU_NAMES), len(VA_NAMES)
-VA_HIDDEN = 64  # seed 003: "a two-layer fully connected layer", width not stated: ours
+VA_HIDDEN = 64  # Li et al.: "a two-layer fully connected layer", width not stated: ours
 
 
 def concordance(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def concordance(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 def ccc_loss(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Σ over valence and arousal of 1 - CCC on the frames whose value is valid (not NaN). A
-    dimension with fewer than two valid frames adds nothing. (Seed 003 eq. 4 writes
+    dimension with fewer than two valid frames adds nothing. (Li et al. eq. 4 writes
     1 - (CCC_A + CCC_V): the same gradient.)"""
     total = predicted.sum() * 0  # joined to the graph even when nothing is valid
     for dimension in range(predicted.shape[1]):

@@ -1,5 +1,5 @@
-"""What the recipes of seeds 003/004 (cotex, emma, multitask-landmarks) share: one trained
-module, AdamW with timm's layer-wise learning-rate decay, and a step that owns its loss.
+"""What the recipes of Li et al. and the LSD paper (cotex, emma, multitask-landmarks) share: one
+trained module, AdamW with timm's layer-wise learning-rate decay, and a step that owns its loss.
 
 The pretraining run (loop.py) keeps everything else: loaders, the warm-up + cosine schedule,
 logging, held-out evaluation, checkpoints, resume, DDP and export. A recipe's module called

@@ -1,6 +1,6 @@
-"""Multi-task expression + landmarks (seed 004 §2): the backbone's expression head trained with
+"""Multi-task expression + landmarks (the LSD paper §2): the backbone's expression head trained with
 class-weighted cross-entropy beside an auxiliary head regressing the 68 facial landmarks (MSE).
-Landmarks are regressed in fractions of the image's width and height. As in the seed, the
+Landmarks are regressed in fractions of the image's width and height. As in the LSD paper, the
 training view only jitters colour (no crop, no flip), so the landmarks stay where they are.
 """
 

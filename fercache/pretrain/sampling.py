@@ -8,7 +8,7 @@ from fercache.errors import FercacheError
 
 
 class BalancedBatchSampler:
-    """Endless batches with the same number of images of every class (seed 001 §3.2.1).
+    """Endless batches with the same number of images of every class (Yu et al. §3.2.1).
 
     Each class is walked through in its own reshuffled order, so a rare class repeats only
     after all its images were used. When `batch_size` is not a multiple of the number of

@@ -21,7 +21,7 @@ from fercache.settings import given_values, read_yaml, typed_values
 CONFIG_FILE = "config.yaml"
 BALANCE_MODES = ("weights", "sampling", "none")
 AU_POS_WEIGHTS = ("none", "inverse_frequency")
-# The validation score of each task, and P = their sum over the trained tasks (seed 003's
+# The validation score of each task, and P = their sum over the trained tasks (Li et al.'s
 # multi-task score F1_EXPR + F1_AU + CCC_VA when all three are trained).
 SCORE_OF_TASK = {"expr": "expr_f1", "au": "au_f1", "va": "va_ccc"}
 SCORES = (*SCORE_OF_TASK.values(), "p")

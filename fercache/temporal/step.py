@@ -7,7 +7,7 @@ invalid labels everywhere. The step minimises Σ weight_task · loss_task over t
 - AU: binary cross-entropy on the 12 logits, ignoring -1, optionally with per-AU positive
   weights;
 - VA: 1 - CCC per dimension over the batch's valid rows (not -5), averaged over valence and
-  arousal (seed 003's EMMA loss). A dimension with fewer than 2 valid rows adds nothing.
+  arousal (Li et al.'s EMMA loss). A dimension with fewer than 2 valid rows adds nothing.
 Masked rows are removed with `torch.where` before any arithmetic, so whatever a masked row's
 output holds (even NaN) reaches neither a loss nor a gradient.
 """

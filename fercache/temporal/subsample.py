@@ -1,6 +1,6 @@
 """The training videos a run uses: all of them, or a seeded fraction (the `subsample` setting).
 
-Bagging (seed 004) trains several models on different subsamples of the videos and soft-votes
+Bagging (the LSD paper) trains several models on different subsamples of the videos and soft-votes
 them; whole videos are drawn, not frames, so each model still sees complete temporal context.
 The draw depends only on the run's seed and the sorted video names, so a resumed run or a rerun
 trains on exactly the same videos.
