@@ -87,8 +87,9 @@ def main() -> None:
     figures = {seed: seed_rows(args.work, seed) for seed in args.seeds}
     text = RESULTS.read_text() if RESULTS.is_file() else f"# The demo table\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
-    RESULTS.write_text(head + section(figures) + rest.split(END, 1)[1])
-    print(section(figures))
+    written = section(figures)
+    RESULTS.write_text(head + written + rest.split(END, 1)[1])
+    print(written)
 
 
 if __name__ == "__main__":
