@@ -24,9 +24,9 @@ from PIL import Image
 
 from fercache.backbone import load_backbone
 from fercache.data.affwild2 import AffWild2
-from fercache.data.synthetic import SynthConfig, generate
 from fercache.distributed import resolve_device
 from fercache.extract import ExtractOptions, extract, forward_backbone
+from fercache.synth import SynthConfig, generate
 
 
 def main() -> None:

@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from fercache.data.synthetic import SynthConfig, generate
 from fercache.pretrain import PretrainConfig, pretrain
 from fercache.pretrain.loop import evaluate
 from fercache.pretrain.sources import affwild2_frames
 from fercache.pretrain.views import LabelledDataset, build_views, data_config_of
 from fercache.settings import parse_override, typed_values
+from fercache.synth import SynthConfig, generate
 
 
 def validation_frames(tree: Path) -> tuple[list[Path], np.ndarray]:

@@ -10,6 +10,8 @@ weights must match the architecture exactly, or nothing is built.
 A model config may add `model_kwargs` (passed to `timm.create_model`, e.g. the `img_size` a ViT
 was trained at) and `views: 2`: two networks of the backbone's architecture (state keys
 `views.0.*`, `views.1.*`) extracted as one `ViewPair`, features concatenated, logits summed.
+
+`preprocess` turns uint8 frames into the backbone's input on the device (resize, normalise).
 """
 
 import hashlib
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from timm.data import resolve_data_config
 from torch import nn
@@ -39,6 +42,36 @@ class DataConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+
+
+INTERPOLATIONS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
+
+
+def resize_mode(name: str) -> str:
+    """The torch resize mode for a data config's interpolation name."""
+    # timm configs may name PIL filters torch cannot resize with on the device (e.g. lanczos);
+    # bicubic is the closest, and the store records what was really used.
+    return INTERPOLATIONS.get(name, "bicubic")
+
+
+def preprocess(images: torch.Tensor | list[torch.Tensor], config: DataConfig) -> torch.Tensor:
+    """uint8 frames (B, 3, h, w) on the device -> normalised float (B, 3, H, W), channels_last."""
+    if isinstance(images, list):
+        return torch.cat([preprocess(image[None], config) for image in images])
+    size = tuple(config.input_size[1:])
+    batch = images.float().div_(255)
+    if tuple(batch.shape[-2:]) != size:
+        mode = resize_mode(config.interpolation)
+        batch = F.interpolate(
+            batch,
+            size=size,
+            mode=mode,
+            antialias=mode != "nearest",
+            **({} if mode == "nearest" else {"align_corners": False}),
+        )
+    mean = torch.tensor(config.mean, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, device=batch.device).view(1, 3, 1, 1)
+    return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 class ViewPair(nn.Module):

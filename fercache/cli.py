@@ -39,6 +39,14 @@ app = typer.Typer(
 ProgressOption = Annotated[
     bool, typer.Option("--progress/--no-progress", help="Show progress bars on long work.")
 ]
+PrintConfigOption = Annotated[
+    bool,
+    typer.Option(
+        "--print-config",
+        help="Print the resolved settings (YAML, as the run's config.yaml holds them; with "
+        "--resume the saved ones) and exit without training.",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -85,7 +93,7 @@ def synth(
     progress: ProgressOption = True,
 ) -> None:
     """Write a synthetic Aff-Wild2 tree: frames, EXPR/AU/VA annotations and phase-1 image pools."""
-    from fercache.data.synthetic import SynthConfig, generate
+    from fercache.synth import SynthConfig, generate
 
     config = SynthConfig(
         videos=videos,
@@ -259,15 +267,16 @@ def pretrain(
     out: Annotated[
         Path,
         typer.Option(
-            help="Run folder: student/teacher .safetensors + .json, metrics.jsonl, state.pt."
+            help="Run folder: config.yaml, sources.json, last.pt, metrics.jsonl, problems.txt, "
+            "student (and teacher) .safetensors + .json; see docs/formats.md."
         ),
     ],
     unlabelled: Annotated[
         list[Path] | None,
         typer.Option(
             help="Unlabelled face images (repeat to combine): a folder (searched recursively) "
-            "or a list (.txt, one path a line; .csv with a path column). Used by --recipe "
-            "mpl only."
+            "or a list (.txt, one path a line; .csv with a path column). Read by recipes that "
+            "learn from unlabelled images (mpl)."
         ),
     ] = None,
     backbone: Annotated[
@@ -299,8 +308,8 @@ def pretrain(
     resume: Annotated[
         bool,
         typer.Option(
-            help="Continue the run in --out from its state.pt with its saved settings "
-            "(--steps may raise or lower the total)."
+            help="Continue the run in --out from its last.pt with its saved settings (--steps, "
+            "eval_every, log_every, checkpoint_every and workers may change)."
         ),
     ] = False,
     init_checkpoint: Annotated[
@@ -310,14 +319,21 @@ def pretrain(
             "a head of another class count is replaced."
         ),
     ] = None,
+    print_config: PrintConfigOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Phase 1: semi-supervised (Meta Pseudo Labels) pretraining of the frozen student."""
-    from fercache.pretrain import load_config, saved_settings
+    from fercache.pretrain import load_config, resumed_config, settings_text
     from fercache.pretrain import pretrain as run_pretrain
 
-    base = saved_settings(out) if resume else None
-    settings = load_config(config, set_values, base, backbone=backbone, steps=steps, recipe=recipe)
+    given = {"backbone": backbone, "steps": steps, "recipe": recipe}
+    if resume:
+        settings = resumed_config(out, config, set_values, **given)
+    else:
+        settings = load_config(config, set_values, **given)
+    if print_config:
+        typer.echo(settings_text(settings), nl=False)
+        return
     report = run_pretrain(
         labelled,
         unlabelled or [],
@@ -349,7 +365,7 @@ def predict(
         ),
     ],
     split: Annotated[str, typer.Option(help="Split to predict: train, val or test.")],
-    out: Annotated[Path, typer.Option(help="PRED file to write (HDF5, format in the README).")],
+    out: Annotated[Path, typer.Option(help="PRED file to write (HDF5; see docs/formats.md).")],
     run_dir: Annotated[
         Path | None,
         typer.Argument(help="Temporal training run folder (not needed with --source student)."),
@@ -527,7 +543,11 @@ ConfigOption = Annotated[
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override one setting, key=value (repeatable), e.g. layers=2."),
+    typer.Option(
+        "--set",
+        help="Override one setting, key=value (repeatable), e.g. layers=2 or, with its section "
+        "of configs/temporal.yaml, model.layers=2.",
+    ),
 ]
 EpochsOption = Annotated[
     int | None, typer.Option("--epochs", help="Epochs (default from the config).")
@@ -586,10 +606,11 @@ def train(
             "subsample setting; the LSD paper bags 0.2). Default from the config: 1.0."
         ),
     ] = None,
+    print_config: PrintConfigOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Train the temporal transformer on 64-frame clips of cached features (phase 2)."""
-    from fercache.temporal.loop import TrainRequest, best_scores_text
+    from fercache.temporal.loop import TrainRequest, best_scores_text, resolved_config
     from fercache.temporal.loop import train as run_train
 
     subsampled = () if subsample is None else (f"subsample={subsample}",)
@@ -603,6 +624,11 @@ def train(
         resume=resume,
         progress=progress,
     )
+    if print_config:
+        from fercache.temporal.config import settings_text
+
+        typer.echo(settings_text(resolved_config(out, request)), nl=False)
+        return
     if bagging is not None:
         from fercache.bagging import render, train_bagged
 
@@ -631,8 +657,8 @@ def demo(
         typer.Option(
             min=1,
             help="Phase-1 steps of each of the three students alike (the same budget); the "
-            "default fits the demo in 10 minutes on 2 cores (results/demo.md: figures at other "
-            "budgets).",
+            "default is sized for a 2-core CPU (results/demo.md: the measured time, and figures "
+            "at other budgets).",
             show_default=False,
         ),
     ] = None,
@@ -647,7 +673,7 @@ def demo(
     ] = None,
     progress: ProgressOption = True,
 ) -> None:
-    """The whole pipeline on a synthetic tree (under 10 min on 2 CPU cores): the five rows of
+    """The whole pipeline on a synthetic tree, sized for a CPU (results/demo.md): the five rows of
     Yu et al.'s Table 1, each trained on the data that row ticks; prints the table."""
     from fercache.demo import DemoSettings, render_table, run_demo
 

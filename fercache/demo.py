@@ -22,13 +22,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fercache.data.synthetic import SynthConfig, generate
 from fercache.errors import FercacheError
 from fercache.evaluate import evaluate, write_report
 from fercache.extract import ExtractOptions, extract
+from fercache.outputs import write_atomically, write_text_atomically
 from fercache.predict import PredictOptions, predict
 from fercache.pretrain import load_config, pretrain
 from fercache.smooth import smooth_predictions
+from fercache.synth import SynthConfig, generate
 from fercache.temporal.loop import TrainRequest, train
 
 MARKER = "demo.json"
@@ -64,8 +65,8 @@ ROW_FILES = (*(run.name for run in PHASE_ONE), "temporal", "temporal-smoothed")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Every size of the demo in one place; the default fits 10 minutes on 2 CPU cores with
-    the install (results/demo.md gives the measured time and the ablations behind each value).
+    """Every size of the demo in one place; the default is sized for 2 CPU cores (results/demo.md
+    gives the measured time and the ablations behind each value).
     """
 
     # 27 training and 13 validation videos: with 16 (11 and 5) the baseline's validation F1
@@ -74,14 +75,14 @@ class DemoSettings:
     frames: int = 300
     labelled_pool: int = 800
     unlabelled_pool: int = 3000
-    # timm's smallest ResNet: a phase-1 step costs a fifth of resnet10t's at 48 px, which is
-    # what lets three students train within the demo's 10 minutes
+    # timm's smallest ResNet: a phase-1 step costs far less than resnet10t's at 48 px, which is
+    # what lets three students train within the demo's budget (results/demo.md)
     backbone: str = "test_resnet"
     image_size: int = 48
     pretrain_steps: int = 300  # the same budget for every student
     pretrain_lr: float = 0.05  # the baseline's and the teachers'
     ssl_student_lr: float = 0.01  # the SSL students' (at 0.05 they fed noise back to the teacher)
-    mu: int = 1  # unlabelled images per labelled one: a third off the MPL step's cost
+    mu: int = 1  # unlabelled images per labelled one: cheaper MPL steps (results/demo.md)
     # Of pretrain_steps, the SSL students' last ones fine-tuned on the labels at pretrain_lr
     # (MPL's last stage); 0: none
     ssl_finetune_steps: int = 0
@@ -198,7 +199,8 @@ def run_demo(
     """Run every stage into `out` and write `out/report.md` and `out/report.png`."""
     out = Path(out)
     _prepare(out)
-    (out / MARKER).write_text(json.dumps({"seed": seed, "settings": asdict(settings)}, indent=2))
+    marker = json.dumps({"seed": seed, "settings": asdict(settings)}, indent=2)
+    write_text_atomically(out / MARKER, marker, "the demo marker")
     stages = _Stages(Console(quiet=not progress))
     data = out / "data"
     _synthesize(stages, data, seed, settings, progress)
@@ -540,7 +542,7 @@ def write_demo_report(
         ]
     )
     report = out / "report.md"
-    report.write_text(text)
+    write_text_atomically(report, text, "the report")
     return report, chart
 
 
@@ -564,6 +566,6 @@ def plot_rows(rows: tuple[Row, ...], path: Path) -> Path:
     axes.set_ylabel("validation macro-F1 (%)")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"), "the chart")
     plt.close(figure)
     return path

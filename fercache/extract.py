@@ -19,11 +19,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from fercache.backbone import Backbone, DataConfig, load_backbone
+from fercache.backbone import Backbone, load_backbone, preprocess, resize_mode
 from fercache.data.affwild2 import AffWild2, frame_filename
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
@@ -39,7 +38,6 @@ from fercache.store import (
     write_store,
 )
 
-INTERPOLATIONS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
 WRITE_QUEUE_BATCHES = 8
 
 
@@ -142,17 +140,11 @@ def _provenance(backbone: Backbone, options: ExtractOptions) -> Provenance:
         input_size=config.input_size,
         mean=config.mean,
         std=config.std,
-        interpolation=_interpolation(config.interpolation),
+        interpolation=resize_mode(config.interpolation),
         dtype=options.dtype,
         feature_dim=backbone.feature_dim,
         num_classes=backbone.num_classes,
     )
-
-
-def _interpolation(name: str) -> str:
-    # timm configs may name PIL filters torch cannot resize with on the device (e.g. lanczos);
-    # bicubic is the closest, and the store records what was really used.
-    return INTERPOLATIONS.get(name, "bicubic")
 
 
 def _video_jobs(
@@ -271,26 +263,6 @@ def collate_frames(items: list[tuple[int, torch.Tensor, str]]) -> dict:
         "images": torch.stack(images) if images and same_size else images,
         "failed": [(index, reason) for index, _, reason in items if reason],
     }
-
-
-def preprocess(images: torch.Tensor | list[torch.Tensor], config: DataConfig) -> torch.Tensor:
-    """uint8 frames (B, 3, h, w) on the device -> normalised float (B, 3, H, W), channels_last."""
-    if isinstance(images, list):
-        return torch.cat([preprocess(image[None], config) for image in images])
-    size = tuple(config.input_size[1:])
-    batch = images.float().div_(255)
-    if tuple(batch.shape[-2:]) != size:
-        mode = _interpolation(config.interpolation)
-        batch = F.interpolate(
-            batch,
-            size=size,
-            mode=mode,
-            antialias=mode != "nearest",
-            **({} if mode == "nearest" else {"align_corners": False}),
-        )
-    mean = torch.tensor(config.mean, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, device=batch.device).view(1, 3, 1, 1)
-    return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def forward_backbone(
@@ -486,7 +458,7 @@ def _loader(todo: list[VideoJob], options: ExtractOptions, device: torch.device)
 
 
 def _default_workers() -> int:
-    # Decoding a 112x112 JPEG costs ~50 us; one worker per ~4 cores keeps any GPU fed, and on a
+    # Decoding a 112x112 JPEG is cheap; one worker per ~4 cores keeps any GPU fed, and on a
     # small CPU machine one worker leaves the cores to the forward pass.
     return max(1, min(8, (os.cpu_count() or 2) // 4))
 

@@ -28,6 +28,7 @@ class SplitSummary:
     images_without_annotation: int
     # EXPR: frames per class; AU: positive frames per AU; VA: mean valence and arousal
     distribution: dict[str, float]
+    video_names: list[str] = field(default_factory=list)  # the videos annotated, sorted
 
 
 @dataclass
@@ -98,6 +99,7 @@ def _summarize_split(task: str, split: str, entries: list[VideoLabels]) -> Split
         invalid=int(sum((~v).sum() for v in valid)),
         images_without_annotation=sum(int((e.image_frames > len(e.labels)).sum()) for e in entries),
         distribution=_distribution(task, labels, valid),
+        video_names=sorted(entry.video for entry in entries),
     )
 
 
@@ -127,7 +129,8 @@ _COUNT_COLUMNS = {
 
 
 def render(summary: DatasetSummary, max_notes: int = 20) -> Group:
-    """Rich tables: splits, EXPR class distribution, and the notes on odd data."""
+    """Rich tables: splits, EXPR class distribution, each split's videos, and the notes on
+    odd data."""
     title = f"{summary.root}: {summary.image_folders} image folders, {summary.images:,} images"
     splits = Table(title=title)
     splits.add_column("task")
@@ -137,7 +140,7 @@ def render(summary: DatasetSummary, max_notes: int = 20) -> Group:
     for s in summary.splits:
         counts = (f"{getattr(s, name):,}" for name in _COUNT_COLUMNS.values())
         splits.add_row(s.task.upper(), s.split, *counts)
-    parts: list = [splits, _expr_table(summary)]
+    parts: list = [splits, _expr_table(summary), _videos_table(summary)]
     lines = []
     if summary.subjects:
         lines.append(f"two-subject videos (_left/_right): {', '.join(summary.subjects)}")
@@ -167,6 +170,23 @@ def _expr_table(summary: DatasetSummary) -> Table:
                 s.split,
                 *(f"{n:,} ({100 * n / total:.1f}%)" for n in s.distribution.values()),
             )
+    return table
+
+
+def _videos_table(summary: DatasetSummary) -> Table:
+    """One row per split and list of videos: the tasks of a split that annotate the same
+    videos share a row; the names wrap inside their column."""
+    table = Table(title="Videos per split")
+    table.add_column("split")
+    table.add_column("tasks")
+    table.add_column("videos", justify="right")
+    table.add_column("names", overflow="fold")
+    rows: dict[str, dict[tuple[str, ...], list[str]]] = {}
+    for s in summary.splits:
+        rows.setdefault(s.split, {}).setdefault(tuple(s.video_names), []).append(s.task.upper())
+    for split, lists in rows.items():
+        for names, tasks in lists.items():
+            table.add_row(split, "/".join(tasks), f"{len(names):,}", ", ".join(names))
     return table
 
 

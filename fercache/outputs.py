@@ -1,36 +1,61 @@
-"""Writing a result or run file (predictions, reports, plots, submissions, weights, checkpoints):
-its folder is created, it appears complete or not at all, and a failure names the file instead
-of a stack trace."""
+"""Writing a result or run file (predictions, reports, plots, submissions, weights, checkpoints,
+feature stores, manifests): its folder is created, it appears complete or not at all, and a
+failure names the file instead of a stack trace. Every file fercache writes goes through
+`write_atomically`."""
 
 import os
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 from fercache.errors import FercacheError
 
+TMP_MARK = ".tmp-"  # `.<name>.tmp-<pid>`: the temporary name of a file being written
+WRITE_ADVICE = "check the folder is writable and has space"
 
-def write_atomically(path: Path, write: Callable[[Path], object], what: str) -> Path:
-    """Create `path`'s folder, call `write` on a temporary name beside it, rename it to `path`.
 
-    A killed process or a full disk leaves no half-written `path` (and no temporary file after
-    an error); any OSError becomes a FercacheError naming `path` and `what` was being written.
+def temporary_name(path: Path) -> Path:
+    """The name `path` is written under before it is renamed: hidden, and not ending in
+    `path`'s suffix, so no `*.h5` or `*.json` glob ever sees a half-written file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def write_atomically(
+    path: Path, write: Callable[[Path], object], what: str, advice: str = WRITE_ADVICE
+) -> Path:
+    """Create `path`'s folder, call `write` on a temporary name beside it, flush it to disk,
+    rename it to `path`.
+
+    A killed process, a power cut or a full disk leaves no half-written `path` (and no
+    temporary file after an error or an interrupt); any OSError becomes a FercacheError naming
+    `path`, what was being written and `advice`. The temporary name does not end in `path`'s
+    suffix (`temporary_name`): a writer that picks its format from the name (matplotlib's
+    `savefig`) must be given the format.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        _flush_to_disk(tmp)
         os.replace(tmp, path)
     except OSError as error:
         raise FercacheError(
-            f"{path}: could not write {what} ({error.strerror or error}); "
-            "check the folder is writable and has space"
+            f"{path}: could not write {what} ({error.strerror or error}); {advice}"
         ) from error
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # e.g. no folder to remove it from: the error above says why
+            tmp.unlink(missing_ok=True)
     return path
 
 
-def write_text_atomically(path: Path, text: str, what: str) -> Path:
-    """`write_atomically` for a text file (JSON, JSON lines, CSV), with Unix line ends."""
-    return write_atomically(path, lambda tmp: tmp.write_text(text, newline="\n"), what)
+def write_text_atomically(path: Path, text: str, what: str, advice: str = WRITE_ADVICE) -> Path:
+    """`write_atomically` for a text file (JSON, JSON lines, YAML, CSV), with Unix line ends."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text, newline="\n"), what, advice)
+
+
+def _flush_to_disk(path: Path) -> None:
+    # Without it a power cut soon after the rename can leave `path` empty on some filesystems.
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

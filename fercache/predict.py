@@ -15,7 +15,7 @@ Where the numbers come from (`source`):
   EXPR baseline of the ablation.
 
 `tune_thresholds` (validation split, a run with an AU head): per AU, the threshold with the best
-F1 on the split's AU annotations (`fercache.evaluate.tune_au_thresholds`) is stored in the run's
+F1 on the split's AU annotations (`fercache.metrics.tune_au_thresholds`) is stored in the run's
 `thresholds.json` for its weights file, and the PRED written carries it.
 
 Frames without features (no face found, image missing or undecodable) take the predictions of
@@ -32,13 +32,13 @@ import h5py
 import numpy as np
 
 from fercache.data.affwild2 import SPLITS, AffWild2
+from fercache.data.framelist import read_frame_list
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES
 from fercache.errors import FercacheError
-from fercache.evaluate import pooled, tune_au_thresholds
+from fercache.metrics import pooled, tune_au_thresholds
 from fercache.predictions import AU_THRESHOLD, Predictions, VideoPredictions
 from fercache.progress import progress_bar
 from fercache.store import FeatureCache
-from fercache.submit import read_frame_list
 
 SOURCES = ("temporal", "student")
 # Every row of a video without any features: None is uniform (EXPR probabilities).

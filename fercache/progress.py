@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from rich import get_console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -34,6 +35,13 @@ def progress_bar(description: str, total: int | None, enabled: bool = True) -> I
     ) as progress:
         task_id = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task_id, n)
+
+
+def progress_line(text: str, enabled: bool = True) -> None:
+    """Print one line of progress (e.g. an epoch's figures) with the bars, when enabled: on
+    the console the bars draw on, so a live bar stays below it instead of being garbled."""
+    if enabled:
+        get_console().print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):

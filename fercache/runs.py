@@ -1,6 +1,7 @@
 """One table of the temporal training runs under a folder (a sweep, bagging, or any runs).
 
-A run is a folder holding `config.yaml` (written when training starts), found at any depth. The
+A run is a folder holding `config.yaml` (written when training starts), found at any depth;
+pretraining runs (whose folders also hold `sources.json`) are left out. The
 table shows each run's path relative to the folder, only the settings that differ between the
 runs (a setting a run's config lacks shows as '-'), the epochs done, the best epoch and every
 numeric `best_*` score of its `summary.json`. A run without `summary.json` is marked unfinished
@@ -18,9 +19,9 @@ from typing import Any
 from rich.table import Table
 
 from fercache.errors import FercacheError
-from fercache.settings import read_yaml
-from fercache.temporal.config import CONFIG_FILE
-from fercache.temporal.rundir import METRICS_FILE, read_metrics, read_summary
+from fercache.pretrain.loop import SOURCES_FILE as PRETRAIN_SOURCES
+from fercache.runfolder import CONFIG_FILE, read_config, read_metrics
+from fercache.temporal.rundir import read_summary
 
 RUN = "run"
 EPOCHS = "epochs"
@@ -43,13 +44,17 @@ class RunsTable:
 def runs_table(root: Path, sort: str | None = None) -> RunsTable:
     """Every run under `root`, sorted on column `sort` (default: the first score)."""
     root = Path(root)
-    run_dirs = sorted(path.parent for path in root.rglob(CONFIG_FILE))
+    run_dirs = sorted(
+        path.parent
+        for path in root.rglob(CONFIG_FILE)
+        if not (path.parent / PRETRAIN_SOURCES).is_file()
+    )
     if not run_dirs:
         raise FercacheError(
             f"{root}: no training runs found (folders holding {CONFIG_FILE}); give the --out "
             "folder of `fercache train`, `fercache sweep` or `fercache train --bagging`"
         )
-    configs = {run_dir: read_yaml(run_dir / CONFIG_FILE) for run_dir in run_dirs}
+    configs = {run_dir: read_config(run_dir) for run_dir in run_dirs}
     summaries = {run_dir: read_summary(run_dir) for run_dir in run_dirs}
     differing = _differing_keys(list(configs.values()))
     scores = _score_names([summary for summary in summaries.values() if summary])
@@ -91,7 +96,7 @@ def _row(
     differing: list[str],
     scores: list[str],
 ) -> dict[str, Any]:
-    done = summary[EPOCHS] if summary else _epochs_done(run_dir)
+    done = summary[EPOCHS] if summary else len(read_metrics(run_dir))
     return {
         RUN: str(run_dir.relative_to(root)),
         **{key: config.get(key) for key in differing},
@@ -100,10 +105,6 @@ def _row(
         **{name: summary.get(name) if summary else None for name in scores},
         STATUS: "finished" if summary else f"unfinished ({done}/{config.get(EPOCHS)} epochs)",
     }
-
-
-def _epochs_done(run_dir: Path) -> int:
-    return len(read_metrics(run_dir)) if (run_dir / METRICS_FILE).is_file() else 0
 
 
 def _sorted(rows: list[dict], key: str, columns: list[str], scores: list[str]) -> list[dict]:

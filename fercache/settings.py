@@ -2,9 +2,12 @@
 
 Shared by `fercache pretrain` and `fercache train`: names are checked against the dataclass
 (an unknown key lists the valid ones) and values are coerced to the type of their default.
+On the command line (`--set`, and `fercache sweep --grid`) a key is a setting's name, or
+`section.name` where the stage groups its settings in sections (`setting_key`).
 """
 
 import dataclasses
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +15,18 @@ import yaml
 
 from fercache.errors import FercacheError
 
+Sections = Mapping[str, Collection[str]]  # section name -> the setting names it groups
 
-def given_values(path: Path | None, overrides: list[str] | None, options: dict) -> dict:
+
+def given_values(
+    path: Path | None, overrides: list[str] | None, options: dict, sections: Sections | None = None
+) -> dict:
     """The YAML file's settings, then `--set` overrides, then the non-None `options`."""
     values: dict[str, Any] = {}
     if path is not None:
         values.update(read_yaml(Path(path)))
     for item in overrides or []:
-        key, value = parse_override(item)
+        key, value = parse_override(item, sections)
         values[key] = value
     values.update({key: value for key, value in options.items() if value is not None})
     return values
@@ -37,12 +44,24 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return {str(key): value for key, value in loaded.items()}
 
 
-def parse_override(item: str) -> tuple[str, Any]:
+def setting_key(key: str, sections: Sections | None = None) -> str:
+    """The setting a command-line key names: `name` itself, or `section.name` when `sections`
+    puts `name` in that section (`model.layers` is `layers`). Anything else comes back as
+    given, for `typed_values` to refuse as an unknown setting."""
+    key = key.strip()
+    section, dot, name = key.partition(".")
+    if dot and name in (sections or {}).get(section, ()):
+        return name
+    return key
+
+
+def parse_override(item: str, sections: Sections | None = None) -> tuple[str, Any]:
+    """`key=value` -> (the setting `setting_key` names, the value read as YAML)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise FercacheError(f"--set {item!r}: expected key=value, e.g. --set seed=1")
     try:
-        return key.strip(), yaml.safe_load(text)
+        return setting_key(key, sections), yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise FercacheError(f"--set {item!r}: value is not valid YAML ({error})") from error
 

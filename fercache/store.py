@@ -13,14 +13,14 @@ Schema of `<video>.h5` (format 1), readable with plain h5py or `h5dump`:
   (hash of what determines the numbers), `skipped_frames` (frame numbers whose image could not
   be decoded), `skipped_reasons` (JSON list of "file: reason"), and `complete` = 1, set last.
 
-A store is written under `.<video>.h5.tmp-<pid>` and renamed when complete, so a file under a
-final name is always whole. `manifest.json` lists the videos, their row counts and the
-provenance; it is written after every store exists.
+A store is written under `.<video>.h5.tmp-<pid>` and renamed when complete
+(`fercache.outputs.write_atomically`, as every file fercache writes), so a file under a final
+name is always whole. `manifest.json` lists the videos, their row counts and the provenance; it
+is written after every store exists.
 """
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,12 +30,14 @@ import numpy as np
 
 from fercache import __version__
 from fercache.errors import FercacheError
+from fercache.outputs import TMP_MARK as TEMPORARY
+from fercache.outputs import write_atomically, write_text_atomically
 
 FORMAT_VERSION = 1
 CHUNK_FRAMES = 64
 MANIFEST_NAME = "manifest.json"
 STORE_SUFFIX = ".h5"
-TMP_MARK = ".h5.tmp-"
+TMP_MARK = STORE_SUFFIX + TEMPORARY  # what `write_atomically` names a store being written
 
 
 @dataclass(frozen=True)
@@ -112,10 +114,9 @@ def write_store(
     skipped: Iterable[tuple[int, str]] = (),
 ) -> Path:
     """Write one video's store atomically; on any failure no file is left under either name."""
-    final = store_path(cache_dir, video)
-    tmp = final.with_name(f".{video}{TMP_MARK}{os.getpid()}")
     skipped = sorted(skipped)
-    try:
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as store:
             _write_datasets(store, frames, features, logits, provenance.dtype)
             attrs = store.attrs
@@ -127,19 +128,13 @@ def write_store(
             attrs["skipped_frames"] = np.array([f for f, _ in skipped], dtype=np.int32)
             attrs["skipped_reasons"] = json.dumps([reason for _, reason in skipped])
             attrs["complete"] = 1
-        _fsync(tmp)
-        os.replace(tmp, final)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise FercacheError(
-            f"{final}: could not write the feature store ({error.strerror or error}). "
-            "Free disk space or choose another --out; finished stores are kept and a rerun "
-            "resumes."
-        ) from error
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final
+
+    return write_atomically(
+        store_path(cache_dir, video),
+        write,
+        "the feature store",
+        "free disk space or choose another --out; finished stores are kept and a rerun resumes",
+    )
 
 
 def _write_datasets(
@@ -159,11 +154,6 @@ def _write_datasets(
     store.create_dataset("frames", data=np.asarray(frames, dtype=np.int32))
     if logits is not None:
         store.create_dataset("logits", data=np.asarray(logits, dtype=np.float32))
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def store_state(path: Path) -> tuple[str, Provenance | None]:
@@ -218,10 +208,7 @@ def write_manifest(cache_dir: Path, provenance: Provenance, videos: dict[str, di
         "total_rows": sum(entry["rows"] for entry in videos.values()),
         "videos": dict(sorted(videos.items())),
     }
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(path, json.dumps(manifest, indent=2), "the cache manifest")
 
 
 def read_manifest(cache_dir: Path) -> dict:

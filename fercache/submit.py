@@ -1,4 +1,4 @@
-"""ABAW submission files (EXPR, AU, VA) and the organisers' frame lists.
+"""ABAW submission files (EXPR, AU, VA): written from a PRED file, and read back.
 
 A submission is a text file: a header, then one row per required frame:
 - EXPR: `image_location,Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other`, rows
@@ -9,17 +9,15 @@ A submission is a text file: a header, then one row per required frame:
 - VA: `image_location,valence,arousal`, rows `<video>/<%05d>.jpg,<valence>,<arousal>` with six
   decimals, both in [-1, 1].
 
-A frame list names the frames that need a prediction (for the test split, the organisers give
-one): one `<video>/<frame>.jpg` per line, optionally followed by a comma and anything else (so
-the organisers' example submission file, and any submission, is itself a frame list); an
-optional first line starting with `image_location`; blank lines are ignored.
+A frame list (`fercache.data.framelist`) names the frames that need a prediction; without one,
+the submission has a row for every frame the PRED file predicts.
 """
 
-import re
 from pathlib import Path
 
 import numpy as np
 
+from fercache.data.framelist import LOCATION, listed_rows, read_frame_list
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
 from fercache.outputs import write_text_atomically
@@ -31,47 +29,12 @@ HEADERS = {
     "au": ",".join(["image_location", *AU_NAMES]),
     "va": ",".join(["image_location", *VA_NAMES]),
 }
-_LOCATION = re.compile(r"^(?P<video>[^/\s]+)/(?P<frame>\d+)\.jpg$")
 _SHOWN = 3  # frames quoted in an error before "and N more"
 _ROW_SHAPES = {
     "expr": "<label 0-7>",
     "au": "<12 comma-separated 0/1>",
     "va": "<valence>,<arousal> in [-1, 1]",
 }
-
-
-def read_frame_list(path: Path) -> dict[str, np.ndarray]:
-    """{video: 1-based frames, ascending} in order of first appearance; errors name the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FercacheError(f"{path}: no such frame list")
-    frames: dict[str, list[int]] = {}
-    for number, location, _ in _rows(path):
-        match = _LOCATION.match(location)
-        if not match or int(match["frame"]) < 1:
-            raise FercacheError(
-                f"{path}:{number}: '{location}' is not an image location like "
-                "'video1/00001.jpg' (1-based frame number)"
-            )
-        frames.setdefault(match["video"], []).append(int(match["frame"]))
-    listed = {video: np.array(sorted(values), dtype=np.int32) for video, values in frames.items()}
-    for video, values in listed.items():
-        repeated = values[1:][np.diff(values) == 0]
-        if len(repeated):
-            raise FercacheError(f"{path}: {video}/{repeated[0]:05d}.jpg is listed more than once")
-    return listed
-
-
-def _rows(path: Path) -> list[tuple[int, str, str]]:
-    """(line number, image location, rest of the line) of every non-blank, non-header line."""
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or (number == 1 and line.lower().startswith("image_location")):
-            continue
-        location, _, rest = line.strip().partition(",")
-        rows.append((number, location.strip(), rest.strip()))
-    return rows
 
 
 def submission_rows(
@@ -152,8 +115,8 @@ def read_submission(path: Path, task: str = "expr") -> dict[str, tuple[np.ndarra
     if first != HEADERS[task]:
         raise FercacheError(f"{path}:1: header must be '{HEADERS[task]}', not '{first}'")
     parsed: dict[str, dict[int, list[float]]] = {}
-    for number, location, rest in _rows(path):
-        match = _LOCATION.match(location)
+    for number, location, rest in listed_rows(path):
+        match = LOCATION.match(location)
         values = _row_values(rest, task)
         if not match or values is None:
             raise FercacheError(

@@ -1,10 +1,10 @@
 """Grid sweeps of temporal training runs: one run folder per point of a Cartesian product.
 
 `--grid key=v1,v2` names a setting of `configs/temporal.yaml` and its values; several `--grid`
-options multiply. The keys are the flat setting names (`layers`, `lr`); a dotted name whose
-prefix is one of the groups of `configs/temporal.yaml` (`data.`, `clips.`, `model.`, `optim.`,
-`loading.`) is accepted too and means the same key (`model.layers` is `layers`). Every point is
-checked (names and values) before the first run starts.
+options multiply. A key is what `--set` accepts (`fercache.settings.setting_key`): the setting's
+name (`layers`, `lr`), or `section.name` with its section of `configs/temporal.yaml` (`data.`,
+`clips.`, `model.`, `optim.`, `loading.`; `model.layers` is `layers`). Every point is checked
+(names and values) before the first run starts.
 
 Each point trains into `OUT/<key>=<value>,...` (values as resolved, e.g. `layers=2,lr=0.0001`)
 with the base settings (`--config`, `--set`, `--epochs`, ...) plus the point's. A point whose
@@ -23,11 +23,12 @@ from pathlib import Path
 
 from fercache.distributed import torchrun_rank
 from fercache.errors import FercacheError
-from fercache.temporal.config import load_config, resumed_config
+from fercache.runfolder import holds_run
+from fercache.settings import setting_key
+from fercache.temporal.config import SECTIONS, load_config, resumed_config
 from fercache.temporal.loop import TrainRequest, train
-from fercache.temporal.rundir import holds_run, read_summary
+from fercache.temporal.rundir import read_summary
 
-SECTIONS = ("data", "clips", "model", "optim", "loading")  # groups of configs/temporal.yaml
 TORCHRUN_WORLD = ("RANK", "WORLD_SIZE")
 
 
@@ -53,18 +54,13 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
             raise FercacheError(
                 f"--grid {item!r}: expected key=value1,value2,... (e.g. --grid layers=2,4)"
             )
-        key = _flat_key(key.strip())
+        key = setting_key(key, SECTIONS)
         if key in grid:
             raise FercacheError(f"--grid {item!r}: '{key}' is already swept by another --grid")
         if len(set(values)) < len(values):
             raise FercacheError(f"--grid {item!r}: a value is repeated")
         grid[key] = values
     return grid
-
-
-def _flat_key(key: str) -> str:
-    section, dot, name = key.partition(".")
-    return name if dot and section in SECTIONS else key
 
 
 def grid_points(grid: dict[str, list[str]]) -> list[dict[str, str]]:

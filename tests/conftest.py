@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fercache.data.synthetic import SynthConfig, generate
+from fercache.synth import SynthConfig, generate
 
 SMALL_TREE = SynthConfig(videos=8, frames=120, seed=3, labelled_pool=200, unlabelled_pool=200)
 

@@ -6,11 +6,13 @@ import re
 from dataclasses import replace
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.demo import PAPER_ROWS, DemoSettings, run_demo
 from fercache.errors import FercacheError
+from fercache.runs import runs_table
 
 runner = CliRunner()
 TINY = replace(DemoSettings.small(), ssl_finetune_steps=2)  # the SSL student's last 2 of 4 steps
@@ -58,7 +60,7 @@ def test_each_student_trains_on_the_data_its_row_ticks(demo):
     data = out / "data"
 
     def sources(name):
-        record = json.loads((out / "runs" / name / "config.json").read_text())
+        record = json.loads((out / "runs" / name / "sources.json").read_text())
         return record["labelled"], record["unlabelled"]
 
     assert sources("baseline") == ([str(data)], [])
@@ -72,13 +74,19 @@ def test_each_student_trains_on_the_data_its_row_ticks(demo):
     assert str(out / "cache" / "ssl-extra") in json.dumps(trained_on)
 
 
+def test_runs_lists_the_temporal_run_and_leaves_the_pretraining_runs_out(demo):
+    out, _ = demo
+    assert (out / "runs" / "ssl" / "config.yaml").is_file()  # pretraining runs hold one too
+    assert [row["run"] for row in runs_table(out / "runs").rows] == ["temporal"]
+
+
 def test_the_runs_use_the_documented_phase_one_settings(demo):
     """The baseline learns at the teacher's rate; only the SSL student learns slower, and only
     the SSL runs have unlabelled views."""
     out, _ = demo
 
     def settings(name):
-        return json.loads((out / "runs" / name / "config.json").read_text())["settings"]
+        return yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
 
     baseline, ssl = settings("baseline"), settings("ssl")
     assert settings("ssl-extra") == ssl

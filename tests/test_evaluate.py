@@ -15,14 +15,8 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
-from fercache.evaluate import (
-    au_metrics,
-    concordance,
-    evaluate,
-    expr_metrics,
-    render,
-    tune_au_thresholds,
-)
+from fercache.evaluate import evaluate, render
+from fercache.metrics import au_metrics, concordance, expr_metrics, tune_au_thresholds
 from fercache.predictions import Predictions, VideoPredictions
 from tests.test_affwild2 import AU_HEADER, EXPR_HEADER, write_annotation, write_images
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fercache import extract as extract_module
+from fercache.backbone import DataConfig, preprocess
 from fercache.cli import app
 from fercache.data.affwild2 import AffWild2
 from fercache.errors import FercacheError
@@ -28,7 +28,6 @@ from fercache.extract import (
     _rank_share,
     collate_frames,
     extract,
-    preprocess,
 )
 from fercache.store import read_manifest, read_store
 
@@ -292,7 +291,7 @@ def test_rank_shares_are_disjoint_complete_and_balanced():
 
 
 def test_frames_of_different_sizes_are_resized_each_on_its_own():
-    config = extract_module.DataConfig((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
+    config = DataConfig((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
     gray = torch.full((3, 40, 40), 128, dtype=torch.uint8)
     small = torch.full((3, 20, 24), 255, dtype=torch.uint8)
     batch = collate_frames([(0, gray, ""), (1, torch.empty(0), "x.jpg: bad"), (2, small, "")])

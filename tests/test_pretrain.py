@@ -18,6 +18,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -30,9 +31,10 @@ from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks
 from fercache.errors import FercacheError
 from fercache.pretrain import PretrainConfig, load_config, pretrain
-from fercache.pretrain.loop import Progress, _build_training, _load_state, _save_state
+from fercache.pretrain.loop import Progress, _load_state, _save_state
 from fercache.pretrain.mpl import (
     DistributionAlignment,
+    Mpl,
     MplBatch,
     MplSettings,
     consistency_weight,
@@ -40,6 +42,7 @@ from fercache.pretrain.mpl import (
     labelled_loss,
     mpl_step,
 )
+from fercache.pretrain.recipes import recipe_for
 from fercache.pretrain.sampling import BalancedBatchSampler, holdout_split
 from fercache.pretrain.sources import other_from_videos_only, read_labelled, read_unlabelled
 from fercache.pretrain.views import LabelledDataset, build_views, data_config_of, strong_augment
@@ -229,18 +232,23 @@ def test_aligned_pseudo_labels_teach_the_student_the_aligned_arg_max():
     assert not torch.equal(expected_hard, weak.argmax(1))  # alignment changed some labels
 
 
+def _tiny_mpl(config: PretrainConfig) -> Mpl:
+    """An MPL recipe on tiny networks (student from seed 0, teacher from seed 1)."""
+    recipe = Mpl(config)
+    recipe.build(_tiny_net, Ranks(rank=0, world_size=1, device=torch.device("cpu")))
+    return recipe
+
+
 def test_the_alignment_running_mean_survives_a_restart(tmp_path):
     config = PretrainConfig(steps=10, distribution_alignment=True)
-    ranks = Ranks(rank=0, world_size=1, device=torch.device("cpu"))
-    models = _build_training(_tiny_net(0), _tiny_net(1), config, ranks, None)
-    models.alignment(torch.softmax(torch.randn(6, 8), dim=1))
-    _save_state(tmp_path / "state.pt", models, Progress(step=3), config)
-    restarted = _build_training(_tiny_net(0), _tiny_net(1), config, ranks, None)
-    assert not torch.equal(restarted.alignment.running, models.alignment.running)
-    assert _load_state(tmp_path / "state.pt", restarted).step == 3
-    torch.testing.assert_close(restarted.alignment.running, models.alignment.running)
-    off = _build_training(_tiny_net(0), _tiny_net(1), PretrainConfig(steps=10), ranks, None)
-    assert off.alignment is None
+    recipe = _tiny_mpl(config)
+    recipe.alignment(torch.softmax(torch.randn(6, 8), dim=1))
+    _save_state(tmp_path, recipe, Progress(step=3))
+    restarted = _tiny_mpl(config)
+    assert not torch.equal(restarted.alignment.running, recipe.alignment.running)
+    assert _load_state(tmp_path, restarted).step == 3
+    torch.testing.assert_close(restarted.alignment.running, recipe.alignment.running)
+    assert _tiny_mpl(PretrainConfig(steps=10)).alignment is None
 
 
 def test_measuring_the_labelled_loss_leaves_batch_norm_statistics_alone():
@@ -256,13 +264,12 @@ def test_measuring_the_labelled_loss_leaves_batch_norm_statistics_alone():
 
 def _learning_rates(config: PretrainConfig) -> tuple[list[float], list[float]]:
     """The student's and the teacher's lr at each step of an MPL run with `config`."""
-    ranks = Ranks(rank=0, world_size=1, device=torch.device("cpu"))
-    models = _build_training(_tiny_net(0), _tiny_net(1), config, ranks, None)
+    recipe = _tiny_mpl(config)
     student_lrs, teacher_lrs = [], []
     for _ in range(config.steps):
-        student_lrs.append(models.student_optimizer.param_groups[0]["lr"])
-        teacher_lrs.append(models.teacher_optimizer.param_groups[0]["lr"])
-        for scheduler in models.schedulers:
+        student_lrs.append(recipe.learning_rates()["student"])
+        teacher_lrs.append(recipe.learning_rates()["teacher"])
+        for scheduler in recipe.schedulers:
             scheduler.optimizer.step()  # no gradients: moves nothing, keeps torch's order
             scheduler.step()
     return student_lrs, teacher_lrs
@@ -548,6 +555,51 @@ def test_resume_refuses_changed_settings_and_a_new_run_refuses_a_used_folder(mpl
         pretrain([run], [run], run, changed, resume=True, progress=False)
 
 
+def test_print_config_shows_the_resolved_or_saved_settings_and_runs_nothing(mpl_run, tmp_path):
+    run, _, _ = mpl_run
+    before = {path.name: path.stat().st_mtime_ns for path in run.iterdir()}
+    labelled = f"--labelled={run}"
+
+    fresh = runner.invoke(
+        app, ["pretrain", labelled, f"--out={tmp_path / 'new'}", "--set", "mu=3", "--print-config"]
+    )
+    resumed = runner.invoke(
+        app, ["pretrain", labelled, f"--out={run}", "--resume", "--steps=12", "--print-config"]
+    )
+    refused = runner.invoke(
+        app, ["pretrain", labelled, f"--out={run}", "--resume", "--set=mu=3", "--print-config"]
+    )
+
+    assert (
+        fresh.exit_code == 0
+        and yaml.safe_load(fresh.output) == load_config(None, ["mu=3"]).to_json()
+    )
+    assert not (tmp_path / "new").exists()
+    shown = yaml.safe_load(resumed.output)
+    assert shown == {**yaml.safe_load((run / "config.yaml").read_text()), "steps": 12}
+    assert shown["ema_decay"] == 0.9 and shown["backbone"] == "resnet10t"  # the saved ones
+    assert refused.exit_code == 2 and "mu 1 -> 3" in refused.output
+    assert {path.name: path.stat().st_mtime_ns for path in run.iterdir()} == before
+
+
+def test_pretrain_prints_one_line_per_held_out_evaluation(synthetic_tree, tmp_path):
+    sets = [f"--set={key}={value}" for key, value in TINY.items()]
+    labelled = f"--labelled={synthetic_tree / 'pools' / 'labelled.csv'}"
+    command = ["pretrain", labelled, f"--out={tmp_path / 'run'}", "--recipe=supervised", *sets]
+
+    shown = runner.invoke(app, [*command, "--steps=8"])
+    quiet = runner.invoke(app, [*command, "--steps=10", "--resume", "--no-progress"])
+
+    lines = [line for line in shown.output.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["4/8", "8/8"]
+    assert all("student_supervised" in line and "held-out " in line for line in lines)
+    assert all("student_f1" in line.split("held-out ")[1] for line in lines)
+    assert lines[-1].endswith(" s")
+    assert quiet.exit_code == 0 and not any(
+        line.startswith("step ") for line in quiet.output.splitlines()
+    )
+
+
 def test_the_supervised_baseline_lowers_its_loss_and_writes_no_teacher(synthetic_tree, tmp_path):
     # held-out F1 over chance needs hundreds of steps: benchmarks/pretrain_ssl_vs_supervised.py
     config = PretrainConfig(
@@ -593,8 +645,8 @@ def test_the_student_fine_tunes_alone_after_the_mpl_steps(synthetic_tree, tmp_pa
 def test_fine_tuning_is_refused_where_it_cannot_apply():
     with pytest.raises(FercacheError, match="at least one Meta Pseudo Labels step"):
         load_config(None, ["steps=10", "student_finetune_steps=10"])
-    with pytest.raises(FercacheError, match="applies to recipe mpl only"):
-        load_config(None, ["recipe=supervised", "student_finetune_steps=2"])
+    with pytest.raises(FercacheError, match=r"applies to a teacher-student recipe \(mpl\)"):
+        recipe_for(load_config(None, ["recipe=supervised", "student_finetune_steps=2"]))
 
 
 def test_two_processes_under_torchrun_train_one_model(synthetic_tree, tmp_path):
@@ -621,12 +673,12 @@ def test_a_full_disk_at_a_checkpoint_names_it_and_keeps_the_last_one(
     config = PretrainConfig(**{**TINY, "recipe": "supervised", "steps": 8})
     full_disk_after(torch, "save", calls=1)  # the state of step 4 is written, that of step 8 not
 
-    message = re.escape(f"{run / 'state.pt'}: could not write the training state (No space left")
+    message = re.escape(f"{run / 'last.pt'}: could not write the checkpoint (No space left")
     with pytest.raises(FercacheError, match=message):
         pretrain(labelled, [], run, config, progress=False)
     monkeypatch.undo()
 
-    assert torch.load(run / "state.pt", weights_only=True)["progress"][0] == 4
+    assert torch.load(run / "last.pt", weights_only=True)["progress"][0] == 4
     assert not [path.name for path in run.iterdir() if ".tmp-" in path.name]
     assert pretrain(labelled, [], run, config, resume=True, progress=False).steps == 8
 
@@ -653,7 +705,7 @@ def test_the_command_resumes_a_run_killed_mid_way(synthetic_tree, tmp_path):
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = torch.load(run / "state.pt", weights_only=True)["progress"][0]
+    killed_at = torch.load(run / "last.pt", weights_only=True)["progress"][0]
     assert 4 <= killed_at < 400
 
     result = runner.invoke(
@@ -676,7 +728,5 @@ def test_the_command_resumes_a_run_killed_mid_way(synthetic_tree, tmp_path):
 
 
 def _has_checkpoint_after(run: Path, step: int) -> bool:
-    records = run / "metrics.jsonl"
-    return records.is_file() and any(
-        json.loads(line)["step"] >= step for line in records.read_text().splitlines()[:-1]
-    )
+    checkpoint = run / "last.pt"  # renamed into place whole: never read half-written
+    return checkpoint.is_file() and torch.load(checkpoint, weights_only=True)["progress"][0] >= step

@@ -15,17 +15,18 @@ from PIL import Image
 from scipy.spatial.distance import jensenshannon
 
 from fercache.backbone import DataConfig, ViewPair, load_backbone
-from fercache.data.synthetic import SynthConfig, generate
 from fercache.errors import FercacheError
-from fercache.evaluate import concordance as numpy_concordance
 from fercache.extract import ExtractOptions, extract
+from fercache.metrics import concordance as numpy_concordance
 from fercache.pretrain import PretrainConfig, load_config, pretrain
 from fercache.pretrain.cotex import CoTex, js_divergence, keep_random_tokens, masked_logits
 from fercache.pretrain.emma import Emma, EmmaNet, ccc_loss, concordance
 from fercache.pretrain.export import export_model, model_config
-from fercache.pretrain.loop import _create_model
+from fercache.pretrain.recipe import ModelFactory, OneNetwork, StepBatch, create_network
+from fercache.pretrain.recipes import RECIPES, recipe_for
 from fercache.pretrain.sources import attach_landmarks, read_labelled, read_multitask
 from fercache.pretrain.views import data_config_of
+from fercache.synth import SynthConfig, generate
 from fercache.temporal.loop import TrainRequest, train
 from tests.train_data import TINY_TEMPORAL, TreeSpec, write_tree
 
@@ -78,7 +79,7 @@ def test_no_dropping_reproduces_the_plain_vit_forward_and_the_pair_sums_its_view
 
 def test_each_view_runs_its_blocks_on_the_kept_tokens_only():
     config = PretrainConfig(recipe="cotex", backbone="test_vit", image_size=32, drop_path=0.0)
-    model = CoTex(config).build(partial(_create_model, "test_vit", None))
+    model = CoTex(config).network(partial(create_network, "test_vit", None))
     lengths = []
     for view in model.views:
         view.blocks[0].register_forward_hook(lambda _, inputs, __: lengths.append(inputs[0].shape))
@@ -107,7 +108,7 @@ def test_an_mae_style_checkpoint_starts_both_views(tmp_path):
     encoder["pos_embed"] = torch.randn_like(encoder["pos_embed"])
     torch.save({"model": encoder}, tmp_path / "mae.pth")  # MAE's own layout: no head
     config = PretrainConfig(recipe="cotex", backbone="test_vit", image_size=32)
-    model = CoTex(config).build(partial(_create_model, "test_vit", tmp_path / "mae.pth"))
+    model = CoTex(config).network(partial(create_network, "test_vit", tmp_path / "mae.pth"))
     for view in model.views:
         torch.testing.assert_close(view.pos_embed.detach(), encoder["pos_embed"])
 
@@ -120,10 +121,10 @@ def test_the_cotex_student_is_both_views_or_the_first_and_extraction_rebuilds_it
         recipe="cotex", backbone="test_vit", image_size=32, cotex_export=exported
     )
     recipe = CoTex(config)
-    model = recipe.build(partial(_create_model, "test_vit", None)).eval()
+    model = recipe.network(partial(create_network, "test_vit", None)).eval()
     data_config = data_config_of(model, 32)
     described = model_config("test_vit", data_config, "cotex", **recipe.export_keys())
-    export_model(recipe.exported(model), described, tmp_path / "student.safetensors")
+    export_model(recipe.export_part(model), described, tmp_path / "student.safetensors")
 
     backbone = load_backbone(None, tmp_path / "student.safetensors")
 
@@ -143,7 +144,7 @@ def test_the_cotex_student_is_both_views_or_the_first_and_extraction_rebuilds_it
 def test_cotex_refuses_a_backbone_that_is_not_a_vit():
     config = PretrainConfig(recipe="cotex", backbone="resnet10t", image_size=32)
     with pytest.raises(FercacheError, match="needs a timm ViT"):
-        CoTex(config).build(partial(_create_model, "resnet10t", None))
+        CoTex(config).network(partial(create_network, "resnet10t", None))
 
 
 # --- EMMA -----------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def test_a_frozen_reference_adds_its_expression_scores_to_the_va_input(tmp_path)
         image_size=32,
         emma_reference=str(tmp_path / "r.safetensors"),
     )
-    model = Emma(config).build(partial(_create_model, "resnet10t", None)).train()
+    model = Emma(config).network(partial(create_network, "resnet10t", None)).train()
     images = torch.randn(4, 3, 32, 32)
 
     _, _, va = model(images, train_outputs=True)
@@ -266,7 +267,7 @@ def test_a_frozen_reference_adds_its_expression_scores_to_the_va_input(tmp_path)
     with pytest.raises(
         FercacheError, match=r"h\.safetensors: emma_reference must predict expressions"
     ):
-        Emma(config).build(partial(_create_model, "resnet10t", None))
+        Emma(config).network(partial(create_network, "resnet10t", None))
 
 
 # --- landmarks sources ----------------------------------------------------------------------
@@ -317,7 +318,7 @@ def test_bad_landmark_rows_and_images_without_landmarks_are_reported(tmp_path):
 
 def test_the_multitask_landmarks_recipe_needs_its_csv():
     with pytest.raises(FercacheError, match="needs landmarks=PATH"):
-        load_config(None, ["recipe=multitask-landmarks"])
+        recipe_for(load_config(None, ["recipe=multitask-landmarks"]))
 
 
 # --- optimisation ---------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def test_adamw_with_layer_wise_lr_decay_from_timm():
     config = PretrainConfig(recipe="emma", finetune_lr=5e-4, batch_size=64, layer_decay=0.65)
     recipe_model = _emma()
 
-    optimizer = Emma(config).optimizer(recipe_model, world_size=2)
+    optimizer = Emma(config).make_optimizer(recipe_model, world_size=2)
 
     assert isinstance(optimizer, torch.optim.AdamW)
     top = 5e-4 * 64 * 2 / 256  # MAE's rule: base lr x global batch / 256
@@ -383,3 +384,52 @@ def test_each_recipe_trains_exports_extracts_and_feeds_the_temporal_trainer(reci
     summary = train([tmp_path / "cache"], tree, tmp_path / "temporal", request)
     assert summary["epochs"] == 1 and summary["feature_dim"] == FEATURE_DIMS[recipe]
     assert (tmp_path / "temporal" / "final.safetensors").is_file()
+
+
+# --- a new recipe is a class and a registry line ---------------------------------------------
+
+
+class LabelSmoothing(OneNetwork):
+    """A toy recipe: the supervised baseline with label smoothing, from outside the package."""
+
+    def network(self, create: ModelFactory) -> torch.nn.Module:
+        return create(self.config.seed)
+
+    def make_optimizer(self, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def train_step(self, batch: StepBatch, step: int, autocast) -> dict[str, torch.Tensor]:
+        logits = self.model(batch.images)
+        loss = torch.nn.functional.cross_entropy(logits, batch.labels, label_smoothing=0.1)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return {"smoothed_ce": loss.detach()}
+
+
+def test_a_toy_recipe_registered_from_a_test_trains_checkpoints_resumes_and_exports(
+    tree, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(RECIPES, "label-smoothing", LabelSmoothing)
+    settings = {**RUN, "recipe": "label-smoothing", "backbone": "resnet10t", "image_size": 32}
+    labelled = [tree / "pools" / "labelled.csv"]
+    run = tmp_path / "run"
+
+    pretrain(labelled, [], run, PretrainConfig(**settings), progress=False)
+    longer = PretrainConfig(**{**settings, "steps": 6, "eval_every": 2})
+    report = pretrain(labelled, [], run, longer, resume=True, progress=False)
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert [record["step"] for record in records] == [2, 4, 6]
+    assert all(record["recipe"] == "label-smoothing" for record in records)
+    assert all(np.isfinite(record["smoothed_ce"]) for record in records)
+    assert records[0]["lr_student"] == pytest.approx(0.005)  # the cosine half-way through 4
+    assert report.steps == 6 and {"student_accuracy", "student_f1"} == set(report.evaluation)
+    exported = json.loads((run / "student.json").read_text())
+    assert exported["recipe"] == "label-smoothing"
+    assert load_backbone(None, run / "student.safetensors").name == "resnet10t"
+
+
+def test_an_unknown_recipe_is_refused_with_the_registered_names():
+    with pytest.raises(FercacheError, match="unknown recipe 'toy'; choose one of mpl, supervised"):
+        pretrain([], [], Path("unused"), PretrainConfig(recipe="toy"))

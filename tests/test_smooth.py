@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from fercache.errors import FercacheError
 from fercache.predictions import Predictions, VideoPredictions
-from fercache.smooth import majority_vote, smooth_predictions
+from fercache.smooth import smooth_predictions
+from fercache.vote import majority_vote
 
 UNIT = 2**24
 

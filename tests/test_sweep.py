@@ -1,5 +1,6 @@
 """Grid sweeps of training runs and the runs table (issue 8, part B)."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,9 @@ from typer.testing import CliRunner
 from fercache.cli import app
 from fercache.errors import FercacheError
 from fercache.runs import runs_table
+from fercache.settings import setting_key
 from fercache.sweep import grid_points, parse_grid, sweep
+from fercache.temporal.config import SECTIONS, TemporalConfig, load_config
 from fercache.temporal.loop import TrainRequest
 from tests.train_data import TreeSpec, write_cache, write_tree
 
@@ -159,3 +162,59 @@ def test_runs_names_a_folder_without_runs_and_an_unreadable_summary(tmp_path):
     (run / "summary.json").write_text("{not json")
     with pytest.raises(FercacheError, match=r"run/summary\.json: not valid JSON"):
         runs_table(tmp_path)
+
+
+# --- one key syntax for --set and --grid ----------------------------------------------------
+
+FLAT_KEYS = [field.name for field in dataclasses.fields(TemporalConfig)]
+DOTTED_KEYS = [f"{section}.{key}" for section, keys in SECTIONS.items() for key in keys]
+WRONG_KEYS = [
+    "layerz",
+    "model.lr",
+    "foo.layers",
+    "model.",
+    ".layers",
+    "model.layers.x",
+    "Model.layers",
+]
+
+
+def test_the_sections_are_those_of_configs_temporal_yaml():
+    # Every setting in exactly one section, in the order of the file (and of the dataclass).
+    file_keys = list(_yaml_keys(Path(__file__).parents[1] / "configs" / "temporal.yaml"))
+    assert [key for keys in SECTIONS.values() for key in keys] == FLAT_KEYS == file_keys
+
+
+def _yaml_keys(path: Path) -> list[str]:
+    return [line.split(":")[0] for line in path.read_text().splitlines() if line[:1].isalpha()]
+
+
+def _value(key: str) -> str:
+    """A valid value of the setting `key` names, as one --grid value (no comma)."""
+    default = getattr(TemporalConfig(), key, 1)
+    if isinstance(default, tuple):
+        return default[0]
+    if isinstance(default, dict):
+        return "{expr: 2.0}"
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+@pytest.mark.parametrize("key", FLAT_KEYS + DOTTED_KEYS + WRONG_KEYS)
+def test_grid_and_set_accept_the_same_keys_and_refuse_the_others_alike(key, tmp_path):
+    value = _value(setting_key(key, SECTIONS))
+    try:
+        by_set, refused = load_config(None, [f"{key}={value}"]), None
+    except FercacheError as error:
+        by_set, refused = None, str(error)
+    with pytest.raises(FercacheError) as swept:  # no cache: a run fails once the point is valid
+        sweep([tmp_path / "no-cache"], tmp_path / "data", tmp_path / "out", [f"{key}={value}"],
+              _request())  # fmt: skip
+    if refused is not None:
+        assert key in WRONG_KEYS
+        assert str(swept.value) == refused and refused.startswith("unknown temporal setting(s)")
+    else:
+        assert key not in WRONG_KEYS
+        assert "no such feature cache folder" in str(swept.value)
+        flat = key.rpartition(".")[2]
+        assert parse_grid([f"{key}={value}"]) == {flat: [value]}
+        assert by_set == load_config(None, [f"{flat}={value}"])

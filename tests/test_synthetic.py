@@ -17,17 +17,22 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
-from fercache.data.faces import (
+from fercache.data.tasks import AU, AU_NAMES, EXPR, EXPR_CLASSES, VA
+from fercache.errors import FercacheError
+from fercache.synth import (
     Nuisance,
+    SynthConfig,
     expression_geometry,
     face_landmarks,
+    generate,
+    plan_videos,
     render_face,
     sample_background,
     sample_identity,
+    simulate_video,
+    unlabelled_truth,
 )
-from fercache.data.synthetic import SynthConfig, generate, plan_videos, simulate_video
-from fercache.data.tasks import AU, AU_NAMES, EXPR, EXPR_CLASSES, VA
-from fercache.errors import FercacheError
+from fercache.synth.pools import pool_draw, pool_image, pool_kinds
 
 TASK_FOLDERS = {
     EXPR: "EXPR_Recognition_Challenge",
@@ -353,18 +358,16 @@ def test_rejects_configs_it_cannot_honour(tmp_path, change, option):
 def test_unlabelled_truth_is_what_each_unlabelled_image_was_drawn_with(synthetic_tree):
     """The classes benchmarks score pseudo labels against: recomputed from the seed, they are
     the very draws the images were rendered from (re-rendered here, same pixels)."""
-    from fercache.data import synthetic
-
     config = SynthConfig(**json.loads((synthetic_tree / "synth.json").read_text())["config"])
-    classes, intensities = synthetic.unlabelled_truth(config)
+    classes, intensities = unlabelled_truth(config)
     assert len(classes) == len(intensities) == config.unlabelled_pool
     assert set(classes.tolist()) <= set(range(len(EXPR_CLASSES)))
     assert intensities.min() >= 0 and intensities.max() < 1
-    kind = synthetic._pool_kinds(config)["unlabelled"]
+    kind = pool_kinds(config)["unlabelled"]
     for index in (0, 7, config.unlabelled_pool - 1):
-        draw = synthetic._pool_draw(config.seed, kind, index, None)
+        draw = pool_draw(config.seed, kind, index, None)
         assert (draw.expression, draw.intensity) == (classes[index], intensities[index])
-        image, quality, _ = synthetic._pool_image(config.seed, kind, index, None)
+        image, quality, _ = pool_image(config.seed, kind, index, None)
         saved = Image.open(synthetic_tree / "pools" / "unlabelled" / f"{index + 1:06d}.jpg")
         image.save(buffer := io.BytesIO(), format="JPEG", quality=quality)
         assert np.array_equal(np.asarray(Image.open(buffer)), np.asarray(saved))

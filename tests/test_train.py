@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
-from fercache.evaluate import concordance
+from fercache.metrics import concordance
+from fercache.runfolder import read_metrics
 from fercache.store import FeatureCache
 from fercache.temporal.clips import (
     ClipBatches,
@@ -30,12 +31,11 @@ from fercache.temporal.clips import (
     rank_share,
     training_windows,
 )
-from fercache.temporal.config import TemporalConfig, load_config
+from fercache.temporal.config import TemporalConfig, load_config, resumed_config, settings_text
 from fercache.temporal.features import FusedVideo, MemoryFeatures, load_fused_features
 from fercache.temporal.inference import TemporalPredictor
-from fercache.temporal.loop import TrainRequest, train
+from fercache.temporal.loop import TrainRequest, epoch_line, train
 from fercache.temporal.model import ModelConfig, TemporalTransformer
-from fercache.temporal.rundir import read_metrics
 from fercache.temporal.step import (
     Objective,
     concordance_loss,
@@ -446,11 +446,79 @@ def test_resume_with_a_cache_of_another_feature_dim_is_refused(small, tmp_path):
 
 
 def test_resume_refuses_changed_settings_and_a_fresh_run_refuses_an_old_folder(small, tmp_path):
-    train([small["cache"]], small["data"], tmp_path / "run", _request(epochs=1))
+    run = tmp_path / "run"
+    train([small["cache"]], small["data"], run, _request(epochs=1))
     with pytest.raises(FercacheError, match="change epochs 1 -> 3"):
-        train([small["cache"]], small["data"], tmp_path / "run", _request(epochs=3, resume=True))
+        train([small["cache"]], small["data"], run, _request(epochs=3, resume=True))
+    with pytest.raises(FercacheError, match=r"change layers 1 -> 2 \(only workers may change"):
+        resumed_config(run, None, [*TINY_MODEL, "model.layers=2"], epochs=1)
     with pytest.raises(FercacheError, match="already holds a training run"):
-        train([small["cache"]], small["data"], tmp_path / "run", _request(epochs=1))
+        train([small["cache"]], small["data"], run, _request(epochs=1))
+    # Only what cannot change the numbers may change (DataLoader processes).
+    saved = load_config(None, list(TINY_MODEL), epochs=1)
+    resumed = resumed_config(run, None, [*TINY_MODEL, "workers=0"], epochs=1)
+    assert resumed == replace(saved, workers=0)
+
+    # --print-config --resume shows the saved settings, as config.yaml holds them.
+    command = ["train", str(small["cache"]), "--data", str(small["data"]), "--out", str(run)]
+    result = CliRunner().invoke(app, [*command, "--resume", "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (run / "config.yaml").read_text() == settings_text(saved)
+    result = CliRunner().invoke(app, [*command, "--resume", "--print-config", "--epochs", "3"])
+    assert result.exit_code == 2 and "change epochs 1 -> 3" in result.stderr
+
+
+def test_print_config_shows_the_resolved_settings_and_trains_nothing(small, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["train", str(small["cache"]), "--data", str(small["data"]), "--out", str(tmp_path / "r"),
+         "--set", "model.layers=2", "--set", "lr=1e-3", "--epochs", "7", "--print-config"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("# resolved settings of this run")
+    expected = load_config(None, ["layers=2", "lr=0.001"], epochs=7)
+    assert result.stdout == settings_text(expected)
+    assert not (tmp_path / "r").exists()
+    printed = tmp_path / "printed.yaml"  # the printout is a config file
+    printed.write_text(result.stdout)
+    assert load_config(printed) == expected
+
+
+def test_each_epoch_prints_one_line_when_progress_is_on(small, tmp_path):
+    command = ["train", str(small["cache"]), "--data", str(small["data"]), "--epochs", "2",
+               "--device", "cpu"]  # fmt: skip
+    for item in TINY_MODEL:
+        command += ["--set", item]
+    result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "shown")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if re.match(r"epoch \d/2  loss", line)]
+    score = r"\d\.\d{4}"
+    pattern = rf"epoch (\d)/2  loss {score}  val expr_f1 {score} \(smoothed {score}\)(  \* best)?  "
+    matches = [re.fullmatch(pattern + r"\d+\.\d s", line) for line in lines]
+    assert len(lines) == 2 and all(matches), lines
+    assert [match[1] for match in matches] == ["1", "2"]
+    assert matches[0][2] == "  * best"  # the first epoch always gives the best weights so far
+    history = read_metrics(tmp_path / "shown")
+    improved = history[1]["val_f1"] > history[0]["val_f1"]
+    assert (matches[1][2] is not None) == improved
+    assert (
+        f"loss {history[1]['train_loss']:.4f}  val expr_f1 {history[1]['val_f1']:.4f}" in lines[1]
+    )
+
+    quiet = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "quiet"), "--no-progress"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "epoch 1/2" not in quiet.output and "best validation epoch" in quiet.output
+
+
+def test_the_epoch_line_shows_every_task_loss_and_score():
+    config = load_config(None, ["tasks=[expr,au,va]"], epochs=20)
+    record = {"epoch": 3, "train_loss": 2.5, "train_loss_expr": 1.25, "train_loss_au": 0.75,
+              "train_loss_va": 0.5, "val_f1": 0.41, "val_f1_smoothed": 0.43, "val_au_f1": 0.38,
+              "val_va_ccc": 0.2, "val_p": 0.99}  # fmt: skip
+    assert epoch_line(record, config, False, 12.34) == (
+        "epoch 3/20  loss 2.5000 (expr 1.2500, au 0.7500, va 0.5000)  val expr_f1 0.4100 "
+        "(smoothed 0.4300)  au_f1 0.3800  va_ccc 0.2000  p 0.9900  12.3 s"
+    )
 
 
 def test_config_values_are_checked():

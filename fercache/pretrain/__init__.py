@@ -1,6 +1,13 @@
 """Phase 1: semi-supervised spatial pretraining (Meta Pseudo Labels with debiased feedback)."""
 
-from fercache.pretrain.config import PretrainConfig, load_config
-from fercache.pretrain.loop import PretrainReport, pretrain, saved_settings
+from fercache.pretrain.config import PretrainConfig, load_config, resumed_config, settings_text
+from fercache.pretrain.loop import PretrainReport, pretrain
 
-__all__ = ["PretrainConfig", "PretrainReport", "load_config", "pretrain", "saved_settings"]
+__all__ = [
+    "PretrainConfig",
+    "PretrainReport",
+    "load_config",
+    "pretrain",
+    "resumed_config",
+    "settings_text",
+]

@@ -3,13 +3,14 @@
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fercache.errors import FercacheError
+from fercache.runfolder import CONFIG_FILE, config_text, read_config, resumed_settings
 from fercache.settings import given_values, typed_values
 
-RECIPES = ("mpl", "supervised", "cotex", "emma", "multitask-landmarks")
 COTEX_EXPORTS = ("both", "first")
+CONFIG_HEADER = "resolved settings of this run (fercache pretrain); --resume reads them back"
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class PretrainConfig:
     the recipes of Li et al. and the LSD paper (cotex, emma, multitask-landmarks), from Li et
     al. Table 3 where it states them.
     """
+
+    # how long and how often: a resumed run may change them (steps rescales the cosine)
+    MAY_CHANGE_ON_RESUME: ClassVar[frozenset[str]] = frozenset(
+        {"steps", "eval_every", "log_every", "checkpoint_every", "workers"}
+    )
 
     recipe: str = "mpl"
     backbone: str = "resnet50"
@@ -73,8 +79,8 @@ class PretrainConfig:
     landmark_weight: float = 1.0  # multitask-landmarks: weight of the landmark MSE
 
     def validate(self) -> None:
+        """Checks that hold whatever the recipe; each recipe checks its own (Recipe.check)."""
         checks = [
-            (self.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}"),
             (self.steps >= 1, "steps must be at least 1"),
             (self.batch_size >= 1 and self.mu >= 1, "batch_size and mu must be at least 1"),
             (self.feedback_sign in (1, -1), "feedback_sign must be 1 or -1"),
@@ -86,10 +92,6 @@ class PretrainConfig:
                 0 <= self.student_finetune_steps < self.steps - self.student_wait_steps,
                 "student_finetune_steps must lie in [0, steps - student_wait_steps): "
                 "at least one Meta Pseudo Labels step must remain",
-            ),
-            (
-                self.recipe == "mpl" or self.student_finetune_steps == 0,
-                f"student_finetune_steps applies to recipe mpl only (this run: {self.recipe})",
             ),
             (
                 min(self.student_lr, self.teacher_lr, self.student_finetune_lr) > 0,
@@ -125,10 +127,6 @@ class PretrainConfig:
                 self.cotex_export in COTEX_EXPORTS,
                 f"cotex_export must be one of {', '.join(COTEX_EXPORTS)}",
             ),
-            (
-                self.recipe != "multitask-landmarks" or bool(self.landmarks),
-                "recipe multitask-landmarks needs landmarks=PATH (a CSV: path, x0, y0, ... y67)",
-            ),
         ]
 
     @property
@@ -153,3 +151,30 @@ def load_config(
     config = PretrainConfig(**typed_values(PretrainConfig, values, "pretrain"))
     config.validate()
     return config
+
+
+def resumed_config(
+    run_dir: Path, path: Path | None, overrides: list[str] | None = None, **options: Any
+) -> PretrainConfig:
+    """The settings of the run in `run_dir` (its `config.yaml`), with what is given now; only
+    the keys of `PretrainConfig.MAY_CHANGE_ON_RESUME` may differ (`runfolder.resumed_settings`)."""
+    saved_path = Path(run_dir) / CONFIG_FILE
+    values = read_config(run_dir)
+    try:
+        saved = PretrainConfig(**typed_values(PretrainConfig, values, "pretrain"))
+        saved.validate()
+    except FercacheError as error:
+        raise FercacheError(
+            f"{saved_path}: {error}. The run was written by another version of fercache: "
+            "pretrain into a new --out."
+        ) from error
+    given = load_config(path, overrides, saved, **options)
+    settings = resumed_settings(
+        saved.to_json(), given.to_json(), PretrainConfig.MAY_CHANGE_ON_RESUME, saved_path
+    )
+    return PretrainConfig(**settings)
+
+
+def settings_text(config: PretrainConfig) -> str:
+    """What the run folder's `config.yaml` holds (`fercache pretrain --print-config`)."""
+    return config_text(config.to_json(), CONFIG_HEADER)

@@ -13,8 +13,8 @@ from torch import nn
 
 from fercache.backbone import ViewPair
 from fercache.errors import FercacheError
-from fercache.pretrain.finetune import ModelFactory, Recipe
-from fercache.pretrain.mpl import Autocast
+from fercache.pretrain.finetune import FineTune
+from fercache.pretrain.recipe import Autocast, ModelFactory
 
 
 def keep_random_tokens(tokens: torch.Tensor, mask_ratio: float, prefix_tokens: int) -> torch.Tensor:
@@ -63,8 +63,8 @@ class MaskedCoTex(ViewPair):
         return torch.stack([masked_logits(view, images, self.mask_ratio) for view in self.views])
 
 
-class CoTex(Recipe):
-    def build(self, create: ModelFactory) -> nn.Module:
+class CoTex(FineTune):
+    def network(self, create: ModelFactory) -> nn.Module:
         views = [create(self.config.seed + index, **self.timm_options()) for index in range(2)]
         if not isinstance(views[0], VisionTransformer):
             raise FercacheError(
@@ -90,7 +90,7 @@ class CoTex(Recipe):
         js = js_divergence(first, second).mean()
         return {"loss": cross_entropy + self.config.js_weight * js, "ce": cross_entropy, "js": js}
 
-    def exported(self, model: nn.Module) -> nn.Module:
+    def export_part(self, model: nn.Module) -> nn.Module:
         # a MaskedCoTex has the state keys of the ViewPair that extraction builds
         return model if self.config.cotex_export == "both" else model.views[0]
 

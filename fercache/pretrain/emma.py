@@ -11,18 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fercache.backbone import Backbone, DataConfig, load_backbone
+from fercache.backbone import Backbone, DataConfig, load_backbone, preprocess
 from fercache.data.tasks import AU_NAMES, VA_NAMES
 from fercache.errors import FercacheError
-from fercache.extract import preprocess
 from fercache.pretrain.finetune import (
-    NUM_CLASSES,
-    ModelFactory,
-    Recipe,
+    FineTune,
     masked_mean,
     pooled_and_logits,
 )
-from fercache.pretrain.mpl import Autocast
+from fercache.pretrain.recipe import NUM_CLASSES, Autocast, ModelFactory
 from fercache.pretrain.sources import LabelledImages, read_multitask
 from fercache.pretrain.views import data_config_of
 
@@ -97,13 +94,13 @@ class EmmaNet(nn.Module):
         return self.reference(preprocess(pixels, self.reference_config)).float()
 
 
-class Emma(Recipe):
+class Emma(FineTune):
     balanced = False  # frames without an EXPR label (AU or VA only) must be drawn too
 
     def read(self, sources: list[Path]) -> LabelledImages:
         return read_multitask(sources)
 
-    def build(self, create: ModelFactory) -> nn.Module:
+    def network(self, create: ModelFactory) -> nn.Module:
         backbone = create(self.config.seed, **self.timm_options())
         reference = _load_reference(self.config.emma_reference)
         return EmmaNet(backbone, data_config_of(backbone, self.config.image_size), reference)
@@ -136,7 +133,7 @@ class Emma(Recipe):
             "va_ccc_loss": va_loss,
         }
 
-    def exported(self, model: nn.Module) -> nn.Module:
+    def export_part(self, model: nn.Module) -> nn.Module:
         return model.backbone
 
 

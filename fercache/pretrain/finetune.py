@@ -1,15 +1,14 @@
 """What the recipes of Li et al. and the LSD paper (cotex, emma, multitask-landmarks) share: one
 trained module, AdamW with timm's layer-wise learning-rate decay, and a step that owns its loss.
 
-The pretraining run (loop.py) keeps everything else: loaders, the warm-up + cosine schedule,
-logging, held-out evaluation, checkpoints, resume, DDP and export. A recipe's module called
-plainly returns expression logits (what evaluation and extraction use); called with
-`train_outputs=True` it returns what the recipe's loss needs, so the step always goes
+The pretraining run (loop.py) and `OneNetwork` keep everything else: loaders, the warm-up +
+cosine schedule, logging, held-out evaluation, checkpoints, resume, DDP and export. A recipe's
+module called plainly returns expression logits (what evaluation and extraction use); called
+with `train_outputs=True` it returns what the recipe's loss needs, so the step always goes
 through the DDP wrapper.
 """
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable
+from abc import abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -17,32 +16,17 @@ import torch
 from timm.models import is_model_in_modules
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
-from torch.utils.data import BatchSampler, Dataset, RandomSampler
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from fercache.data.tasks import EXPR_CLASSES
-from fercache.pretrain.config import PretrainConfig
-from fercache.pretrain.mpl import Autocast
-from fercache.pretrain.sampling import BalancedBatchSampler
-from fercache.pretrain.sources import LabelledImages, read_labelled
-from fercache.pretrain.views import LabelledDataset, Views
+from fercache.pretrain.recipe import Autocast, Metrics, OneNetwork, StepBatch
+from fercache.pretrain.views import LabelledDataset
 
-NUM_CLASSES = len(EXPR_CLASSES)
-ModelFactory = Callable[..., nn.Module]  # (seed, **timm options) -> timm model, EXPR head
 _MAE_BATCH = 256  # MAE's rule: lr = base lr * global batch / 256
 
 
-class Recipe(ABC):
-    """One recipe: how it reads its sources, builds and trains its module, and what it exports."""
-
-    balanced = True  # class-balanced batches; False: uniform draws with replacement
-
-    def __init__(self, config: PretrainConfig) -> None:
-        self.config = config
-
-    @abstractmethod
-    def build(self, create: ModelFactory) -> nn.Module:
-        """The trained module, from timm networks made by `create(seed, **timm_options())`."""
+class FineTune(OneNetwork):
+    """A recipe of Li et al. or the LSD paper: its module, its loss, what it exports."""
 
     @abstractmethod
     def trained_parts(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -60,14 +44,11 @@ class Recipe(ABC):
         """The loss to minimise under "loss", and its parts for the metrics."""
 
     @abstractmethod
-    def exported(self, model: nn.Module) -> nn.Module:
+    def export_part(self, model: nn.Module) -> nn.Module:
         """The part of `model` that `fercache extract` builds from the exported model config."""
 
-    def read(self, sources: list[Path]) -> LabelledImages:
-        return read_labelled(sources)
-
-    def training_view(self, views: Views) -> T.Compose:
-        return views.weak
+    def exported(self) -> dict[str, nn.Module]:
+        return {"student": self.export_part(self.final_student())}
 
     def timm_options(self) -> dict:
         """Keyword arguments of `timm.create_model`: stochastic depth, and the image size a ViT
@@ -80,11 +61,10 @@ class Recipe(ABC):
         return options
 
     def export_keys(self) -> dict:
-        """Keys the exported model config needs beyond the common ones (see fercache.backbone)."""
         options = self.timm_options()
         return {"model_kwargs": {"img_size": options["img_size"]}} if "img_size" in options else {}
 
-    def optimizer(self, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
+    def make_optimizer(self, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
         """AdamW; each timm network's layers get lr * layer_decay ** (depth from the top)."""
         config = self.config
         lr = config.finetune_lr * config.batch_size * world_size / _MAE_BATCH
@@ -107,23 +87,6 @@ class Recipe(ABC):
         # the first group carries the full rate: the run logs its lr as lr_student
         return torch.optim.AdamW(sorted(groups, key=lambda group: -group["lr"]), lr=lr)
 
-    def training_data(
-        self,
-        paths: list[Path],
-        labels: np.ndarray,
-        targets: np.ndarray | None,
-        views: Views,
-        seed: int,
-    ) -> tuple[Dataset, BatchSampler | BalancedBatchSampler]:
-        dataset = self.dataset(paths, labels, targets, self.training_view(views))
-        batch = self.config.batch_size
-        if self.balanced:
-            return dataset, BalancedBatchSampler(labels, NUM_CLASSES, batch, seed)
-        generator = torch.Generator().manual_seed(seed)
-        # with replacement and a practically endless length: the loader never runs dry
-        draws = RandomSampler(range(len(paths)), True, 2**62, generator=generator)
-        return dataset, BatchSampler(draws, batch, drop_last=True)
-
     def dataset(
         self, paths: list[Path], labels: np.ndarray, targets: np.ndarray | None, view: T.Compose
     ) -> Dataset:
@@ -131,24 +94,15 @@ class Recipe(ABC):
             return LabelledDataset(paths, labels, view)
         return TargetDataset(paths, labels, targets, view)
 
-    def step(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        extra: list[torch.Tensor],
-        autocast: Autocast,
-    ) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: StepBatch, step: int, autocast: Autocast) -> Metrics:
         """One AdamW step on the recipe's loss (gradient norm clipped to `grad_clip`)."""
-        targets = extra[0].to(images.device, non_blocking=True) if extra else None
-        losses = self.losses(model, images, labels, targets, autocast)
-        optimizer.zero_grad(set_to_none=True)
+        losses = self.losses(self.model, batch.images, batch.labels, batch.targets, autocast)
+        self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if self.config.grad_clip > 0:
-            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
-        optimizer.step()
+        self.optimizer.step()
         return {key: value.detach() for key, value in losses.items()}
 
 

@@ -11,21 +11,19 @@ import torch
 import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
-from torch.utils.data import BatchSampler, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from fercache.data.faces import LANDMARKS
+from fercache.data.layout import LANDMARKS
+from fercache.errors import FercacheError
 from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.finetune import (
-    NUM_CLASSES,
-    ModelFactory,
-    Recipe,
+    FineTune,
     TargetDataset,
     masked_mean,
     pooled_and_logits,
 )
-from fercache.pretrain.mpl import Autocast
-from fercache.pretrain.sampling import BalancedBatchSampler
+from fercache.pretrain.recipe import NUM_CLASSES, Autocast, ModelFactory
 from fercache.pretrain.sources import LabelledImages, attach_landmarks, read_labelled
 from fercache.pretrain.views import Views
 
@@ -48,17 +46,25 @@ class LandmarkNet(nn.Module):
         return (expr, self.landmark_head(pooled)) if train_outputs else expr
 
 
-class MultitaskLandmarks(Recipe):
+class MultitaskLandmarks(FineTune):
     balanced = False  # the class weights of the cross-entropy correct the imbalance instead
 
     def __init__(self, config: PretrainConfig) -> None:
         super().__init__(config)
-        self.class_weights = torch.ones(NUM_CLASSES)  # set from the labels by training_data
+        self.class_weights = torch.ones(NUM_CLASSES)  # set from the training labels by dataset
+
+    def check(self) -> None:
+        super().check()
+        if not self.config.landmarks:
+            raise FercacheError(
+                "pretrain settings: recipe multitask-landmarks needs landmarks=PATH "
+                "(a CSV: path, x0, y0, ... y67)"
+            )
 
     def read(self, sources: list[Path]) -> LabelledImages:
         return attach_landmarks(read_labelled(sources), Path(self.config.landmarks))
 
-    def build(self, create: ModelFactory) -> nn.Module:
+    def network(self, create: ModelFactory) -> nn.Module:
         return LandmarkNet(create(self.config.seed, **self.timm_options()))
 
     def trained_parts(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -67,25 +73,15 @@ class MultitaskLandmarks(Recipe):
     def training_view(self, views: Views) -> T.Compose:
         return T.Compose([T.ColorJitter(0.4, 0.4, 0.4), views.evaluation])
 
-    def training_data(
-        self,
-        paths: list[Path],
-        labels: np.ndarray,
-        targets: np.ndarray | None,
-        views: Views,
-        seed: int,
-    ) -> tuple[Dataset, BatchSampler | BalancedBatchSampler]:
+    def dataset(
+        self, paths: list[Path], labels: np.ndarray, targets: np.ndarray | None, view: T.Compose
+    ) -> Dataset:
         # the cross-entropy's class weights come from the training split: sklearn's
         # "balanced" n / (classes · count) for the classes present
         present = np.unique(labels)
         weights = np.ones(NUM_CLASSES, np.float32)
         weights[present] = compute_class_weight("balanced", classes=present, y=labels)
         self.class_weights = torch.from_numpy(weights)
-        return super().training_data(paths, labels, targets, views, seed)
-
-    def dataset(
-        self, paths: list[Path], labels: np.ndarray, targets: np.ndarray | None, view: T.Compose
-    ) -> Dataset:
         return TargetDataset(paths, labels, targets, view, per_pixel=True)
 
     def losses(
@@ -108,5 +104,5 @@ class MultitaskLandmarks(Recipe):
             "landmark_mse": landmark_mse,
         }
 
-    def exported(self, model: nn.Module) -> nn.Module:
+    def export_part(self, model: nn.Module) -> nn.Module:
         return model.backbone

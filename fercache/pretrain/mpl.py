@@ -1,16 +1,31 @@
-"""One training step of each recipe: Meta Pseudo Labels as Yu, Wei and Cai use it (Exploring
-Facial Expression Recognition through Semi-Supervised Pretraining and Temporal Modeling) and the
-supervised baseline. Steps return detached 0-dim tensors, so logging costs no device sync."""
+"""Meta Pseudo Labels as Yu, Wei and Cai use it (Exploring Facial Expression Recognition through
+Semi-Supervised Pretraining and Temporal Modeling): a teacher and a student, SGD each; the
+teacher learns from the labelled batch, UDA consistency on unlabelled faces and the student's
+feedback; the student learns only the teacher's pseudo labels, then optionally fine-tunes alone
+on the labels for the last `student_finetune_steps` steps (MPL's last stage)."""
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Autocast = Callable[[], AbstractContextManager]
+from fercache.distributed import Ranks
+from fercache.pretrain.config import PretrainConfig
+from fercache.pretrain.recipe import (
+    NUM_CLASSES,
+    Autocast,
+    Metrics,
+    ModelFactory,
+    Recipe,
+    StepBatch,
+    placed,
+    sgd,
+    unwrap,
+    warmup_cosine,
+)
+from fercache.pretrain.supervised import supervised_step
 
 
 @dataclass(frozen=True)
@@ -140,23 +155,6 @@ def consistency_loss(
     return (per_image * mask).mean(), mask
 
 
-def supervised_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    autocast: Autocast,
-) -> dict[str, torch.Tensor]:
-    """The baseline: cross-entropy on the class-balanced labelled batch."""
-    with autocast():
-        logits = model(images).float()
-    loss = F.cross_entropy(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return {"student_supervised": loss.detach()}
-
-
 @torch.no_grad()
 def labelled_loss(student: nn.Module, batch: MplBatch, autocast: Autocast) -> torch.Tensor:
     """The student's CE on the labelled batch, measured in train mode (as it is trained) but
@@ -168,3 +166,114 @@ def labelled_loss(student: nn.Module, batch: MplBatch, autocast: Autocast) -> to
     for buffer, saved in zip(student.buffers(), buffers, strict=True):
         buffer.copy_(saved)
     return F.cross_entropy(logits, batch.labels)
+
+
+class Mpl(Recipe):
+    uses_unlabelled = True
+
+    teacher: nn.Module  # as placed: DDP-wrapped under torchrun
+    model: nn.Module  # the student, as placed
+    teacher_optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer
+    alignment: DistributionAlignment | None = None
+
+    def check(self) -> None:
+        """Every setting applies (student_finetune_steps included)."""
+
+    def draws_unlabelled(self, step: int) -> bool:
+        # after the MPL steps the student fine-tunes alone: no unlabelled batch is drawn
+        return step < self.config.mpl_steps
+
+    def evaluates_after(self, step: int) -> bool:
+        # the last MPL step before the student's fine-tuning: what MPL alone gave
+        return self.config.student_finetune_steps > 0 and step == self.config.mpl_steps
+
+    def build(self, create: ModelFactory, ranks: Ranks) -> None:
+        config = self.config
+        student = create(config.seed)
+        teacher = create(config.seed + 1)
+        self.optimizer = sgd(student, config.student_lr, config)
+        self.teacher_optimizer = sgd(teacher, config.teacher_lr, config)
+        self._schedule(self.optimizer, partial(mpl_student_lr_factor, config=config))
+        # the teacher's cosine ends with the MPL steps: it does not learn while the student
+        # fine-tunes
+        self._schedule(
+            self.teacher_optimizer,
+            partial(warmup_cosine, warmup=config.warmup_steps, total=config.mpl_steps),
+        )
+        self._average(student, ranks.device)
+        self.model, self.teacher = placed(student, ranks), placed(teacher, ranks)
+        if config.distribution_alignment:
+            self.alignment = DistributionAlignment(NUM_CLASSES).to(ranks.device)
+
+    def train_step(self, batch: StepBatch, step: int, autocast: Autocast) -> Metrics:
+        if batch.weak is None:  # the student's fine-tuning on the labels
+            return supervised_step(self.model, self.optimizer, batch.images, batch.labels, autocast)
+        settings = MplSettings(
+            self.config.temperature,
+            self.config.threshold,
+            self.config.lambda_u,
+            self.config.uda_steps,
+            self.config.feedback_sign,
+        )
+        return mpl_step(
+            self.teacher,
+            self.model,
+            self.teacher_optimizer,
+            self.optimizer,
+            MplBatch(batch.images, batch.labels, batch.weak, batch.strong),
+            settings,
+            step,
+            autocast,
+            self.alignment,
+        )
+
+    def student(self) -> nn.Module:
+        return unwrap(self.model)
+
+    def evaluated(self) -> dict[str, nn.Module]:
+        return super().evaluated() | {"teacher": unwrap(self.teacher)}
+
+    def exported(self) -> dict[str, nn.Module]:
+        return super().exported() | {"teacher": unwrap(self.teacher)}
+
+    def learning_rates(self) -> dict[str, float]:
+        return {
+            "student": self.optimizer.param_groups[0]["lr"],
+            "teacher": self.teacher_optimizer.param_groups[0]["lr"],
+        }
+
+    def state_dict(self) -> dict:
+        state = {
+            "student": self.student().state_dict(),
+            "student_optimizer": self.optimizer.state_dict(),
+            "teacher": unwrap(self.teacher).state_dict(),
+            "teacher_optimizer": self.teacher_optimizer.state_dict(),
+            **self._common_state(),
+        }
+        if self.alignment is not None:
+            state["alignment"] = self.alignment.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student().load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["student_optimizer"])
+        unwrap(self.teacher).load_state_dict(state["teacher"])
+        self.teacher_optimizer.load_state_dict(state["teacher_optimizer"])
+        if self.alignment is not None:
+            self.alignment.load_state_dict(state["alignment"])
+        self._load_common_state(state)
+
+
+def mpl_student_lr_factor(step: int, config: PretrainConfig) -> float:
+    """The MPL student's lr / student_lr: 0 for `student_wait_steps` (Face2Exp / MPL practice:
+    the teacher's pseudo labels mean nothing yet), warm-up and cosine over the MPL steps left,
+    then a fresh cosine from `student_finetune_lr` over the fine-tuning steps (MPL's last
+    stage: the student meets the labels themselves)."""
+    wait, mpl_steps = config.student_wait_steps, config.mpl_steps
+    if step < wait:
+        return 0.0
+    if step >= mpl_steps and config.student_finetune_steps > 0:
+        finetune_scale = config.student_finetune_lr / config.student_lr
+        return finetune_scale * warmup_cosine(step - mpl_steps, 0, config.student_finetune_steps)
+    return warmup_cosine(step - wait, config.warmup_steps, mpl_steps - wait)

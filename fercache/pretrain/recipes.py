@@ -1,26 +1,29 @@
-"""The recipes that plug into the shared pretraining run as a `Recipe` (fercache.pretrain.finetune);
-mpl and supervised are the run's own steps."""
+"""The registry of pretraining recipes: `fercache pretrain --recipe NAME` builds `RECIPES[NAME]`.
+A new recipe is a module with a `Recipe` subclass (fercache.pretrain.recipe) and a line here."""
 
+from fercache.errors import FercacheError
 from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.cotex import CoTex
 from fercache.pretrain.emma import Emma
-from fercache.pretrain.finetune import Recipe
 from fercache.pretrain.landmarks import MultitaskLandmarks
+from fercache.pretrain.mpl import Mpl
+from fercache.pretrain.recipe import Recipe
+from fercache.pretrain.supervised import Supervised
 
-RECIPE_CLASSES: dict[str, type[Recipe]] = {
+RECIPES: dict[str, type[Recipe]] = {
+    "mpl": Mpl,
+    "supervised": Supervised,
     "cotex": CoTex,
     "emma": Emma,
     "multitask-landmarks": MultitaskLandmarks,
 }
 
 
-def recipe_for(config: PretrainConfig) -> Recipe | None:
-    """The recipe object of `config.recipe`; None for mpl and supervised."""
-    recipe = RECIPE_CLASSES.get(config.recipe)
-    return recipe(config) if recipe else None
-
-
-def export_keys(config: PretrainConfig) -> dict:
-    """What the exported model config adds for `config.recipe` (see fercache.backbone)."""
-    recipe = recipe_for(config)
-    return recipe.export_keys() if recipe else {}
+def recipe_for(config: PretrainConfig) -> Recipe:
+    """A new recipe object of `config.recipe` (its settings checked)."""
+    if config.recipe not in RECIPES:
+        raise FercacheError(
+            f"pretrain settings: unknown recipe '{config.recipe}'; "
+            f"choose one of {', '.join(RECIPES)}"
+        )
+    return RECIPES[config.recipe](config)

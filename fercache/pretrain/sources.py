@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fercache.data.affwild2 import IMAGES_DIRNAME, AffWild2, VideoLabels, frame_filename
-from fercache.data.faces import LANDMARKS
+from fercache.data.layout import LANDMARKS
 from fercache.data.tasks import AU, EXPR, EXPR_CLASSES, VA, Task
 from fercache.errors import FercacheError
 

@@ -1,8 +1,9 @@
 """Settings of a temporal training run: defaults, a YAML file, `--set key=value` overrides.
 
-`configs/temporal.yaml` documents every key and why its default was chosen. The resolved
-settings are written to the run folder as `config.yaml`, and `--resume` reads them back from
-there, so a resumed run can never silently change its own recipe.
+`configs/temporal.yaml` documents every key and why its default was chosen, in sections
+(`SECTIONS`): on the command line `model.layers` means `layers`. The resolved settings are
+written to the run folder as `config.yaml` (`fercache.runfolder`), and `--resume` reads them
+back from there, so a resumed run can never silently change its own recipe.
 """
 
 import dataclasses
@@ -10,15 +11,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, ClassVar
 
 from fercache.data.tasks import TASKS
 from fercache.errors import FercacheError
-from fercache.settings import given_values, read_yaml, typed_values
+from fercache.runfolder import CONFIG_FILE, config_text, read_config, resumed_settings
+from fercache.runfolder import write_config as write_run_config
+from fercache.settings import given_values, typed_values
 
-CONFIG_FILE = "config.yaml"
+CONFIG_HEADER = "resolved settings of this run (fercache train); --resume reads them back"
 BALANCE_MODES = ("weights", "sampling", "none")
 AU_POS_WEIGHTS = ("none", "inverse_frequency")
 # The validation score of each task, and P = their sum over the trained tasks (Li et al.'s
@@ -27,11 +28,28 @@ SCORE_OF_TASK = {"expr": "expr_f1", "au": "au_f1", "va": "va_ccc"}
 SCORES = (*SCORE_OF_TASK.values(), "p")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# The sections of configs/temporal.yaml and their keys, in the file's order: `--set` and
+# `fercache sweep --grid` accept `section.key` for `key`.
+SECTIONS = {
+    "data": ("tasks", "train_split", "val_split", "select", "subsample"),
+    "clips": ("clip_frames", "eval_stride", "smooth_window"),
+    "model": ("width", "layers", "heads", "ff_width", "dropout", "input_dropout"),
+    "optim": (
+        *("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "grad_clip"),
+        *("balance", "loss_weights", "au_pos_weight", "amp"),
+    ),
+    "loading": ("workers", "eval_batch", "seed"),
+}
 
 
 @dataclass(frozen=True)
 class TemporalConfig:
     """Every knob of a temporal run; `configs/temporal.yaml` justifies each default."""
+
+    # What `--resume` may change: only what cannot change the numbers. Not `epochs`: the
+    # learning rate follows a cosine over all epochs, so more epochs would change the schedule
+    # of the epochs already trained (and restart a finished run's decayed rate).
+    MAY_CHANGE_ON_RESUME: ClassVar[frozenset[str]] = frozenset({"workers"})
 
     tasks: tuple[str, ...] = ("expr",)
     train_split: str = "train"
@@ -153,15 +171,16 @@ def load_config(
     path: Path | None, overrides: list[str] | None = None, **options: Any
 ) -> TemporalConfig:
     """Defaults, then the YAML file, then `key=value` overrides, then non-None `options`."""
-    return _apply(TemporalConfig(), given_values(path, overrides, options))
+    return _apply(TemporalConfig(), given_values(path, overrides, options, SECTIONS))
 
 
 def resumed_config(
     run_dir: Path, path: Path | None, overrides: list[str] | None = None, **options: Any
 ) -> TemporalConfig:
-    """The run's saved settings; anything given now that would change them is an error."""
+    """The run's saved settings; anything given now that would change them is an error,
+    except for the keys of `TemporalConfig.MAY_CHANGE_ON_RESUME` (`runfolder.resumed_settings`)."""
     saved_path = Path(run_dir) / CONFIG_FILE
-    values = read_yaml(saved_path)
+    values = read_config(run_dir)
     try:
         saved = _apply(TemporalConfig(), values)
     except FercacheError as error:
@@ -169,24 +188,21 @@ def resumed_config(
             f"{saved_path}: {error}. The run was written by another version of fercache: "
             "train into a new --out."
         ) from error
-    given = _apply(saved, given_values(path, overrides, options))
-    changed = [key for key, value in given.to_json().items() if saved.to_json()[key] != value]
-    if changed:
-        shown = ", ".join(
-            f"{key} {saved.to_json()[key]!r} -> {given.to_json()[key]!r}" for key in changed
-        )
-        raise FercacheError(
-            f"{saved_path}: --resume continues the run with its saved settings, but the options "
-            f"given change {shown}. Drop those options, or train into a new --out."
-        )
-    return saved
+    given = _apply(saved, given_values(path, overrides, options, SECTIONS))
+    settings = resumed_settings(
+        saved.to_json(), given.to_json(), TemporalConfig.MAY_CHANGE_ON_RESUME, saved_path
+    )
+    return _apply(TemporalConfig(), settings)
 
 
 def write_config(config: TemporalConfig, run_dir: Path) -> Path:
-    path = Path(run_dir) / CONFIG_FILE
-    text = "# resolved settings of this run (fercache train); --resume reads them back\n"
-    path.write_text(text + yaml.safe_dump(config.to_json(), sort_keys=False))
-    return path
+    """The resolved settings into the run folder's `config.yaml`."""
+    return write_run_config(run_dir, config.to_json(), CONFIG_HEADER)
+
+
+def settings_text(config: TemporalConfig) -> str:
+    """What `write_config` writes (`fercache train --print-config`)."""
+    return config_text(config.to_json(), CONFIG_HEADER)
 
 
 def _apply(base: TemporalConfig, values: dict[str, Any]) -> TemporalConfig:

@@ -24,15 +24,8 @@ from fercache.outputs import write_text_atomically
 from fercache.predictions import AU_THRESHOLD
 from fercache.temporal.clips import evaluation_starts
 from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
+from fercache.temporal.rundir import MODEL_JSON, THRESHOLDS_FILE, WEIGHTS
 from fercache.temporal.step import autocast_for
-
-BEST_WEIGHTS = "best.safetensors"
-FINAL_WEIGHTS = "final.safetensors"
-# "best": the epoch with the best validation score (the run's `select` setting); "final": the
-# last epoch, for results that must not depend on a choice made on the validation split.
-WEIGHTS = {"best": BEST_WEIGHTS, "final": FINAL_WEIGHTS}
-MODEL_JSON = "model.json"
-THRESHOLDS_FILE = "thresholds.json"
 
 
 @torch.no_grad()

@@ -29,12 +29,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from fercache.data.affwild2 import AffWild2
+from fercache.data.labels import class_counts, positive_counts, read_split, row_targets, row_valid
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
-from fercache.evaluate import au_metrics, va_metrics
-from fercache.progress import progress_bar
-from fercache.smooth import majority_vote
+from fercache.metrics import au_metrics, va_metrics
+from fercache.progress import progress_bar, progress_line
+from fercache.runfolder import holds_run, read_checkpoint, write_checkpoint, write_metrics
 from fercache.temporal.clips import (
     ClipBatches,
     RowTargets,
@@ -51,24 +52,14 @@ from fercache.temporal.config import (
     write_config,
 )
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures, open_features
-from fercache.temporal.inference import FINAL_WEIGHTS, to_predictions, window_outputs
-from fercache.temporal.labels import (
-    class_counts,
-    positive_counts,
-    read_split,
-    row_targets,
-    row_valid,
-)
+from fercache.temporal.inference import to_predictions, window_outputs
 from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
 from fercache.temporal.rundir import (
+    FINAL_WEIGHTS,
     SUMMARY_FILE,
-    holds_run,
     plot_curves,
-    read_last,
     write_best,
     write_json,
-    write_last,
-    write_metrics,
     write_weights,
 )
 from fercache.temporal.step import (
@@ -79,6 +70,7 @@ from fercache.temporal.step import (
     warmup_cosine,
 )
 from fercache.temporal.subsample import subsample_videos
+from fercache.vote import majority_vote
 
 # The epoch record's key of each validation score (`select` names the score).
 RECORD_KEY = {"expr_f1": "val_f1", "au_f1": "val_au_f1", "va_ccc": "val_va_ccc", "p": "val_p"}
@@ -148,16 +140,22 @@ def train(cache_dirs: list[Path], data: Path, out: Path, request: TrainRequest) 
         return _run(cache_dirs, Path(data), out, config, request, ranks)
 
 
-def _resolve_config(out: Path, request: TrainRequest) -> TemporalConfig:
+def resolved_config(out: Path, request: TrainRequest) -> TemporalConfig:
+    """The settings `train` runs with: the request's, or with `resume` the run's saved ones
+    (which the request may not change)."""
     options = {"epochs": request.epochs, "seed": request.seed}
     if request.resume:
         return resumed_config(out, request.config_file, list(request.overrides), **options)
-    if holds_run(out):
+    return load_config(request.config_file, list(request.overrides), **options)
+
+
+def _resolve_config(out: Path, request: TrainRequest) -> TemporalConfig:
+    if not request.resume and holds_run(out):
         raise FercacheError(
             f"{out}: already holds a training run; pass --resume to continue it, or choose "
             "another --out"
         )
-    return load_config(request.config_file, list(request.overrides), **options)
+    return resolved_config(out, request)
 
 
 def _run(
@@ -170,7 +168,7 @@ def _run(
 ) -> dict:
     caches = CacheSet.open(cache_dirs)
     model_config = _model_config(config, caches)
-    checkpoint = read_last(out) if request.resume else None
+    checkpoint = read_checkpoint(out) if request.resume else None
     if checkpoint is not None:
         _check_resumable(checkpoint, model_config, caches, out)
     run_data = _load_data(caches, data, config, request, ranks)
@@ -195,6 +193,7 @@ def _run(
     selected = RECORD_KEY[config.selected_score]
 
     for epoch in range(state.epochs_done, config.epochs):
+        epoch_started = perf_counter()
         record = {"epoch": epoch + 1}
         record.update(_train_epoch(training, run_data, config, ranks, epoch, request.progress))
         validation_started = perf_counter()
@@ -208,6 +207,8 @@ def _run(
             state.best_score, state.best_epoch = record[selected], epoch + 1
         if ranks.is_main:
             _save_epoch(out, training, state, details, improved)
+        line = epoch_line(record, config, improved, perf_counter() - epoch_started)
+        progress_line(line, request.progress and ranks.is_main)
         ranks.barrier()
 
     summary = _summary(state, run_data, config, caches, data, details)
@@ -412,6 +413,28 @@ def _train_epoch(
     }
 
 
+def epoch_line(record: dict, config: TemporalConfig, improved: bool, seconds: float) -> str:
+    """The epoch's progress line, e.g. `epoch 3/20  loss 1.8460 (expr 1.2340, au 0.6120)  val
+    expr_f1 0.4120 (smoothed 0.4301)  au_f1 0.3810  p 0.7930  * best  12.3 s`: the training
+    losses (each task's when several are trained), the validation scores, `* best` when the
+    selected score improved, and the epoch's wall time."""
+    loss = f"loss {record['train_loss']:.4f}"
+    if len(config.tasks) > 1:
+        task_losses = [f"{task} {record[_loss_key(task)]:.4f}" for task in config.tasks]
+        loss += f" ({', '.join(task_losses)})"
+    scores = []
+    for score, key in RECORD_KEY.items():
+        if key in record:
+            scores.append(f"{score} {record[key]:.4f}")
+            if key == "val_f1":
+                scores[-1] += f" (smoothed {record['val_f1_smoothed']:.4f})"
+    best = "  * best" if improved else ""
+    return (
+        f"epoch {record['epoch']}/{config.epochs}  {loss}  val {'  '.join(scores)}{best}  "
+        f"{seconds:.1f} s"
+    )
+
+
 def _loss_key(name: str) -> str:
     return "train_loss" if name == "total" else f"train_loss_{name}"
 
@@ -502,7 +525,7 @@ def _save_epoch(
     if improved:
         best = {**details, "epoch": state.best_epoch, "score": state.best_score}
         write_best(out, model.state_dict(), best)
-    write_last(
+    write_checkpoint(
         out,
         {
             "model": model.state_dict(),

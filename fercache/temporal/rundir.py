@@ -1,11 +1,16 @@
-"""The files of a run folder; each is written whole (temporary name, then rename).
+"""The files of a temporal run folder; each is written whole (temporary name, then rename).
+
+The files every training phase keeps (`fercache.runfolder`):
 
 - `config.yaml`       resolved settings (`config.write_config`)
+- `last.pt`           what `--resume` needs: weights, optimizer state, epochs done, history
+- `metrics.jsonl`     one JSON record per finished epoch: training losses, every validation score
+
+and those of `fercache train` (this module):
+
 - `model.json`        network config + tasks and their outputs, evaluation stride, caches
 - `best.safetensors`  weights of the epoch with the best validation score (`select`)
 - `final.safetensors` weights of the last epoch, at the end
-- `last.pt`           what `--resume` needs: weights, optimizer state, epochs done, history
-- `metrics.jsonl`     one JSON record per finished epoch: training losses, every validation score
 - `summary.json`      the best epoch, its figures (`best_val_*`), the run's inputs, at the end
 - `curves.png`        training losses and validation scores per epoch, at the end
 - `thresholds.json`   per-AU thresholds, written by `fercache predict --tune-thresholds`
@@ -14,16 +19,19 @@
 import json
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 from safetensors.torch import save_file
 
 from fercache.errors import FercacheError
 from fercache.outputs import write_atomically, write_text_atomically
-from fercache.temporal.inference import BEST_WEIGHTS, MODEL_JSON
 
-LAST_CHECKPOINT = "last.pt"
-METRICS_FILE = "metrics.jsonl"
+BEST_WEIGHTS = "best.safetensors"
+FINAL_WEIGHTS = "final.safetensors"
+# "best": the epoch with the best validation score (the run's `select` setting); "final": the
+# last epoch, for results that must not depend on a choice made on the validation split.
+WEIGHTS = {"best": BEST_WEIGHTS, "final": FINAL_WEIGHTS}
+MODEL_JSON = "model.json"
+THRESHOLDS_FILE = "thresholds.json"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
 # The validation scores an epoch record may hold, as the curves name them.
@@ -50,40 +58,6 @@ def write_best(run_dir: Path, state_dict: dict, model_details: dict) -> None:
     write_json(run_dir / MODEL_JSON, model_details)
 
 
-def write_last(run_dir: Path, checkpoint: dict) -> None:
-    write_atomically(
-        run_dir / LAST_CHECKPOINT, lambda tmp: torch.save(checkpoint, tmp), "the checkpoint"
-    )
-
-
-def read_last(run_dir: Path) -> dict:
-    path = run_dir / LAST_CHECKPOINT
-    if not path.is_file():
-        raise FercacheError(
-            f"{path}: no checkpoint to resume from (a run writes it after its first epoch); "
-            "start the run again without --resume"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise FercacheError(f"{path}: unreadable checkpoint ({error}); restart the run") from error
-
-
-def write_metrics(run_dir: Path, history: list[dict]) -> None:
-    """Rewrite `metrics.jsonl` from the checkpointed history: a resumed run never keeps a
-    record of an epoch that its checkpoint does not hold, nor loses one it does."""
-    write_text_atomically(
-        run_dir / METRICS_FILE,
-        "".join(json.dumps(record) + "\n" for record in history),
-        "the metrics",
-    )
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def read_summary(run_dir: Path) -> dict | None:
     """The finished run's `summary.json`; None while the run is unfinished."""
     path = run_dir / SUMMARY_FILE
@@ -96,10 +70,6 @@ def read_summary(run_dir: Path) -> dict | None:
             f"{path}: not valid JSON ({error}); delete it and resume the run "
             "(`fercache train ... --resume`) to write it again"
         ) from error
-
-
-def holds_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in (LAST_CHECKPOINT, METRICS_FILE, BEST_WEIGHTS))
 
 
 def plot_curves(run_dir: Path, history: list[dict]) -> None:

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from fercache.temporal.labels import SplitLabels
+from fercache.data.labels import SplitLabels
 
 SUBSAMPLE_STREAM = 7  # keeps this draw independent of the window and dropout streams of the seed
 

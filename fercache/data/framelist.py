@@ -1,0 +1,51 @@
+"""The organisers' frame lists: which frames of which videos need a prediction.
+
+A frame list names the frames that need a prediction (for the test split, the organisers give
+one): one `<video>/<frame>.jpg` per line, optionally followed by a comma and anything else (so
+the organisers' example submission file, and any submission, is itself a frame list); an
+optional first line starting with `image_location`; blank lines are ignored.
+"""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from fercache.errors import FercacheError
+
+LOCATION = re.compile(r"^(?P<video>[^/\s]+)/(?P<frame>\d+)\.jpg$")  # `<video>/<frame>.jpg`
+
+
+def read_frame_list(path: Path) -> dict[str, np.ndarray]:
+    """{video: 1-based frames, ascending} in order of first appearance; errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FercacheError(f"{path}: no such frame list")
+    frames: dict[str, list[int]] = {}
+    for number, location, _ in listed_rows(path):
+        match = LOCATION.match(location)
+        if not match or int(match["frame"]) < 1:
+            raise FercacheError(
+                f"{path}:{number}: '{location}' is not an image location like "
+                "'video1/00001.jpg' (1-based frame number)"
+            )
+        frames.setdefault(match["video"], []).append(int(match["frame"]))
+    listed = {video: np.array(sorted(values), dtype=np.int32) for video, values in frames.items()}
+    for video, values in listed.items():
+        repeated = values[1:][np.diff(values) == 0]
+        if len(repeated):
+            raise FercacheError(f"{path}: {video}/{repeated[0]:05d}.jpg is listed more than once")
+    return listed
+
+
+def listed_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(line number, image location, rest of the line) of every non-blank, non-header line of a
+    frame list or submission file."""
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or (number == 1 and line.lower().startswith("image_location")):
+            continue
+        location, _, rest = line.strip().partition(",")
+        rows.append((number, location.strip(), rest.strip()))
+    return rows

@@ -1,0 +1,43 @@
+"""The supervised baseline of Yu et al. (Table 1, first row): the student alone, cross-entropy on
+class-balanced labelled batches, SGD with warm-up + cosine."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fercache.pretrain.recipe import (
+    Autocast,
+    Metrics,
+    ModelFactory,
+    OneNetwork,
+    StepBatch,
+    sgd,
+)
+
+
+class Supervised(OneNetwork):
+    def network(self, create: ModelFactory) -> nn.Module:
+        return create(self.config.seed)
+
+    def make_optimizer(self, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
+        return sgd(model, self.config.student_lr, self.config)
+
+    def train_step(self, batch: StepBatch, step: int, autocast: Autocast) -> Metrics:
+        return supervised_step(self.model, self.optimizer, batch.images, batch.labels, autocast)
+
+
+def supervised_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: Autocast,
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy on the class-balanced labelled batch, one optimizer step."""
+    with autocast():
+        logits = model(images).float()
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"student_supervised": loss.detach()}

@@ -1,0 +1,165 @@
+"""The run folder of a training phase (`fercache pretrain`, `fercache train`): one convention for
+the files a run is resumed from.
+
+- `config.yaml`    the resolved settings, flat YAML (one key per setting) under a comment
+                   header; `--resume` reads them back, and `--config` accepts the file as is
+- `last.pt`        what `--resume` needs (weights, optimizer state, progress, history), read with
+                   `torch.load(weights_only=True)`: tensors and plain Python values only
+- `metrics.jsonl`  one JSON record per line, rewritten whole from the checkpointed history, so
+                   it never holds a record the checkpoint does not (nor misses one it does)
+
+A folder holds a run once it holds a checkpoint (`holds_run`). A resumed run keeps its saved
+settings (`resumed_settings`): only the settings its config class declares safe to change on
+resume may differ from them; anything else given is refused, naming each change.
+
+Every file is written whole under a temporary name, then renamed (`fercache.outputs`).
+"""
+
+import json
+import pickle
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fercache.errors import FercacheError
+from fercache.outputs import write_atomically, write_text_atomically
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_FILE = "last.pt"
+METRICS_FILE = "metrics.jsonl"
+_UNSET = "<unset>"  # a key one side of a comparison lacks (a run of another version)
+
+
+def config_text(settings: dict[str, Any], header: str) -> str:
+    """What `write_config` writes: `header` as comment lines, then the settings as YAML in
+    their order (for `--print-config`)."""
+    comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    return comments + yaml.safe_dump(settings, sort_keys=False)
+
+
+def write_config(run_dir: Path, settings: dict[str, Any], header: str) -> Path:
+    """Write the resolved settings as `config.yaml` (`config_text`)."""
+    return write_text_atomically(
+        Path(run_dir) / CONFIG_FILE, config_text(settings, header), "the run's settings"
+    )
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The settings `config.yaml` holds; FercacheError naming it when missing or damaged."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FercacheError(
+            f"{path}: missing, so {Path(run_dir)} holds no run to resume (a run writes it when "
+            "it starts); give the folder of a run, or start a new run without --resume"
+        )
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise FercacheError(
+            f"{path}: unreadable saved settings ({_first_line(error)}); restore the file, or "
+            "start a new run in another folder"
+        ) from error
+    if not isinstance(loaded, dict):
+        raise FercacheError(
+            f"{path}: does not hold a mapping of setting: value; restore the file, or start a "
+            "new run in another folder"
+        )
+    return {str(key): value for key, value in loaded.items()}
+
+
+def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
+    """Write `last.pt`: tensors (state dicts) and plain Python values (numbers, strings, None,
+    lists, tuples, dicts), which is all `read_checkpoint` accepts."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    return write_atomically(path, lambda tmp: torch.save(state, tmp), "the checkpoint")
+
+
+def read_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """`last.pt` on the CPU; FercacheError naming it when missing or damaged. Loads with
+    `weights_only=True`: a checkpoint cannot run code."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FercacheError(
+            f"{path}: no checkpoint to resume from (a run writes it when it first saves its "
+            "progress); start the run again without --resume"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise FercacheError(
+            f"{path}: unreadable checkpoint ({_first_line(error)}); it is damaged or not "
+            "fercache's: start the run again without --resume, or in another folder"
+        ) from error
+    if not isinstance(state, dict):
+        raise FercacheError(
+            f"{path}: not a fercache checkpoint (it holds a {type(state).__name__}); start the "
+            "run again without --resume, or in another folder"
+        )
+    return state
+
+
+def write_metrics(run_dir: Path, records: list[dict]) -> Path:
+    """Rewrite `metrics.jsonl` whole from `records` (the history the checkpoint holds)."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    return write_text_atomically(Path(run_dir) / METRICS_FILE, text, "the metrics")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of `metrics.jsonl` ([] before the run's first one); FercacheError naming
+    the file and line of one that is not a JSON object."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            record = error
+        if not isinstance(record, dict):
+            raise FercacheError(
+                f"{path}:{number}: not a JSON record; resume the run (--resume) to write the "
+                "file again from its checkpoint"
+            )
+        records.append(record)
+    return records
+
+
+def resumed_settings(
+    saved: dict[str, Any], given: dict[str, Any], may_change: Collection[str], path: Path
+) -> dict[str, Any]:
+    """The settings a resumed run continues with: `saved` (read from `path`), with the
+    differences `given` makes to keys in `may_change`. `given` holds the settings resolved
+    from what the command line gives now on top of `saved`; a difference in any other key is a
+    FercacheError listing every such change as `key old -> new`."""
+    keys = [*saved, *(key for key in given if key not in saved)]
+    changed = [key for key in keys if saved.get(key, _UNSET) != given.get(key, _UNSET)]
+    refused = [key for key in changed if key not in may_change]
+    if refused:
+        shown = ", ".join(
+            f"{key} {saved.get(key, _UNSET)!r} -> {given.get(key, _UNSET)!r}" for key in refused
+        )
+        allowed = (
+            f" (only {', '.join(sorted(may_change))} may change on resume)" if may_change else ""
+        )
+        raise FercacheError(
+            f"{path}: --resume continues the run with its saved settings, but the options "
+            f"given change {shown}{allowed}. Drop those options, or start a new run in another "
+            "--out."
+        )
+    return {**saved, **{key: given[key] for key in changed if key in given}}
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether the folder holds a run that `--resume` can continue (it has a checkpoint)."""
+    return (Path(run_dir) / CHECKPOINT_FILE).is_file()
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
