@@ -8,6 +8,11 @@
 
     python benchmarks/extract.py                      # CPU: resnet18 at 112 px, synthetic tree
     python benchmarks/extract.py --backbone resnet50 --input-size 224 --videos 48 --frames 600
+    python benchmarks/extract.py --backbone vit_tiny_patch16_224 --input-size 224 \
+        --layer 8 --tta flip
+
+--layer, --pool and --tta choose the readout as `fercache extract` does; (a) and (c) compute
+the same readout (with --tta flip, (a) forwards the doubled batch too).
 
 Without --data a synthetic tree is generated first (not timed). Prints frames/s and b/a, b/c.
 """
@@ -26,13 +31,18 @@ from fercache.backbone import load_backbone
 from fercache.data.affwild2 import AffWild2
 from fercache.distributed import resolve_device
 from fercache.extract import ExtractOptions, extract, forward_backbone
+from fercache.readout import Readout, check_readout
 from fercache.synth import SynthConfig, generate
 
 
 def main() -> None:
     args = _arguments()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     backbone = load_backbone(args.backbone, None, input_size=args.input_size)
+    readout = Readout(-1 if args.layer is None else args.layer, args.pool, args.tta)
+    check_readout(backbone.model, backbone.name, readout, backbone.feature_dim)
     batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         data = args.data or _synthetic_tree(Path(scratch) / "tree", args)
@@ -40,9 +50,10 @@ def main() -> None:
         print(
             f"{len(paths):,} frames, {args.backbone} at {backbone.data_config.input_size[1]} px, "
             f"batch {batch_size}, device {device}"
+            + (f", {readout}" if not readout.is_default else "")
             + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
         )
-        limit = _forward_only(backbone, device, batch_size, len(paths))
+        limit = _forward_only(backbone, device, batch_size, len(paths), readout)
         print(f"(a) forward only, random tensors      {limit:10,.0f} frames/s")
         options = ExtractOptions(
             backbone=args.backbone,
@@ -52,12 +63,17 @@ def main() -> None:
             device=args.device,
             progress=False,
             force=True,
+            layer=args.layer,
+            pool=args.pool,
+            tta=args.tta,
         )
         started = time.perf_counter()
         report = extract(data, Path(scratch) / "cache", options)
         end_to_end = report.frames / (time.perf_counter() - started)
         print(f"(b) fercache extract, end to end      {end_to_end:10,.0f} frames/s")
-        naive = _naive_loop(backbone, device, paths[: args.naive_frames], Path(scratch) / "npy")
+        naive = _naive_loop(
+            backbone, device, paths[: args.naive_frames], Path(scratch) / "npy", readout
+        )
         print(f"(c) naive loop ({args.naive_frames} frames)          {naive:10,.0f} frames/s")
     print(f"b/a = {end_to_end / limit:.2f}   (goal >= 0.85 CPU, >= 0.9 GPU)")
     print(f"b/c = {end_to_end / naive:.1f}   (goal >= 5)")
@@ -75,6 +91,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--naive-frames", type=int, default=300)
     parser.add_argument("--scratch", type=Path, help="folder for temporary files")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads; 1 gives steadier figures on a shared CPU"
+    )
+    parser.add_argument("--layer", type=int, help="as `fercache extract --layer`")
+    parser.add_argument("--pool", default="", help="as `fercache extract --pool`")
+    parser.add_argument("--tta", default="", help="as `fercache extract --tta`")
     return parser.parse_args()
 
 
@@ -100,23 +122,27 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward_only(backbone, device: torch.device, batch_size: int, frames: int) -> float:
+def _forward_only(
+    backbone, device: torch.device, batch_size: int, frames: int, readout: Readout
+) -> float:
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     batch = torch.randn(batch_size, *backbone.data_config.input_size, device=device)
     batch = batch.contiguous(memory_format=torch.channels_last)
     batches = max(3, frames // batch_size)
     with torch.inference_mode():
         for _ in range(2):  # warm-up: cuDNN autotuning, oneDNN primitive caches
-            forward_backbone(model, batch, backbone.num_classes > 0)
+            forward_backbone(model, batch, backbone.num_classes > 0, readout)
         _synchronize(device)
         started = time.perf_counter()
         for _ in range(batches):
-            forward_backbone(model, batch, backbone.num_classes > 0)
+            forward_backbone(model, batch, backbone.num_classes > 0, readout)
         _synchronize(device)
     return batches * batch_size / (time.perf_counter() - started)
 
 
-def _naive_loop(backbone, device: torch.device, paths: list[Path], out: Path) -> float:
+def _naive_loop(
+    backbone, device: torch.device, paths: list[Path], out: Path, readout: Readout
+) -> float:
     """What many ABAW repositories do: one image at a time, start to finish."""
     out.mkdir()
     model = backbone.model.to(device)
@@ -131,9 +157,12 @@ def _naive_loop(backbone, device: torch.device, paths: list[Path], out: Path) ->
             pixels = F.interpolate(
                 pixels, size=config.input_size[1:], mode="bicubic", antialias=True
             )
-            features = model.forward_head(
-                model.forward_features((pixels - mean) / std), pre_logits=True
-            )
+            if readout.is_default:
+                features = model.forward_head(
+                    model.forward_features((pixels - mean) / std), pre_logits=True
+                )
+            else:
+                features, _ = forward_backbone(model, (pixels - mean) / std, False, readout)
             np.save(out / f"{index:06d}.npy", features.cpu().numpy())
     return len(paths) / (time.perf_counter() - started)
 

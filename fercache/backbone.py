@@ -2,10 +2,12 @@
 
 Accepted checkpoints: fercache's own phase-1 files (`student.safetensors` with its model config
 in the safetensors metadata key `fercache_model` or in a sidecar `student.json`), a plain
-PyTorch state dict (`.pt`/`.pth`/`.bin`, read with `weights_only=True`, optionally wrapped in
-`{"state_dict": ...}` or `{"model": ...}`, `module.` prefixes from DDP stripped) and plain
+PyTorch state dict (`.pt`/`.pth`/`.bin`, read with `weights_only=True`, nested wrappers and
+`module.`/`encoder.`/`backbone.`/`visual.` prefixes handled: `fercache.weights`) and plain
 safetensors. The classifier's width, when the checkpoint has one, sets `num_classes`; the
-weights must match the architecture exactly, or nothing is built.
+weights must match the architecture exactly, or nothing is built. Weights without the head
+(MAE, DINO) load only with `allow_missing_head`, as a network without classifier.
+`pretrained` instead builds timm's pretrained weights by name (`fercache.weights`).
 
 A model config may add `model_kwargs` (passed to `timm.create_model`, e.g. the `img_size` a ViT
 was trained at) and `views: 2`: two networks of the backbone's architecture (state keys
@@ -28,10 +30,16 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from fercache.errors import FercacheError
+from fercache.weights import (
+    expected_keys,
+    mismatch_report,
+    pretrained_model,
+    read_torch_state,
+    select_weights,
+)
 
 DEFAULT_BACKBONE = "resnet50"
 MODEL_METADATA_KEY = "fercache_model"
-WRAPPER_KEYS = ("state_dict", "model", "student")
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,8 @@ class Backbone:
     data_config: DataConfig
     checkpoint: str
     checkpoint_sha256: str
+    pretrained: str = ""  # timm's pretrained name, when the weights are timm's
+    weights_source: str = ""  # where timm took them from: hf-hub:<id>, a URL, or file
 
 
 def load_backbone(
@@ -131,20 +141,110 @@ def load_backbone(
     input_size: int | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    *,
+    pretrained: str | None = None,
+    allow_missing_head: bool = False,
 ) -> Backbone:
     """The backbone `name` (default: the checkpoint's own, else resnet50) with its weights.
 
     Without a checkpoint the weights are a seeded random init, so results are reproducible.
+    With `pretrained` they are timm's pretrained weights of that name (tag or hf-hub: included),
+    read from `checkpoint` when given (timm's file override), else from timm's cache.
     Data config precedence: explicit arguments, then the checkpoint's model config, then timm's.
     """
+    if pretrained:
+        return _pretrained_backbone(pretrained, name, checkpoint, init_seed, input_size, mean, std)
     state, saved_config, digest = _read_checkpoint(checkpoint) if checkpoint else ({}, {}, "")
     name = _choose_name(name, saved_config, checkpoint)
     views = int(saved_config.get("views", 1))
+    model_kwargs = saved_config.get("model_kwargs") or {}
+    if checkpoint and views == 1:
+        _check_name(name)
+        state, _ = select_weights(state, set(expected_keys(name, 0, model_kwargs)))
     num_classes = _classifier_width(name, state, "views.0." if views > 1 else "")
+    # strict: weights without the head load only when asked to, or when made without one
+    headless_by_design = saved_config.get("num_classes", -1) == 0
+    allowed = allow_missing_head or headless_by_design
+    if checkpoint and views == 1 and num_classes == 0 and not allowed:
+        _refuse_missing_head(name, model_kwargs, state, checkpoint)
     torch.manual_seed(init_seed)
-    model = _create(name, num_classes, saved_config.get("model_kwargs") or {}, views)
+    model = _create(name, num_classes, model_kwargs, views)
     if checkpoint:
         _load_weights(model, state, checkpoint, name)
+    return _finish(
+        model, name, num_classes, checkpoint, digest, saved_config, input_size, mean, std
+    )
+
+
+def _pretrained_backbone(
+    pretrained: str,
+    name: str | None,
+    checkpoint: Path | None,
+    init_seed: int,
+    input_size: int | None,
+    mean: tuple[float, float, float] | None,
+    std: tuple[float, float, float] | None,
+) -> Backbone:
+    torch.manual_seed(init_seed)
+    model, architecture, source = pretrained_model(pretrained, checkpoint)
+    if name and name != architecture:
+        raise FercacheError(
+            f"--pretrained '{pretrained}' is a '{architecture}' but --backbone says '{name}'; "
+            "drop --backbone or give the matching name"
+        )
+    digest = _sha256(Path(checkpoint)) if checkpoint else ""
+    backbone = _finish(
+        model,
+        architecture,
+        int(getattr(model, "num_classes", 0) or 0),
+        checkpoint,
+        digest,
+        {},
+        input_size,
+        mean,
+        std,
+    )
+    backbone.pretrained, backbone.weights_source = pretrained, source
+    return backbone
+
+
+def _refuse_missing_head(
+    name: str, model_kwargs: dict, state: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Strict by default: weights without the classifier need --allow-missing-head."""
+    full = expected_keys(name, None, model_kwargs)
+    head = set(full) - set(expected_keys(name, 0, model_kwargs))
+    report = mismatch_report(full, state)
+    if head and report:
+        raise FercacheError(
+            f"{path}: does not match backbone '{name}': {report}. "
+            + (
+                "These weights have no classifier head (MAE/DINO-style): pass "
+                "--allow-missing-head to extract their pooled features (no logits)."
+                if head <= set(full) - set(state) and not set(state) - set(full)
+                else "Pass the --backbone it was trained with."
+            )
+        )
+
+
+def _check_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:8]
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise FercacheError(f"unknown backbone '{name}': not a timm model name.{hint}")
+
+
+def _finish(
+    model: nn.Module,
+    name: str,
+    num_classes: int,
+    checkpoint: Path | None,
+    digest: str,
+    saved_config: dict,
+    input_size: int | None,
+    mean: tuple[float, float, float] | None,
+    std: tuple[float, float, float] | None,
+) -> Backbone:
     model.eval().requires_grad_(False)
     timm_config = resolve_data_config(model=model)
     data_config = DataConfig(
@@ -183,10 +283,7 @@ def _choose_name(name: str | None, saved_config: dict, checkpoint: Path | None) 
 
 
 def _create(name: str, num_classes: int, model_kwargs: dict, views: int = 1) -> nn.Module:
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:8]
-        hint = f" Close names: {', '.join(close)}." if close else ""
-        raise FercacheError(f"unknown backbone '{name}': not a timm model name.{hint}")
+    _check_name(name)
     networks = [
         timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
         for _ in range(views)
@@ -220,7 +317,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
     sidecar = path.with_suffix(".json")
     if not saved_config and sidecar.is_file():
         saved_config = json.loads(sidecar.read_text())
-    return _strip_prefix(state, "module."), saved_config, digest
+    return state, saved_config, digest
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -234,54 +331,18 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for foreign or damaged files
-        raise FercacheError(
-            f"{path}: not a loadable PyTorch checkpoint ({type(error).__name__}: {error}). "
-            "Expected a state dict saved with torch.save, or a .safetensors file."
-        ) from error
-    for key in WRAPPER_KEYS:
-        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
-            loaded = loaded[key]
-            break
-    if not isinstance(loaded, dict) or not all(
-        isinstance(value, torch.Tensor) for value in loaded.values()
-    ):
-        raise FercacheError(f"{path}: holds no state dict (a dict of parameter tensors)")
-    return loaded
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    if state and all(key.startswith(prefix) for key in state):
-        return {key.removeprefix(prefix): value for key, value in state.items()}
-    return state
+    return read_torch_state(path)
 
 
 def _load_weights(
     model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str
 ) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    if missing or unexpected or wrong_shape:
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    report = mismatch_report(expected, state)
+    if report:
         raise FercacheError(
-            f"{path}: does not match backbone '{name}': "
-            + "; ".join(
-                f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                for label, keys in (
-                    ("missing keys", missing),
-                    ("unexpected keys", unexpected),
-                    ("wrong shapes", wrong_shape),
-                )
-                if keys
-            )
-            + ". Pass the --backbone it was trained with."
+            f"{path}: does not match backbone '{name}': {report}. "
+            "Pass the --backbone it was trained with."
         )
     model.load_state_dict(state)
 

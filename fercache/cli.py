@@ -168,10 +168,29 @@ def extract(
     checkpoint: Annotated[
         Path | None,
         typer.Option(
-            help="Weights: a fercache phase-1 student.safetensors, a plain state dict (.pt/.pth) "
-            "or safetensors. Without one, a seeded random init (for tests and benchmarks)."
+            help="Weights: a fercache phase-1 student.safetensors, a plain state dict (.pt/.pth; "
+            "nested under model, state_dict, teacher, student or ema and prefixed module., "
+            "encoder., backbone. or visual. too) or safetensors. With --pretrained: a local "
+            "copy of those "
+            "weights. Without either, a seeded random init (for tests and benchmarks)."
         ),
     ] = None,
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="timm's pretrained weights by name, through timm's loader and Hugging Face "
+            "cache: a model name, a tagged one (e.g. resnet50.a1_in1k, the MAE tag of a ViT) "
+            "or hf-hub:ORG/NAME. Sets the backbone. Offline, give the file with --checkpoint."
+        ),
+    ] = None,
+    allow_missing_head: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing-head",
+            help="Accept a checkpoint without the classifier's keys (MAE/DINO-style weights): "
+            "features of the pooled output, no logits. Every other key must still match.",
+        ),
+    ] = False,
     batch_size: Annotated[
         int | None,
         typer.Option(help="Frames per forward pass; batches span videos. Default 256 GPU, 64 CPU."),
@@ -217,6 +236,28 @@ def extract(
     init_seed: Annotated[
         int, typer.Option(help="Seed of the random init used when no --checkpoint is given.")
     ] = 0,
+    layer: Annotated[
+        int | None,
+        typer.Option(
+            help="Features of intermediate K (0-based, of timm's forward_intermediates: a ViT's "
+            "blocks, a ResNet's stem and 4 stages) instead of the pooled output; no logits. "
+            "Tokens are normed and pooled as the head does, maps averaged over space."
+        ),
+    ] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Token models only: avg (timm's 'avg' pooling + the head's norm), cls (the class "
+            "token) or tokens-mean (plain mean of the patch tokens). Default: the model's own."
+        ),
+    ] = None,
+    tta: Annotated[
+        str | None,
+        typer.Option(
+            help="flip: average each frame's features (and logits) with its mirror's, in one "
+            "forward pass of the doubled batch."
+        ),
+    ] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Run the frozen backbone over every frame into per-video HDF5 feature stores (resumable)."""
@@ -237,6 +278,11 @@ def extract(
         std=_triple(std, "--std"),
         init_seed=init_seed,
         progress=progress,
+        pretrained=pretrained,
+        allow_missing_head=allow_missing_head,
+        layer=layer,
+        pool=pool or "",
+        tta=tta or "",
     )
     report = run_extract(data, out, options)
     for video in report.empty:
@@ -256,19 +302,72 @@ def extract(
 
 
 @app.command()
+def convert(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="A torch.save file: a state dict (nested under model/state_dict/... too), or "
+            "with --trust-pickle a pickled whole model or training checkpoint."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="The .safetensors file to write the state dict to.")],
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Unpickle CHECKPOINT (this runs code from the file: only for files you trust). "
+            "Without it a pickled model is refused.",
+        ),
+    ] = False,
+) -> None:
+    """Turn a checkpoint (a pickled model too, with --trust-pickle) into a plain safetensors
+    state dict that `extract --checkpoint` reads."""
+    from fercache.weights import convert_checkpoint
+
+    converted = convert_checkpoint(checkpoint, out, trust_pickle=trust_pickle)
+    console.print(
+        f"wrote {converted.out}: {converted.tensors} tensors"
+        + (" (unpickled, as --trust-pickle allowed)" if converted.unpickled else ""),
+        soft_wrap=True,
+    )
+
+
+def _pretrained_backbone(pretrained: str, backbone: str | None, init: Path | None) -> str:
+    """The architecture `--pretrained` names, which --backbone may repeat but not contradict."""
+    from fercache.weights import pretrained_architecture
+
+    if init is not None:
+        raise FercacheError(
+            f"{init}: --init-checkpoint and --pretrained both name the initial weights; give one"
+        )
+    architecture = pretrained_architecture(
+        pretrained, "--init-checkpoint FILE instead of --pretrained"
+    )
+    if backbone and backbone != architecture:
+        raise FercacheError(
+            f"--pretrained '{pretrained}' is a '{architecture}' but --backbone says '{backbone}'; "
+            "drop --backbone or give the matching name"
+        )
+    return architecture
+
+
+@app.command()
 def pretrain(
     labelled: Annotated[
         list[Path],
         typer.Option(
             help="Labelled images (repeat to combine): an Aff-Wild2 root (EXPR train frames), "
-            "a CSV with columns path,label, or a folder with one sub-folder per class."
+            "a CSV with columns path,label, or a folder with one sub-folder per class. Numeric "
+            "labels need their data set's numbering as a prefix, NUMBERING:SOURCE, NUMBERING one "
+            "of abaw, affectnet, expw, rafdb, fer2013 (e.g. affectnet:train.csv); class names "
+            "(any case) need none. See docs/pretrain.md."
         ),
     ],
     out: Annotated[
         Path,
         typer.Option(
-            help="Run folder: config.yaml, sources.json, last.pt, metrics.jsonl, problems.txt, "
-            "student (and teacher) .safetensors + .json; see docs/formats.md."
+            help="Run folder: config.yaml, sources.json, labels.json, last.pt, metrics.jsonl, "
+            "problems.txt, student (and teacher) .safetensors + .json; see docs/formats.md."
         ),
     ],
     unlabelled: Annotated[
@@ -319,6 +418,23 @@ def pretrain(
             "a head of another class count is replaced."
         ),
     ] = None,
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="Start both networks from timm's pretrained weights by name, through timm's "
+            "loader and Hugging Face cache: a model name, a tagged one (e.g. resnet50.a1_in1k) "
+            "or hf-hub:ORG/NAME; the EXPR head is new. Sets the backbone. Offline, use "
+            "--init-checkpoint with the downloaded file instead."
+        ),
+    ] = None,
+    per_class_cap: Annotated[
+        int | None,
+        typer.Option(
+            help="At most N images per class of the extra labelled sources (not Aff-Wild2 "
+            "roots), drawn with the seed; the rest join the unlabelled pool (Yu et al.: 8000). "
+            "Setting per_class_cap; 0: no cap."
+        ),
+    ] = None,
     print_config: PrintConfigOption = False,
     progress: ProgressOption = True,
 ) -> None:
@@ -326,7 +442,10 @@ def pretrain(
     from fercache.pretrain import load_config, resumed_config, settings_text
     from fercache.pretrain import pretrain as run_pretrain
 
+    if pretrained:
+        backbone = _pretrained_backbone(pretrained, backbone, init_checkpoint)
     given = {"backbone": backbone, "steps": steps, "recipe": recipe}
+    given["per_class_cap"] = per_class_cap
     if resume:
         settings = resumed_config(out, config, set_values, **given)
     else:
@@ -341,6 +460,7 @@ def pretrain(
         settings,
         resume=resume,
         init_checkpoint=init_checkpoint,
+        pretrained=pretrained,
         progress=progress,
     )
     for problem in report.problems[:10]:

@@ -27,6 +27,7 @@ from fercache.data.affwild2 import AffWild2, frame_filename
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
 from fercache.progress import progress_counters
+from fercache.readout import DEFAULT_READOUT, Readout, check_readout, forward_readout
 from fercache.store import (
     MANIFEST_NAME,
     Provenance,
@@ -58,6 +59,15 @@ class ExtractOptions:
     std: tuple[float, float, float] | None = None
     init_seed: int = 0
     progress: bool = True
+    pretrained: str | None = None  # timm's pretrained weights by name (tag, hf-hub:)
+    allow_missing_head: bool = False  # a checkpoint without classifier: features, no logits
+    layer: int | None = None  # an intermediate of timm's forward_intermediates; None: pooled
+    pool: str = ""  # token models: avg, cls or tokens-mean; "": the network's own head
+    tta: str = ""  # "flip": mean of each frame's and its mirror's features
+
+    @property
+    def readout(self) -> Readout:
+        return Readout(-1 if self.layer is None else self.layer, self.pool, self.tta)
 
 
 @dataclass
@@ -106,8 +116,18 @@ def _extract(data: Path, out: Path, options: ExtractOptions, ranks: Ranks) -> Ex
         options.input_size,
         options.mean,
         options.std,
+        pretrained=options.pretrained,
+        allow_missing_head=options.allow_missing_head,
     )
-    provenance = _provenance(backbone, options)
+    if options.layer is not None and options.layer < 0:
+        raise FercacheError(
+            f"--layer {options.layer}: give an intermediate's index from 0; leave --layer out "
+            "for the pooled output"
+        )
+    feature_dim = check_readout(
+        backbone.model, backbone.name, options.readout, backbone.feature_dim
+    )
+    provenance = _provenance(backbone, options, feature_dim)
     dataset = AffWild2(data)
     report = ExtractReport()
     jobs = _video_jobs(dataset, options.videos, report)
@@ -130,8 +150,9 @@ def _extract(data: Path, out: Path, options: ExtractOptions, ranks: Ranks) -> Ex
     return report
 
 
-def _provenance(backbone: Backbone, options: ExtractOptions) -> Provenance:
+def _provenance(backbone: Backbone, options: ExtractOptions, feature_dim: int) -> Provenance:
     config = backbone.data_config
+    readout = options.readout
     return Provenance(
         backbone=backbone.name,
         checkpoint=backbone.checkpoint,
@@ -142,8 +163,14 @@ def _provenance(backbone: Backbone, options: ExtractOptions) -> Provenance:
         std=config.std,
         interpolation=resize_mode(config.interpolation),
         dtype=options.dtype,
-        feature_dim=backbone.feature_dim,
-        num_classes=backbone.num_classes,
+        feature_dim=feature_dim,
+        # an intermediate block has no classifier: no logits are stored with --layer
+        num_classes=backbone.num_classes if readout.layer < 0 else 0,
+        pretrained=backbone.pretrained,
+        weights_source=backbone.weights_source,
+        layer=readout.layer,
+        pool=readout.pool,
+        tta=readout.tta,
     )
 
 
@@ -182,9 +209,18 @@ def _check_manifest(out: Path, provenance: Provenance, force: bool) -> None:
 
 
 def _describe(provenance: dict) -> str:
-    weights = provenance["checkpoint"] or f"random init (seed {provenance['init_seed']})"
+    weights = (
+        " ".join(filter(None, [provenance.get("pretrained"), provenance["checkpoint"]]))
+        or f"random init (seed {provenance['init_seed']})"
+    )
     size = "x".join(str(v) for v in provenance["input_size"][1:])
-    return f"{provenance['backbone']} [{weights}, {size}, {provenance['dtype']}]"
+    readout = [
+        f"{key} {provenance[key]}"
+        for key, default in (("layer", -1), ("pool", ""), ("tta", ""))
+        if provenance.get(key, default) != default
+    ]
+    details = ", ".join([weights, size, provenance["dtype"], *readout])
+    return f"{provenance['backbone']} [{details}]"
 
 
 def _needs_work(out: Path, job: VideoJob, provenance: Provenance, force: bool) -> bool:
@@ -266,14 +302,21 @@ def collate_frames(items: list[tuple[int, torch.Tensor, str]]) -> dict:
 
 
 def forward_backbone(
-    model: torch.nn.Module, batch: torch.Tensor, with_logits: bool
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    with_logits: bool,
+    readout: Readout = DEFAULT_READOUT,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pooled pre-logit features and, when the model has a head, its logits."""
+    """Pooled pre-logit features and, when the model has a head, its logits; or, for another
+    readout (`--layer`, `--pool`, `--tta`), what `fercache.readout` defines."""
     with torch.autocast(
         batch.device.type, dtype=torch.float16, enabled=batch.device.type == "cuda"
     ):
-        pooled = model.forward_head(model.forward_features(batch), pre_logits=True)
-        logits = model.get_classifier()(pooled) if with_logits else None
+        if readout.is_default:
+            pooled = model.forward_head(model.forward_features(batch), pre_logits=True)
+            logits = model.get_classifier()(pooled) if with_logits else None
+        else:
+            pooled, logits = forward_readout(model, batch, with_logits, readout)
     return pooled.float(), logits.float() if logits is not None else None
 
 
@@ -422,13 +465,16 @@ def _run(
         {"videos": len(todo), "frames": total_frames}, enabled=options.progress
     ) as advance:
         writer = StoreWriter(todo, out, provenance, on_video_done=lambda job: advance("videos"))
+        with_logits = provenance.num_classes > 0  # none with --layer
         try:
             with torch.inference_mode():
                 for batch in loader:
                     # A batch whose every file failed has nothing to compute.
                     has_rows = len(batch["index"]) > 0
                     features, logits = (
-                        _compute(model, batch, backbone, device) if has_rows else (None, None)
+                        _compute(model, batch, backbone, device, options.readout, with_logits)
+                        if has_rows
+                        else (None, None)
                     )
                     writer.put(batch["index"].numpy(), features, logits, batch["failed"])
                     advance("frames", len(batch["index"]) + len(batch["failed"]))
@@ -464,14 +510,20 @@ def _default_workers() -> int:
 
 
 def _compute(
-    model: torch.nn.Module, batch: dict, backbone: Backbone, device: torch.device
+    model: torch.nn.Module,
+    batch: dict,
+    backbone: Backbone,
+    device: torch.device,
+    readout: Readout = DEFAULT_READOUT,
+    with_logits: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     images = batch["images"]
     if isinstance(images, list):
         images = [image.to(device, non_blocking=True) for image in images]
     else:
         images = images.to(device, non_blocking=True)
+    with_logits = backbone.num_classes > 0 if with_logits is None else with_logits
     features, logits = forward_backbone(
-        model, preprocess(images, backbone.data_config), backbone.num_classes > 0
+        model, preprocess(images, backbone.data_config), with_logits, readout
     )
     return features.cpu().numpy(), logits.cpu().numpy() if logits is not None else None

@@ -2,11 +2,13 @@
 
 Schema of `<video>.h5` (format 1), readable with plain h5py or `h5dump`:
 
-- `features`  (N, D) float16 or float32: pooled pre-logits of the frozen backbone, one row per
+- `features`  (N, D) float16 or float32: pooled pre-logits of the frozen backbone (or the
+  readout the attributes `layer`, `pool`, `tta` name: `fercache.readout`), one row per
   frame that has an image, in increasing frame order; chunked (64, D) so a 64-frame window
   costs one or two chunk reads.
 - `frames`    (N,) int32: the 1-based frame number of each row (row i is `{frames[i]:05d}.jpg`).
-- `logits`    (N, C) float32, only when the backbone has a classifier head (C classes).
+- `logits`    (N, C) float32, only when the backbone has a classifier head (C classes) and
+  the features are not an intermediate layer's.
 - attributes: `format_version`, `fercache_version`, `video`, `backbone`, `checkpoint`
   (file name), `checkpoint_sha256` ("" for random init), `init_seed`, `input_size` (C, H, W),
   `mean`, `std`, `interpolation`, `dtype`, `feature_dim`, `num_classes`, `fingerprint`
@@ -22,7 +24,7 @@ is written after every store exists.
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import h5py
@@ -55,12 +57,22 @@ class Provenance:
     dtype: str
     feature_dim: int
     num_classes: int
+    # Added after format 1's first stores: each counts in the fingerprint only when it differs
+    # from its default, so a store written before it existed keeps its fingerprint.
+    pretrained: str = ""  # timm's pretrained name the weights came from (tag included)
+    weights_source: str = ""  # where timm found them: hub id, URL or local file
+    layer: int = -1  # the block the features come from; -1: the network's pooled output
+    pool: str = ""  # how a token model's tokens are pooled; "": the network's own head pooling
+    tta: str = ""  # test-time augmentation averaged into each frame's features ("flip")
 
     @property
     def fingerprint(self) -> str:
         # The checkpoint's file name is left out: the same weights under another name give the
         # same features. The fercache version is recorded but left out too, for the same reason.
         determining = asdict(self)
+        for name, default in _EXTENSION_DEFAULTS.items():
+            if determining[name] == default:
+                determining.pop(name)
         determining.pop("checkpoint")
         if self.checkpoint_sha256:
             determining.pop("init_seed")
@@ -85,7 +97,18 @@ class Provenance:
             dtype=str(attrs["dtype"]),
             feature_dim=int(attrs["feature_dim"]),
             num_classes=int(attrs["num_classes"]),
+            **{
+                name: type(default)(attrs[name])
+                for name, default in _EXTENSION_DEFAULTS.items()
+                if name in attrs
+            },
         )
+
+
+# the fields with a default: those added after the first stores of format 1
+_EXTENSION_DEFAULTS = {
+    item.name: item.default for item in fields(Provenance) if item.default is not MISSING
+}
 
 
 @dataclass

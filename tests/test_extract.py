@@ -313,3 +313,189 @@ def test_bad_options_are_clean_errors(synthetic_tree, tmp_path):
         result = runner.invoke(app, [*_cli_args(synthetic_tree, tmp_path / "c"), *extra])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "c").exists()
+
+
+# --layer, --pool, --tta: each readout equals timm's own computation on the same batch
+
+
+VIT, CNN = "test_vit", "test_resnet"  # timm's tiny test models, random init
+
+
+def _readout_store(data: Path, out: Path, backbone: str, video: str, **readout):
+    size = None if backbone == VIT else SIZE  # the ViT's position embedding fixes 160 px
+    settings = dict(backbone=backbone, input_size=size, dtype="float32", videos=(video,))
+    extract(data, out, _options(**settings, **readout))
+    return read_store(out / f"{video}.h5")
+
+
+def _timm_model_and_batch(data: Path, store) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The random-init network as timm builds it, and the store's frames preprocessed by the
+    extract module's own helper (`fercache.backbone.preprocess`)."""
+    provenance = store.provenance
+    torch.manual_seed(provenance.init_seed)
+    model = timm.create_model(provenance.backbone, pretrained=False, num_classes=0).eval()
+    config = DataConfig(
+        provenance.input_size, provenance.mean, provenance.std, provenance.interpolation
+    )
+    folder = AffWild2(data).images / store.video
+    pixels = np.stack(
+        [np.asarray(Image.open(folder / f"{f:05d}.jpg").convert("RGB")) for f in store.frames]
+    )
+    return model, preprocess(torch.from_numpy(pixels).permute(0, 3, 1, 2), config)
+
+
+def _vit_block_tokens(model: torch.nn.Module, batch: torch.Tensor, block: int) -> torch.Tensor:
+    """A ViT's tokens after `block`, through its final norm, by hand from timm's modules."""
+    tokens = model.norm_pre(model._pos_embed(model.patch_embed(batch)))
+    for layer in model.blocks[: block + 1]:
+        tokens = layer(tokens)
+    return model.norm(tokens)
+
+
+def _close(stored: np.ndarray, expected: torch.Tensor) -> None:
+    np.testing.assert_allclose(stored, expected.numpy(), rtol=1e-3, atol=2e-4)
+
+
+def test_vit_layer_pool_and_flip_equal_timm(synthetic_tree, tmp_path):
+    video = AffWild2(synthetic_tree).videos()[0]
+    stores = {
+        name: _readout_store(synthetic_tree, tmp_path / name, VIT, video, **readout)
+        for name, readout in {
+            "default": {},
+            "layer": {"layer": 2},
+            "cls": {"pool": "cls"},
+            "avg": {"pool": "avg"},
+            "tokens-mean": {"pool": "tokens-mean"},
+            "flip": {"tta": "flip"},
+            "layer-mean-flip": {"layer": 4, "pool": "tokens-mean", "tta": "flip"},
+        }.items()
+    }
+    model, batch = _timm_model_and_batch(synthetic_tree, stores["default"])
+    assert isinstance(model.fc_norm, torch.nn.Identity) and not model.pool_include_prefix
+    prefix = model.num_prefix_tokens
+    with torch.no_grad():
+        final = model.forward_features(batch)
+        mirrored = model.forward_features(batch.flip(3))
+        _close(stores["default"].features, final[:, 0])  # timm's 'token' pooling
+        _close(stores["layer"].features, _vit_block_tokens(model, batch, 2)[:, 0])
+        _close(stores["cls"].features, final[:, 0])
+        _close(stores["avg"].features, final[:, prefix:].mean(1))
+        _close(stores["tokens-mean"].features, final[:, prefix:].mean(1))
+        _close(stores["flip"].features, (model(batch) + model(batch.flip(3))) / 2)
+        layer4 = [
+            _vit_block_tokens(model, b, 4)[:, prefix:].mean(1) for b in (batch, batch.flip(3))
+        ]
+        _close(stores["layer-mean-flip"].features, (layer4[0] + layer4[1]) / 2)
+        assert not torch.allclose(final, mirrored)  # the mirror is really another input
+    recorded = {name: store.provenance for name, store in stores.items()}
+    assert (recorded["layer"].layer, recorded["cls"].pool, recorded["flip"].tta) == (
+        2,
+        "cls",
+        "flip",
+    )
+    assert recorded["layer-mean-flip"].feature_dim == 64
+    fingerprints = {provenance.fingerprint for provenance in recorded.values()}
+    assert len(fingerprints) == len(stores)  # every readout is another provenance
+    manifest = read_manifest(tmp_path / "layer-mean-flip")["provenance"]
+    assert (manifest["layer"], manifest["pool"], manifest["tta"]) == (4, "tokens-mean", "flip")
+
+
+def test_cnn_layer_and_flip_equal_timm(synthetic_tree, tmp_path):
+    video = AffWild2(synthetic_tree).videos()[1]
+    default = _readout_store(synthetic_tree, tmp_path / "default", CNN, video)
+    layer = _readout_store(synthetic_tree, tmp_path / "layer", CNN, video, layer=2)
+    flip = _readout_store(synthetic_tree, tmp_path / "flip", CNN, video, tta="flip")
+    stem = _readout_store(synthetic_tree, tmp_path / "stem", CNN, video, layer=0, tta="flip")
+    model, batch = _timm_model_and_batch(synthetic_tree, default)
+    with torch.no_grad():
+        _close(default.features, model(batch))
+        (maps,) = model.forward_intermediates(batch, indices=[2], intermediates_only=True)
+        _close(layer.features, maps.mean(dim=(2, 3)))
+        _close(flip.features, (model(batch) + model(batch.flip(3))) / 2)
+        stems = [
+            model.act1(model.bn1(model.conv1(b))).mean(dim=(2, 3)) for b in (batch, batch.flip(3))
+        ]
+        _close(stem.features, (stems[0] + stems[1]) / 2)
+    assert (
+        layer.provenance.feature_dim == model.feature_info[2]["num_chs"] == layer.features.shape[1]
+    )
+    assert stem.provenance.feature_dim == model.feature_info[0]["num_chs"]
+    assert default.provenance.layer == -1 and default.provenance.tta == ""
+    fingerprints = {s.provenance.fingerprint for s in (default, layer, flip, stem)}
+    assert len(fingerprints) == 4
+    with pytest.raises(FercacheError, match="tta flip"):  # a cache of another readout
+        extract(synthetic_tree, tmp_path / "default", _options(backbone=CNN, tta="flip"))
+
+
+def test_logits_follow_the_readout(synthetic_tree, tmp_path):
+    """With a head: --tta flip averages the logits too and --pool keeps the network's own
+    logits; --layer stores none (an intermediate block has no classifier)."""
+    torch.manual_seed(1)
+    model = timm.create_model(VIT, num_classes=8).eval()
+    checkpoint = tmp_path / "vit.pt"
+    torch.save(model.state_dict(), checkpoint)
+    video = AffWild2(synthetic_tree).videos()[2]
+    flip = _readout_store(
+        synthetic_tree, tmp_path / "flip", VIT, video, checkpoint=checkpoint, tta="flip", pool="avg"
+    )
+    layer = _readout_store(
+        synthetic_tree, tmp_path / "layer", VIT, video, checkpoint=checkpoint, layer=1
+    )
+    _, batch = _timm_model_and_batch(synthetic_tree, flip)
+    with torch.no_grad():
+        _close(flip.logits, (model(batch) + model(batch.flip(3))) / 2)
+        tokens = [model.forward_features(b)[:, 1:].mean(1) for b in (batch, batch.flip(3))]
+        _close(flip.features, (tokens[0] + tokens[1]) / 2)
+    assert flip.provenance.num_classes == 8
+    assert layer.logits is None and layer.provenance.num_classes == 0
+    with h5py.File(tmp_path / "layer" / f"{video}.h5", "r") as store:
+        assert "logits" not in store
+
+
+def test_readout_refusals(synthetic_tree, tmp_path):
+    from fercache.readout import Readout, check_readout
+
+    no_class_token = timm.create_model(VIT, class_token=False, global_pool="avg")
+    with pytest.raises(FercacheError, match="no class token"):
+        check_readout(no_class_token, VIT, Readout(pool="cls"), 64)
+    assert check_readout(no_class_token, VIT, Readout(pool="tokens-mean"), 64) == 64
+    cases = [
+        (CNN, ["--layer", "5"], "intermediates 0 to 4"),
+        (CNN, ["--layer", "-1"], "--layer -1"),
+        (CNN, ["--pool", "cls"], "not a token model"),
+        (CNN, ["--pool", "avg"], "not a token model"),
+        (VIT, ["--layer", "6"], "intermediates 0 to 5"),
+        (VIT, ["--pool", "max"], "--pool takes avg, cls, tokens-mean"),
+        (VIT, ["--tta", "rotate"], "--tta takes flip"),
+    ]
+    for backbone, extra, message in cases:
+        args = [a if a != BACKBONE else backbone for a in _cli_args(synthetic_tree, tmp_path / "c")]
+        if backbone == VIT:
+            args = args[: args.index("--input-size")] + args[args.index("--input-size") + 2 :]
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not (tmp_path / "c").exists()
+
+
+def test_default_readout_keeps_the_fingerprint_of_older_caches():
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from fercache.store import FORMAT_VERSION, Provenance
+
+    base = Provenance(
+        "resnet18", "", "", 0, (3, 64, 64), (0.5,) * 3, (0.25,) * 3, "bicubic", "float16", 512, 0
+    )
+    older = asdict(base)  # the fingerprint as computed before the readout fields existed
+    for name in ("pretrained", "weights_source", "layer", "pool", "tta"):
+        older.pop(name)
+    older.pop("checkpoint")
+    older["format_version"] = FORMAT_VERSION
+    text = json.dumps(older, sort_keys=True, default=list)
+    assert base.fingerprint == hashlib.sha256(text.encode()).hexdigest()[:16]
+    changed = [Provenance(**{**asdict(base), **field}) for field in (
+        {"layer": 3}, {"pool": "cls"}, {"pool": "avg"}, {"pool": "tokens-mean"}, {"tta": "flip"},
+    )]  # fmt: skip
+    assert len({base.fingerprint, *(p.fingerprint for p in changed)}) == 6

@@ -54,8 +54,10 @@ RANKS: dict[str, str] = {
     "fercache.synth.*": "synth",
     "fercache.backbone": "backbone/store",
     "fercache.store": "backbone/store",
+    "fercache.weights": "backbone/store",  # pretrained by name, foreign checkpoints, convert
     "fercache.predictions": "backbone/store",  # the PRED file format
     "fercache.metrics": "backbone/store",  # F1, CCC, P: training and evaluate score with them
+    "fercache.readout": "backbone/store",  # which layer, pooling and TTA extract reads out
     "fercache.vote": "backbone/store",  # the majority vote: training and smooth use it
     "fercache.pretrain.config": "pretrain: blocks",
     "fercache.pretrain.sampling": "pretrain: blocks",

@@ -358,15 +358,16 @@ def test_bad_labels_and_missing_files_are_reported_with_file_and_line(tmp_path):
     _image(tmp_path / "folders" / "7" / "y.jpg")
     (tmp_path / "folders" / "misc").mkdir()
 
-    images = read_labelled([tmp_path / "list.csv", tmp_path / "folders"])
+    images = read_labelled([f"abaw:{tmp_path / 'list.csv'}", f"abaw:{tmp_path / 'folders'}"])
 
     assert images.labels == [4, 3, 7, 4]
     assert [p.name for p in images.paths] == ["a.jpg", "b.jpg", "y.jpg", "x.png"]
     problems = [str(problem) for problem in images.problems]
+    outside = "is neither a class name nor in the Aff-Wild2 (ABAW) numbering (0-7)"
     assert problems[:3] == [
-        f"{tmp_path / 'list.csv'}:3: label '9' is not 0-7",
-        f"{tmp_path / 'list.csv'}:4: label '-1' is not 0-7",
-        f"{tmp_path / 'list.csv'}:5: label 'cheerful' is not 0-7",
+        f"{tmp_path / 'list.csv'}:3: label '9' {outside}",
+        f"{tmp_path / 'list.csv'}:4: label '-1' {outside}",
+        f"{tmp_path / 'list.csv'}:5: label 'cheerful' {outside}",
     ]
     assert (
         problems[3].startswith(f"{tmp_path / 'list.csv'}:6: image ") and "gone.jpg" in problems[3]
@@ -393,7 +394,7 @@ def test_other_comes_from_the_video_frames_only_when_there_are_some(synthetic_tr
 
 
 def test_sources_that_give_nothing_usable_fail_before_training(tmp_path):
-    (tmp_path / "empty.csv").write_text("path,label\nnothing.jpg,1\n")
+    (tmp_path / "empty.csv").write_text("path,label\nnothing.jpg,Anger\n")
     with pytest.raises(FercacheError, match=r"empty\.csv: no usable labelled image"):
         read_labelled([tmp_path / "empty.csv"])
     (tmp_path / "wrong.csv").write_text("file,class\n")
@@ -477,7 +478,11 @@ def mpl_run(synthetic_tree, tmp_path_factory) -> tuple[Path, object, Path]:
     run = scratch / "run"
     config = load_config(None, ["ema_decay=0.9"], base=PretrainConfig(**TINY), steps=8)
     report = pretrain(
-        [pool / "labelled.csv", scratch / "extra.csv"], [faces], run, config, progress=False
+        [pool / "labelled.csv", Path(f"abaw:{scratch / 'extra.csv'}")],
+        [faces],
+        run,
+        config,
+        progress=False,
     )
     return run, report, scratch
 
@@ -499,7 +504,7 @@ def test_a_run_writes_metrics_checkpoints_and_reports_problems(mpl_run):
     assert last["lr_student"] == pytest.approx(0.0, abs=1e-12)  # cosine decay to 0
 
     problems = (run / "problems.txt").read_text()
-    assert f"{scratch / 'extra.csv'}:2: label '8' is not 0-7" in problems
+    assert f"{scratch / 'extra.csv'}:2: label '8' is neither a class name nor in the" in problems
     assert "gone.jpg does not exist" in problems
     assert f"{scratch / 'faces' / 'broken.jpg'}: unreadable image, replaced" in problems
     assert last["unreadable_images"] >= 1

@@ -279,7 +279,7 @@ def _landmark_row(path: str, value: float = 10.0) -> str:
 
 def test_a_landmarks_csv_with_a_wrong_column_count_is_refused(tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "a.jpg")
-    (tmp_path / "labels.csv").write_text("path,label\na.jpg,3\n")
+    (tmp_path / "labels.csv").write_text("path,label\na.jpg,Fear\n")
     header = ",".join(["path"] + [f"x{i}" for i in range(99)])
     (tmp_path / "marks.csv").write_text(header + "\n" + _landmark_row("a.jpg") + "\n")
     with pytest.raises(FercacheError, match=r"marks\.csv: needs a header of 137 columns"):
@@ -291,7 +291,7 @@ def test_a_landmarks_csv_with_a_wrong_column_count_is_refused(tmp_path):
 def test_bad_landmark_rows_and_images_without_landmarks_are_reported(tmp_path):
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         Image.new("RGB", (20, 20)).save(tmp_path / name)
-    (tmp_path / "labels.csv").write_text("path,label\na.jpg,3\nb.jpg,4\nc.jpg,5\n")
+    (tmp_path / "labels.csv").write_text("path,label\na.jpg,Fear\nb.jpg,Happiness\nc.jpg,Sadness\n")
     header = ",".join(["path"] + [f"{axis}{i}" for i in range(68) for axis in "xy"])
     rows = [
         _landmark_row("a.jpg", 5.0),

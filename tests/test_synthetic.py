@@ -172,7 +172,7 @@ def test_pools(synthetic_tree, planted):
     paths, labels = zip(*(row.split(",") for row in rows), strict=True)
     assert len(rows) == pools["labelled"]
     assert all((synthetic_tree / "pools" / path).is_file() for path in paths)
-    counts = np.bincount([int(label) for label in labels], minlength=8)
+    counts = np.bincount([EXPR_CLASSES.index(label) for label in labels], minlength=8)
     assert counts.tolist() == pools["labelled_counts"] and counts.min() >= 5
     assert counts.argmax() == HAPPINESS, "AffectNet-like: Happiness dominates"
     assert len(list((synthetic_tree / "pools" / "unlabelled").glob("*.jpg"))) == pools["unlabelled"]
@@ -274,7 +274,7 @@ def validation_frames(tmp_path_factory) -> dict[str, np.ndarray]:
     planted = generate(root, DIFFICULTY_TREE, progress=False)
     pool = [row.split(",") for row in (root / "pools/labelled.csv").read_text().splitlines()[1:]]
     train_x = [face_features(root / "pools" / path) for path, _ in pool]
-    train_y = [int(label) for _, label in pool]
+    train_y = [EXPR_CLASSES.index(label) for _, label in pool]
     val_x, columns = [], {"truth": [], "intensity": [], "disturbed": []}
     plans = {plan.name: plan for plan in plan_videos(DIFFICULTY_TREE)}
     for video, record in planted["videos"].items():

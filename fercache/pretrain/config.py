@@ -53,6 +53,7 @@ class PretrainConfig:
     student_finetune_lr: float = 1e-3  # their peak lr (cosine from it to 0 over those steps)
     ema_decay: float = 0.0
     other_from_videos_only: bool = True  # with video frames among the labelled sources
+    per_class_cap: int = 0  # still images per class kept labelled, the rest unlabelled; 0: all
     randaugment: str = "rand-m9-mstd0.5-inc1-mmax9"
     erasing_prob: float = 0.25
     holdout_fraction: float = 0.1
@@ -101,6 +102,7 @@ class PretrainConfig:
             (self.temperature > 0, "temperature must be positive"),
             (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1) (0 turns EMA off)"),
             (0 < self.holdout_fraction < 1, "holdout_fraction must lie in (0, 1)"),
+            (self.per_class_cap >= 0, "per_class_cap must be >= 0 (0 keeps every image)"),
             (self.image_size is None or self.image_size >= 16, "image_size must be >= 16"),
             (
                 min(self.eval_every, self.log_every, self.checkpoint_every) >= 1,

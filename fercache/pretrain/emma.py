@@ -140,7 +140,8 @@ class Emma(FineTune):
 def _load_reference(checkpoint: str) -> Backbone | None:
     if not checkpoint:
         return None
-    reference = load_backbone(None, Path(checkpoint))
+    # headless weights load here so that the refusal below names what emma needs
+    reference = load_backbone(None, Path(checkpoint), allow_missing_head=True)
     if reference.num_classes == 0:
         raise FercacheError(
             f"{checkpoint}: emma_reference must predict expressions, but this model has no "

@@ -27,7 +27,16 @@ from fercache.pretrain.export import export_model, model_config
 from fercache.pretrain.recipe import Autocast, Recipe, StepBatch, create_network
 from fercache.pretrain.recipes import recipe_for
 from fercache.pretrain.sampling import holdout_split
-from fercache.pretrain.sources import Problem, other_from_videos_only, read_unlabelled
+from fercache.pretrain.sources import (
+    LabelledImages,
+    Problem,
+    UnlabelledImages,
+    labels_summary,
+    other_from_videos_only,
+    per_class_cap,
+    read_unlabelled,
+    summary_lines,
+)
 from fercache.pretrain.views import (
     LabelledDataset,
     UnlabelledDataset,
@@ -50,6 +59,7 @@ from fercache.runfolder import (
 NUM_CLASSES = len(EXPR_CLASSES)
 PROBLEMS_FILE = "problems.txt"  # sources left out and unreadable images, one per line
 SOURCES_FILE = "sources.json"  # the labelled and unlabelled sources the run was given
+LABELS_FILE = "labels.json"  # each source's numbering and class counts, the per-class cap
 _EVAL_BATCH = 128
 
 
@@ -78,6 +88,7 @@ class PretrainReport:
     steps: int  # the run's step count when the call ended
     evaluation: dict[str, float]  # held-out figures of the last evaluation (empty if none ran)
     problems: list[str]  # entries left out and unreadable images met, each naming its file
+    labels: dict = field(default_factory=dict)  # what labels.json holds
 
 
 def pretrain(
@@ -88,6 +99,7 @@ def pretrain(
     *,
     resume: bool = False,
     init_checkpoint: Path | None = None,
+    pretrained: str | None = None,
     progress: bool = True,
 ) -> PretrainReport:
     """Train (or continue) a phase-1 run in `out` up to `config.steps` steps."""
@@ -96,7 +108,16 @@ def pretrain(
     _check_resumable(out, config, resume)
     with distributed() as ranks:
         return _run(
-            recipe, labelled, unlabelled, out, config, ranks, resume, init_checkpoint, progress
+            recipe,
+            labelled,
+            unlabelled,
+            out,
+            config,
+            ranks,
+            resume,
+            init_checkpoint,
+            progress,
+            pretrained=pretrained,
         )
 
 
@@ -127,18 +148,25 @@ def _run(
     resume: bool,
     init_checkpoint: Path | None,
     progress: bool,
+    pretrained: str | None = None,
 ) -> PretrainReport:
     labelled_images = recipe.read(labelled)
     if config.other_from_videos_only:
         labelled_images = other_from_videos_only(labelled_images)
-    unlabelled_images = read_unlabelled(unlabelled) if recipe.uses_unlabelled else None
+    labelled_images, over_cap = per_class_cap(labelled_images, config.per_class_cap, config.seed)
+    unlabelled_images = _unlabelled_pool(recipe, unlabelled, labelled_images, over_cap)
+    summary = labels_summary(
+        labelled_images, over_cap, config.per_class_cap, recipe.uses_unlabelled
+    )
     labels = np.asarray(labelled_images.labels)
     train_index, held_index = holdout_split(
         labels, labelled_images.videos, config.holdout_fraction, config.seed
     )
     held_index = held_index[labels[held_index] >= 0]  # frames without EXPR (EMMA): not scored
 
-    recipe.build(partial(create_network, config.backbone, init_checkpoint), ranks)
+    recipe.build(
+        partial(create_network, config.backbone, init_checkpoint, pretrained=pretrained), ranks
+    )
     data_config = data_config_of(recipe.student(), config.image_size)
     views = build_views(data_config, config.resize_ratio, config.randaugment, config.erasing_prob)
     if resume:
@@ -151,6 +179,10 @@ def _run(
         state.problems = [str(problem) for problem in sources_problems]
     if ranks.is_main:
         _start_run_dir(out, config, labelled, unlabelled, state)
+        text = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
+        write_text_atomically(out / LABELS_FILE, text, "the label summary")
+        for line in summary_lines(summary):
+            progress_line(line, progress)
     ranks.barrier()
 
     stream_seed = [config.seed, ranks.rank, state.step]  # a resumed run draws a fresh stream
@@ -201,7 +233,27 @@ def _run(
                 last_eval = evaluation
                 progress_line(_evaluation_line(state, config.steps, last_eval), progress)
             advance()
-    return PretrainReport(out, state.step, last_eval, state.problems)
+    return PretrainReport(out, state.step, last_eval, state.problems, summary)
+
+
+def _unlabelled_pool(
+    recipe: Recipe, sources: list[Path], labelled: LabelledImages, over_cap: LabelledImages
+) -> UnlabelledImages | None:
+    """The unlabelled images of a recipe that reads them: its sources, and the labelled still
+    images over `per_class_cap` (Yu et al. §4.1), which suffice without a source. A recipe
+    without unlabelled images leaves the latter out (one problem counts them)."""
+    over = len(over_cap.paths)
+    if not recipe.uses_unlabelled:
+        if over:
+            note = f"{over} still images over per_class_cap left out: the recipe reads no "
+            labelled.problems.append(Problem("labelled sources", note + "unlabelled images"))
+        return None
+    pool = read_unlabelled(sources) if sources or not over else UnlabelledImages()
+    if over:
+        note = f"{over} still images over per_class_cap joined the unlabelled images"
+        labelled.problems.append(Problem("labelled sources", note))
+        pool.paths += over_cap.paths
+    return pool
 
 
 def _evaluation_line(state: Progress, total: int, evaluation: dict[str, float]) -> str:

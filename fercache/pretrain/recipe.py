@@ -33,6 +33,7 @@ from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.sampling import BalancedBatchSampler
 from fercache.pretrain.sources import LabelledImages, read_labelled
 from fercache.pretrain.views import LabelledDataset, Views
+from fercache.weights import pretrained_model
 
 NUM_CLASSES = len(EXPR_CLASSES)
 Autocast = Callable[[], AbstractContextManager]
@@ -227,13 +228,38 @@ class OneNetwork(Recipe):
 
 
 def create_network(
-    backbone: str, init_checkpoint: Path | None, seed: int, **timm_options: object
+    backbone: str,
+    init_checkpoint: Path | None,
+    seed: int,
+    *,
+    pretrained: str | None = None,
+    **timm_options: object,
 ) -> nn.Module:
     """A timm network with an EXPR head, its initial weights drawn from `seed`, or loaded
-    from `init_checkpoint` (a local file, through timm's pretrained path)."""
+    from `init_checkpoint` (a local file, through timm's pretrained path), or timm's pretrained
+    weights `pretrained` by name (tag or hf-hub: included; the head is drawn from `seed`)."""
     if not timm.is_model(backbone):
         raise FercacheError(f"unknown backbone '{backbone}': not a timm model name")
     torch.manual_seed(seed)
+    if pretrained:
+        if init_checkpoint is not None:
+            raise FercacheError(
+                f"{init_checkpoint}: --init-checkpoint and --pretrained both name the initial "
+                "weights; give one"
+            )
+        model, architecture, _ = pretrained_model(
+            pretrained,
+            None,
+            "--init-checkpoint FILE instead of --pretrained",
+            num_classes=NUM_CLASSES,
+            **timm_options,
+        )
+        if architecture != backbone:
+            raise FercacheError(
+                f"--pretrained '{pretrained}' is a '{architecture}' but the run's backbone is "
+                f"'{backbone}'; drop the backbone setting or give the matching name"
+            )
+        return model
     if init_checkpoint is None:
         return timm.create_model(
             backbone, pretrained=False, num_classes=NUM_CLASSES, **timm_options

@@ -113,3 +113,21 @@ def _video_holdout(
             taken.append(int(video))
             training = left
     return frames[np.isin(video_of, taken)]
+
+
+def cap_per_class(
+    labels: np.ndarray, capped: np.ndarray, cap: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, rest): of the images where `capped` is true, at most `cap` of each class,
+    drawn at random with `seed` (Yu et al. §4.1: 8,000 per class of AffectNet + ExpW, the rest
+    unlabelled); every other image is kept. `cap` 0 keeps everything."""
+    labels = np.asarray(labels)
+    capped = np.asarray(capped, dtype=bool)
+    rng = np.random.default_rng([seed, 19])
+    rest: list[np.ndarray] = [np.empty(0, dtype=int)]
+    for cls in np.unique(labels[capped]) if cap > 0 else []:
+        indices = np.flatnonzero(capped & (labels == cls))
+        if len(indices) > cap:
+            rest.append(rng.permutation(indices)[cap:])
+    left = np.sort(np.concatenate(rest))
+    return np.setdiff1d(np.arange(len(labels)), left), left

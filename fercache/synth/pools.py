@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from fercache.data.layout import IMAGE_SIZE, LANDMARKS
+from fercache.data.tasks import EXPR_CLASSES
 from fercache.synth.face import (
     GEOMETRY_FIELD,
     GEOMETRY_SIZE,
@@ -151,8 +152,9 @@ def pool_name(index: int) -> str:
 
 
 def write_labelled_csv(path: Path, folder: str, labels: np.ndarray) -> None:
-    """`path,label` per labelled pool image, in index order."""
-    rows = [f"{folder}/{pool_name(i)},{label}" for i, label in enumerate(labels)]
+    """`path,label` per labelled pool image, in index order; labels by class name, which
+    `fercache pretrain` reads without a numbering declaration."""
+    rows = [f"{folder}/{pool_name(i)},{EXPR_CLASSES[label]}" for i, label in enumerate(labels)]
     path.write_text("\n".join(["path,label", *rows]) + "\n", newline="\n")
 
 
