@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,video]'
 	touch $(STAMP)
 
 # The whole pipeline on a synthetic Aff-Wild2 tree; writes $(DEMO_DIR)/report.md and report.png.

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from fercache import __version__
@@ -23,7 +24,8 @@ class FercacheGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except FercacheError as error:
-            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            message = escape(str(error))  # a message may hold brackets: 'fercache[video]'
+            error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=error.exit_code) from error
 
 
@@ -135,6 +137,59 @@ def inspect(
     if json_out:
         write_text_atomically(json_out, json.dumps(summary.to_json(), indent=2), "the summary")
         console.print(f"summary written to {json_out}")
+
+
+@app.command()
+def crop(
+    sources: Annotated[
+        list[Path], typer.Argument(help="Video files, or folders of videos, to crop.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(help="Aff-Wild2 root to write: cropped_aligned/<video>/ and crop_records/."),
+    ],
+    size: Annotated[int, typer.Option(help="Side of the square aligned crops, pixels.")] = 112,
+    margin: Annotated[
+        float,
+        typer.Option(help="Extra context around the face: 0.2 shows the face 1/1.2 as large."),
+    ] = 0.0,
+    subjects: Annotated[
+        int, typer.Option(help="Faces to follow: 1, or 2 for <video>_left / <video>_right.")
+    ] = 1,
+    batch: Annotated[int, typer.Option(help="Frames per face-detector call.")] = 32,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
+    ] = "auto",
+    min_confidence: Annotated[
+        float, typer.Option(help="Detector face probability below which a face is ignored.")
+    ] = 0.9,
+    progress: ProgressOption = True,
+) -> None:
+    """Detect, track and align faces in videos into the Aff-Wild2 cropped_aligned layout."""
+    from rich.table import Table
+
+    from fercache.crop import CropOptions, crop_videos
+
+    options = CropOptions(size, margin, subjects, batch, device, min_confidence, progress)
+    report = crop_videos(sources, out, options)
+    table = Table("video", "frames", "faces found", "missing", "time")
+    for video in report.videos:
+        table.add_row(
+            video.name, str(video.frames), str(video.found), str(video.missing),
+            f"{video.seconds:.1f} s",
+        )  # fmt: skip
+    if report.videos:
+        console.print(table)
+    for skipped in report.skipped:
+        console.print(f"skipped {skipped}: already cropped (its record exists)")
+    for video, why in report.failed:
+        error_console.print(f"[bold red]failed:[/] {escape(f'{video}: {why}')}", highlight=False)
+    console.print(
+        f"{len(report.videos)} folder(s) written, {len(report.skipped)} video(s) skipped, "
+        f"{len(report.failed)} failed; records in {out / 'crop_records'}"
+    )
+    if report.failed:
+        raise typer.Exit(code=1)
 
 
 LISTED_SKIPS = 20  # unreadable images named on the terminal; the stores record all of them
@@ -802,6 +857,72 @@ def demo(
     result = run_demo(out, seed=seed, settings=settings, progress=progress)
     console.print(render_table(result.rows))
     console.print(f"report: {result.report}; chart: {result.chart}")
+
+
+@app.command()
+def analyse(
+    videos: Annotated[
+        list[Path], typer.Argument(help="Video file(s) (MP4, AVI, ...) or folders of videos.")
+    ],
+    checkpoint: Annotated[
+        Path,
+        typer.Option(help="Student checkpoint (.safetensors from `fercache pretrain`, or .pt)."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder for <video>.csv, <video>.png (and .annotated.mp4); the crops, cache "
+            "and PRED files go to OUT/work."
+        ),
+    ],
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            help="Temporal run folder trained on a cache of this checkpoint; default: the "
+            "student's own per-frame softmax."
+        ),
+    ] = None,
+    window: Annotated[
+        int, typer.Option(min=1, help="Vote window in frames for the smoothed label.")
+    ] = 30,
+    annotate: Annotated[
+        bool,
+        typer.Option(
+            "--annotate", help="Also write OUT/<video>.annotated.mp4 with face boxes and labels."
+        ),
+    ] = False,
+    size: Annotated[int, typer.Option(help="Side of the cropped face images in pixels.")] = 112,
+    subjects: Annotated[
+        int, typer.Option(help="Faces to follow per video: 1, or 2 (<video>_left/_right).")
+    ] = 1,
+    device: Annotated[
+        str, typer.Option(help="Device of face detection, extraction and the run: auto, cpu, cuda.")
+    ] = "auto",
+    batch: Annotated[int, typer.Option(help="Frames per batch in detection and extraction.")] = 32,
+    progress: ProgressOption = True,
+) -> None:
+    """Crop -> extract -> predict -> smooth on video files: per video a CSV of per-frame
+    probabilities and labels, a timeline PNG and, with --annotate, an annotated MP4."""
+    from fercache.analyse import AnalyseOptions
+    from fercache.analyse import analyse as run_analyse
+
+    options = AnalyseOptions(
+        run=run,
+        window=window,
+        annotate=annotate,
+        size=size,
+        subjects=subjects,
+        device=device,
+        batch=batch,
+        progress=progress,
+    )
+    report = run_analyse(videos, checkpoint, out, options)
+    for path in report.written:
+        console.print(f"wrote {path}")
+    for name in report.skipped:
+        console.print(f"[yellow]no face found in {name}: skipped[/]")
+    for video, why in report.failed:
+        console.print(f"[yellow]could not crop {video}: {why}[/]", highlight=False)
 
 
 @app.command()

@@ -27,6 +27,7 @@ ORDER: list[tuple[str, str]] = [
     ("stage", "pretrain: registry"),
     ("stage", "pretrain: loop"),
     ("stage", "pretrain"),
+    ("stage", "crop"),
     ("stage", "extract"),
     ("stage", "temporal: blocks"),
     ("stage", "temporal: inference"),
@@ -71,6 +72,7 @@ RANKS: dict[str, str] = {
     "fercache.pretrain.recipes": "pretrain: registry",
     "fercache.pretrain.loop": "pretrain: loop",
     "fercache.pretrain": "pretrain",  # the package's __init__: its public face
+    "fercache.crop": "crop",  # videos -> cropped_aligned/, runs before extract
     "fercache.extract": "extract",
     "fercache.temporal.features": "temporal: blocks",
     "fercache.temporal.clips": "temporal: blocks",
@@ -88,6 +90,7 @@ RANKS: dict[str, str] = {
     "fercache.submit": "submit",
     "fercache.inspect": "inspect",
     "fercache.demo": "experiments",
+    "fercache.analyse": "experiments",  # crop -> extract -> predict -> smooth on video files
     "fercache.sweep": "experiments",
     "fercache.bagging": "experiments",
     "fercache.ensemble": "experiments",

@@ -1,0 +1,245 @@
+"""`fercache analyse`: crop -> extract -> predict -> smooth on a video, then CSV, PNG and MP4."""
+
+import csv
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import av
+import numpy as np
+import pytest
+import timm
+from PIL import Image
+from skimage.data import astronaut
+from typer.testing import CliRunner
+
+from fercache import analyse as analyse_module
+from fercache.analyse import AnalyseOptions, analyse
+from fercache.backbone import DataConfig
+from fercache.cli import app
+from fercache.data.tasks import AU_NAMES, EXPR, EXPR_CLASSES
+from fercache.extract import ExtractOptions, extract
+from fercache.predictions import Predictions, VideoPredictions
+from fercache.pretrain.export import export_model, model_config
+from fercache.smooth import smooth_predictions
+from fercache.temporal.loop import TrainRequest, train
+from tests.train_data import ANNOTATIONS, TINY_TEMPORAL
+
+FRAMES, FPS, SIDE, FACE = 36, 12, 160, (40, 20, 120, 110)  # face box of frame 1 (x0, y0, x1, y1)
+NO_FACE = {5, 6, 7, 8, 20}  # frames the fake crop finds no face in
+runner = CliRunner()
+
+
+def _shift(frame: int) -> int:
+    return (frame - 1) % 12  # the face moves right by a pixel a frame, then jumps back
+
+
+def _box(frame: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = FACE
+    return (x0 + _shift(frame), y0, x1 + _shift(frame), y1)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    """A small MP4 of the astronaut's face moving a little."""
+    path = tmp_path_factory.mktemp("videos") / "clip.mp4"
+    photo = astronaut()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width = stream.height = SIDE
+        stream.pix_fmt = "yuv420p"
+        for frame in range(1, FRAMES + 1):
+            left = 150 - _shift(frame)
+            image = photo[0:SIDE, left : left + SIDE]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    """A random-init EXPR student exported like `fercache pretrain` exports one."""
+    model = timm.create_model("resnet10t", num_classes=len(EXPR_CLASSES)).eval()
+    data_config = DataConfig((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    out = tmp_path_factory.mktemp("student") / "student.safetensors"
+    return export_model(model, model_config("resnet10t", data_config, "supervised"), out)
+
+
+def _fake_crop(videos: list[Path], data: Path, options: AnalyseOptions):
+    """`crop_videos`' contract without face detection: the known box, resized, on every frame
+    but NO_FACE."""
+    crops = []
+    for video in videos:
+        folder = data / "cropped_aligned" / video.stem
+        folder.mkdir(parents=True, exist_ok=True)
+        boxes = {}
+        with av.open(str(video)) as container:
+            for number, frame in enumerate(container.decode(video=0), start=1):
+                if number in NO_FACE:
+                    continue
+                boxes[number] = _box(number)
+                face = frame.to_image().crop(boxes[number]).resize((options.size,) * 2)
+                face.save(folder / f"{number:05d}.jpg")
+        crops.append(
+            SimpleNamespace(
+                name=video.stem,
+                frames=number,
+                found=len(boxes),
+                missing=number - len(boxes),
+                fps=float(FPS),
+                boxes=boxes,
+            )
+        )
+    return SimpleNamespace(videos=crops, failed=[], skipped=[])
+
+
+def _options(**overrides) -> AnalyseOptions:
+    settings = dict(size=48, batch=16, workers=0, device="cpu", window=5, progress=False)
+    return AnalyseOptions(**{**settings, **overrides})
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_analyse_writes_a_csv_a_timeline_and_an_annotated_video(
+    video, student, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(analyse_module, "_crop", _fake_crop)
+    out = tmp_path / "out"
+    report = analyse([video], student, out, _options(annotate=True))
+
+    rows = _rows(out / "clip.csv")
+    assert [int(row["frame"]) for row in rows] == list(range(1, FRAMES + 1))
+    assert float(rows[3]["time_s"]) == pytest.approx(3 / FPS, abs=1e-3)
+    assert {int(row["frame"]) for row in rows if row["face_found"] == "0"} == NO_FACE
+    probabilities = np.array([[float(row[f"p_{c}"]) for c in EXPR_CLASSES] for row in rows])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    assert [row["label"] for row in rows] == [EXPR_CLASSES[i] for i in probabilities.argmax(1)]
+    assert not any(name.startswith(("au_", "valence")) for name in rows[0])
+
+    smoothed = smooth_predictions(out / "work" / "predictions.h5", tmp_path / "mine.h5", 5)
+    expected = [EXPR_CLASSES[i] for i in smoothed.videos["clip"].labels]
+    assert [row["smoothed_label"] for row in rows] == expected
+    assert Predictions.read(report.predictions).smoothing == ({"window": 5, "mode": "centered"},)
+
+    with Image.open(out / "clip.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 300
+    with av.open(str(out / "clip.annotated.mp4")) as annotated:
+        frames = list(annotated.decode(video=0))
+    assert len(frames) == FRAMES and (frames[0].width, frames[0].height) == (SIDE, SIDE)
+    assert set(report.written) == {
+        out / "clip.csv",
+        out / "clip.png",
+        out / "clip.annotated.mp4",
+    }
+    assert not list(out.glob(".*tmp-*"))
+
+
+def test_cli_analyse_and_its_errors(video, student, tmp_path, monkeypatch):
+    monkeypatch.setattr(analyse_module, "_crop", _fake_crop)
+    out = tmp_path / "out"
+    args = ["analyse", str(video), "--checkpoint", str(student), "--out", str(out)]
+    options = ["--size", "48", "--batch", "16", "--device", "cpu", "--window", "3", "--no-progress"]
+    result = runner.invoke(app, [*args, *options])
+    assert result.exit_code == 0, result.output
+    assert "clip.csv" in result.output and (out / "clip.png").is_file()
+    assert not (out / "clip.annotated.mp4").exists()
+
+    missing = runner.invoke(app, ["analyse", str(tmp_path / "nope.mp4"), *args[2:]])
+    assert missing.exit_code == 2 and "no such video file" in missing.output
+    assert "Traceback" not in missing.output
+
+
+def test_real_crop_finds_the_face_and_a_rerun_reuses_it(video, student, tmp_path):
+    crop = pytest.importorskip("fercache.crop")
+    out = tmp_path / "out"
+    analyse([video], student, out, _options(size=48))
+    (found,) = crop.read_crop_record(out / "work" / "data", "clip")
+    rows = _rows(out / "clip.csv")
+    assert len(rows) == found.frames == FRAMES and found.found > FRAMES // 2
+    faces = {int(row["frame"]) for row in rows if row["face_found"] == "1"}
+    on_disk = {int(p.stem) for p in (out / "work/data/cropped_aligned/clip").glob("*.jpg")}
+    assert faces == on_disk == set(found.boxes)
+
+    report = analyse([video], student, out, _options(size=48, annotate=True))
+    assert out / "clip.annotated.mp4" in report.written
+    with av.open(str(out / "clip.annotated.mp4")) as annotated:
+        assert sum(1 for _ in annotated.decode(video=0)) == FRAMES
+
+
+def test_a_temporal_run_trained_on_the_students_cache(video, student, tmp_path, monkeypatch):
+    """--run: predictions come from a temporal run trained on a cache of the same checkpoint."""
+    tree = tmp_path / "tree"
+    _fake_crop([video], tree, _options())
+    images = tree / "cropped_aligned"
+    shutil.copytree(images / "clip", images / "other")
+    rng = np.random.default_rng(0)
+    for split, name in (("Train_Set", "clip"), ("Validation_Set", "other")):
+        folder = tree / ANNOTATIONS / split
+        folder.mkdir(parents=True)
+        labels = rng.integers(0, len(EXPR_CLASSES), FRAMES)
+        (folder / f"{name}.txt").write_text("\n".join([EXPR.header, *map(str, labels)]) + "\n")
+    cache = tmp_path / "cache"
+    extract(tree, cache, ExtractOptions(checkpoint=student, workers=0, progress=False))
+    run = tmp_path / "run"
+    request = TrainRequest(overrides=TINY_TEMPORAL, epochs=1, device="cpu", progress=False)
+    train([cache], tree, run, request)
+
+    monkeypatch.setattr(analyse_module, "_crop", _fake_crop)
+    out = tmp_path / "out"
+    report = analyse([video], student, out, _options(run=run))
+
+    assert "temporal run" in Predictions.read(report.predictions).source
+    rows = _rows(out / "clip.csv")
+    assert len(rows) == FRAMES and (out / "clip.png").is_file()
+    probabilities = np.array([[float(row[f"p_{c}"]) for c in EXPR_CLASSES] for row in rows])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+
+
+def test_the_csv_has_au_and_va_columns_when_the_predictions_do():
+    rows = VideoPredictions.from_probabilities(
+        np.array([1, 2, 4]),
+        np.full((3, 8), 1 / 8),
+        np.array([True, False, True]),
+        au=np.full((3, 12), 0.25),
+        va=np.zeros((3, 2)),
+    )
+    text = analyse_module.table(rows, rows, fps=2.0)
+    header, *lines = list(csv.reader(text.splitlines()))
+    assert header[-14:] == [*(f"au_{name}" for name in AU_NAMES), "valence", "arousal"]
+    assert [line[:3] for line in lines] == [
+        ["1", "0.000", "1"],
+        ["2", "0.500", "0"],
+        ["4", "1.500", "1"],
+    ]
+
+
+def test_two_subjects_get_a_csv_each_and_share_the_annotated_video(
+    video, student, tmp_path, monkeypatch
+):
+    def two_subjects(videos, data, options):
+        report = _fake_crop(videos, data, options)
+        (one,) = report.videos
+        images = data / "cropped_aligned"
+        (images / "clip").rename(images / "clip_left")
+        shutil.copytree(images / "clip_left", images / "clip_right")
+        report.videos = [
+            SimpleNamespace(**{**vars(one), "name": f"clip_{side}"}) for side in ("left", "right")
+        ]
+        return report
+
+    monkeypatch.setattr(analyse_module, "_crop", two_subjects)
+    out = tmp_path / "out"
+    report = analyse([video], student, out, _options(annotate=True, subjects=2))
+    assert sorted(path.name for path in report.written) == [
+        "clip.annotated.mp4",
+        "clip_left.csv",
+        "clip_left.png",
+        "clip_right.csv",
+        "clip_right.png",
+    ]
+    assert _rows(out / "clip_left.csv") == _rows(out / "clip_right.csv")
