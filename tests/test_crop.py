@@ -316,3 +316,14 @@ def test_a_killed_crop_leaves_no_partial_folder_and_the_rerun_completes(tmp_path
     assert crop.frames == 150 and crop.found >= 140
     assert not partial.exists()  # the killed run's leftovers are gone
     assert len(list((out / IMAGES_DIRNAME / "long").iterdir())) == crop.found
+    uninterrupted = tmp_path / "uninterrupted"
+    crop_videos([video], uninterrupted, OPTIONS)
+    assert _crop_files(out) == _crop_files(uninterrupted)  # as if never killed
+
+
+def _crop_files(out: Path) -> dict:
+    """Every crop's bytes and the record (but for its wall time), by path under `out`."""
+    files = {p.relative_to(out): p.read_bytes() for p in (out / IMAGES_DIRNAME).rglob("*.jpg")}
+    record = json.loads(record_path(out, "long").read_text())
+    record.pop("seconds")
+    return {**files, "record": record}
