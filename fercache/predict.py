@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from fercache.data.affwild2 import SPLITS, AffWild2
@@ -38,7 +37,7 @@ from fercache.errors import FercacheError
 from fercache.metrics import pooled, tune_au_thresholds
 from fercache.predictions import AU_THRESHOLD, Predictions, VideoPredictions
 from fercache.progress import progress_bar
-from fercache.store import FeatureCache
+from fercache.store import FeatureCache, open_store
 
 SOURCES = ("temporal", "student")
 # Every row of a video without any features: None is uniform (EXPR probabilities).
@@ -239,7 +238,7 @@ def _student_source(caches: list[FeatureCache]) -> Source:
 
     def predict_video(video: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         path = cache.path(video)
-        with h5py.File(path, "r") as store:
+        with open_store(path) as store:
             if "logits" not in store:
                 raise FercacheError(
                     f"{path}: the store has no logits (the backbone had no classifier head); "

@@ -23,7 +23,8 @@ is written after every store exists.
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -179,6 +180,46 @@ def _write_datasets(
         store.create_dataset("logits", data=np.asarray(logits, dtype=np.float32))
 
 
+REWRITE_STORE = "rerun `fercache extract` on its cache (it recomputes damaged stores)"
+
+
+@contextmanager
+def open_store(path: Path) -> Iterator[h5py.File]:
+    """A feature store opened for reading: the one way fercache opens a store.
+
+    Any failure to open or read it (missing, truncated, garbage, another program's HDF5 without
+    the datasets) becomes a FercacheError naming the file and the command that rewrites it.
+    """
+    store = store_handle(path)
+    try:
+        with store:
+            yield store
+    except (OSError, KeyError, ValueError) as error:
+        raise _unreadable(path, error) from error
+
+
+def store_handle(path: Path) -> h5py.File:
+    """An open read handle on a store, for readers that keep it open (close it yourself)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FercacheError(f"{path}: feature store missing; {REWRITE_STORE}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: Exception) -> FercacheError:
+    return FercacheError(
+        f"{path}: not a readable fercache feature store ({_first_line(error)}); {REWRITE_STORE}"
+    )
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 def store_state(path: Path) -> tuple[str, Provenance | None]:
     """('complete', provenance), ('incomplete', None) or ('missing', None) for a store path."""
     if not path.exists():
@@ -195,22 +236,17 @@ def store_state(path: Path) -> tuple[str, Provenance | None]:
 def read_store(path: Path) -> VideoFeatures:
     """Read a whole store into memory; a clear error for anything that is not a complete store."""
     path = Path(path)
-    try:
-        with h5py.File(path, "r") as store:
-            if int(store.attrs.get("complete", 0)) != 1:
-                raise FercacheError(f"{path}: incomplete feature store; rerun `fercache extract`")
-            return VideoFeatures(
-                video=str(store.attrs["video"]),
-                frames=store["frames"][:],
-                features=store["features"][:],
-                logits=store["logits"][:] if "logits" in store else None,
-                provenance=Provenance.from_attrs(store.attrs),
-                skipped_frames=np.asarray(store.attrs["skipped_frames"], dtype=np.int32),
-            )
-    except (OSError, KeyError) as error:
-        raise FercacheError(
-            f"{path}: not a readable fercache feature store ({error}); rerun `fercache extract`"
-        ) from error
+    with open_store(path) as store:
+        if int(store.attrs.get("complete", 0)) != 1:
+            raise FercacheError(f"{path}: incomplete feature store; {REWRITE_STORE}")
+        return VideoFeatures(
+            video=str(store.attrs["video"]),
+            frames=store["frames"][:],
+            features=store["features"][:],
+            logits=store["logits"][:] if "logits" in store else None,
+            provenance=Provenance.from_attrs(store.attrs),
+            skipped_frames=np.asarray(store.attrs["skipped_frames"], dtype=np.int32),
+        )
 
 
 def remove_temporaries(cache_dir: Path) -> list[Path]:

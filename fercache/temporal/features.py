@@ -22,7 +22,7 @@ import numpy as np
 
 from fercache.errors import FercacheError
 from fercache.progress import progress_bar
-from fercache.store import FeatureCache
+from fercache.store import FeatureCache, open_store, store_handle
 
 FEATURE_DTYPE = np.float16
 _LISTED = 5  # names or frames quoted in an error before "…"
@@ -90,7 +90,7 @@ class CacheSet:
         """The video's frame numbers, checked to be identical in every cache."""
         first: np.ndarray | None = None
         for cache in self.caches:
-            with h5py.File(cache.path(video), "r") as store:
+            with open_store(cache.path(video)) as store:
                 frames = store["frames"][:].astype(np.int32)
             if first is None:
                 first = frames
@@ -102,7 +102,7 @@ class CacheSet:
         frames = self.frames(video)
         parts = []
         for cache in self.caches:
-            with h5py.File(cache.path(video), "r") as store:
+            with open_store(cache.path(video)) as store:
                 parts.append(store["features"][:].astype(FEATURE_DTYPE, copy=False))
         return FusedVideo(frames, np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
 
@@ -205,7 +205,7 @@ class LazyFeatures:
             if key not in self._handles:
                 if len(self._handles) >= _open_store_limit():
                     self._handles.pop(next(iter(self._handles))).close()  # the oldest
-                self._handles[key] = h5py.File(cache.path(self.names[index]), "r")
+                self._handles[key] = store_handle(cache.path(self.names[index]))
             yield self._handles[key]
 
     def __getstate__(self) -> dict:
