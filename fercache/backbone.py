@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from timm.data import resolve_data_config
 from torch import nn
 
+from fercache.damage import read_json_object
 from fercache.errors import FercacheError
 from fercache.weights import (
     expected_keys,
@@ -316,7 +317,9 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
         saved_config = {}
     sidecar = path.with_suffix(".json")
     if not saved_config and sidecar.is_file():
-        saved_config = json.loads(sidecar.read_text())
+        saved_config = read_json_object(
+            sidecar, "model config", f"delete it, or export {path.name} again with its config"
+        )
     return state, saved_config, digest
 
 
@@ -327,11 +330,25 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
             return tensors, handle.metadata() or {}
     except (SafetensorError, OSError) as error:
-        raise FercacheError(f"{path}: not a readable safetensors file ({error})") from error
+        raise FercacheError(
+            f"{path}: not a readable safetensors file ({error}); it is damaged: give another "
+            "checkpoint, or export it again (`fercache pretrain` writes student.safetensors)"
+        ) from error
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     return read_torch_state(path)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file (.safetensors, or a torch.save state dict, nested or
+    not); FercacheError naming the file when it is missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise FercacheError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)[0]
+    return _read_torch(path)
 
 
 def _load_weights(

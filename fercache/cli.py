@@ -352,7 +352,94 @@ def extract(
     console.print(
         f"extracted {len(report.extracted)} videos ({report.frames:,} frames, "
         f"{report.frames_per_second:,.0f} frames/s), {len(report.resumed)} already done"
+        + (f", {len(report.elsewhere)} by other processes" if report.elsewhere else "")
         + (f"; manifest: {report.manifest}" if report.manifest else "")
+    )
+
+
+@app.command("import-features")
+def import_features(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Features made by another tool: a folder of <video>.npy / <video>.npz (T, D) "
+            "or <video>.csv files, or one HDF5 file with a (T, D) dataset per video."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Cache folder to write: one <video>.h5 per video + manifest.json.")
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Aff-Wild2 root: its annotations and image folders give each video's frames."
+        ),
+    ],
+    rate: Annotated[
+        float | None,
+        typer.Option(help="Samples per second of an array source (sample i at i/rate seconds)."),
+    ] = None,
+    fps: Annotated[
+        float | None, typer.Option(help="Frames per second of every video (frame f at (f-1)/fps).")
+    ] = None,
+    video_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the video files (<video>.mp4, .avi, ...): each video's own fps, read "
+            "with PyAV (pip install 'fercache[video]'). Instead of --fps."
+        ),
+    ] = None,
+    align: Annotated[
+        str,
+        typer.Option(
+            help="nearest: each frame takes the nearest sample; linear: interpolates between "
+            "the two around it. Frames not covered are recorded missing, never zero-filled."
+        ),
+    ] = "nearest",
+    key: Annotated[
+        str | None, typer.Option(help="The array to read from each .npz (when it holds several).")
+    ] = None,
+    time_column: Annotated[
+        str | None,
+        typer.Option(help="CSV column of each row's time in seconds. Default: timestamp, time."),
+    ] = None,
+    frame_column: Annotated[
+        str | None,
+        typer.Option(help="CSV column of each row's 1-based frame number. Default: frame."),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Stored feature type: float16 (half the disk) or float32.")
+    ] = "float16",
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Rewrite every store, replacing stores of any provenance. Without it finished "
+            "stores of the same import are skipped and other ones are an error."
+        ),
+    ] = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Align per-frame features made by another tool (audio embeddings, OpenFace CSVs) to the
+    videos' frames and write them as a feature cache to fuse in train, predict and sweep."""
+    from fercache.importing import ImportOptions
+    from fercache.importing import import_features as run_import
+
+    options = ImportOptions(
+        rate=rate,
+        fps=fps,
+        video_dir=video_dir,
+        align=align,
+        key=key,
+        time_column=time_column,
+        frame_column=frame_column,
+        dtype=dtype,
+        force=force,
+        progress=progress,
+    )
+    report = run_import(source, out, data, options)
+    console.print(
+        f"imported {len(report.imported)} videos ({report.rows:,} rows, {report.missing:,} "
+        f"frames missing), {len(report.resumed)} already done; manifest: {report.manifest}"
     )
 
 
@@ -543,7 +630,10 @@ def predict(
     out: Annotated[Path, typer.Option(help="PRED file to write (HDF5; see docs/formats.md).")],
     run_dir: Annotated[
         Path | None,
-        typer.Argument(help="Temporal training run folder (not needed with --source student)."),
+        typer.Argument(
+            help="Temporal training run folder (not needed with --source student), or the "
+            "--out folder of `train --folds`: the soft vote of its fold models."
+        ),
     ] = None,
     data: Annotated[
         Path | None,
@@ -589,6 +679,7 @@ def predict(
     progress: ProgressOption = True,
 ) -> None:
     """Per-frame predictions (EXPR, AU, VA: the run's tasks) for every frame that needs one."""
+    from fercache.folds import is_folds_dir, predict_folds
     from fercache.predict import PredictOptions
     from fercache.predict import predict as run_predict
 
@@ -603,7 +694,13 @@ def predict(
         tune_thresholds=tune_thresholds,
         progress=progress,
     )
-    predictions = run_predict(run_dir, cache, out, options)
+    if run_dir is not None and source == "temporal" and is_folds_dir(run_dir):
+        voted = predict_folds(run_dir, cache, out, options)
+        for note in voted.notes:
+            error_console.print(f"[yellow]warning:[/] {note}", highlight=False)
+        predictions = voted.predictions
+    else:
+        predictions = run_predict(run_dir, cache, out, options)
     filled = sum(int((~rows.has_image).sum()) for rows in predictions.videos.values())
     tasks = "/".join(task.upper() for task in predictions.tasks)
     console.print(
@@ -753,7 +850,8 @@ def train(
         typer.Option(
             help="Run folder: config.yaml, model.json, best.safetensors, last.pt, "
             "metrics.jsonl, summary.json, curves.png. With --bagging: one bag-<k> run folder "
-            "per model, ensemble-val.h5/.json and bagging.json."
+            "per model, ensemble-val.h5/.json and bagging.json. With --folds: one fold-<k> run "
+            "folder per fold, folds.json and folds-summary.json."
         ),
     ],
     config: ConfigOption = None,
@@ -781,6 +879,28 @@ def train(
             "subsample setting; the LSD paper bags 0.2). Default from the config: 1.0."
         ),
     ] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            metavar="K",
+            help="Subject-grouped K-fold cross-validation over the train and val videos: fold "
+            "k trains on the other folds and picks its best epoch on its own; prints each "
+            "fold's scores and their mean ± sd. Reruns reuse finished folds and resume the "
+            "interrupted one (--resume changes nothing); not with --bagging.",
+        ),
+    ] = None,
+    fold_seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the fold assignment (default: the run's seed)."),
+    ] = None,
+    groups: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="CSV",
+            help="With --folds: CSV with columns video,subject joining the videos of one person "
+            "into one fold (unlisted videos: their own subject; X_left/X_right always together).",
+        ),
+    ] = None,
     print_config: PrintConfigOption = False,
     progress: ProgressOption = True,
 ) -> None:
@@ -803,6 +923,21 @@ def train(
         from fercache.temporal.config import settings_text
 
         typer.echo(settings_text(resolved_config(out, request)), nl=False)
+        return
+    if folds is None and (fold_seed is not None or groups is not None):
+        raise FercacheError("--fold-seed and --groups go with --folds K")
+    if folds is not None:
+        if bagging is not None:
+            raise FercacheError(
+                "--folds and --bagging: choose one (one model per fold, or K bagged models)"
+            )
+        from fercache.folds import render as render_folds
+        from fercache.folds import train_folds
+
+        crossed = train_folds(caches, data, out, request, folds, fold_seed, groups)
+        if crossed is not None:
+            console.print(render_folds(crossed))
+            console.print(f"compare the folds: fercache runs {out}")
         return
     if bagging is not None:
         from fercache.bagging import render, train_bagged
@@ -1011,9 +1146,10 @@ def runs(
     ] = None,
 ) -> None:
     """One table of all runs: the settings that differ, epochs and best validation scores."""
+    from fercache.folds import with_fold_means
     from fercache.runs import render, runs_table
 
-    table = runs_table(folder, sort)
+    table = with_fold_means(runs_table(folder, sort), folder)
     console.print(render(table, f"{len(table.rows)} runs in {folder}"))
     if json_out:
         write_text_atomically(json_out, json.dumps(table.to_json(), indent=2), "the table")

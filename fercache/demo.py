@@ -28,9 +28,11 @@ from fercache.extract import ExtractOptions, extract
 from fercache.outputs import write_atomically, write_text_atomically
 from fercache.predict import PredictOptions, predict
 from fercache.pretrain import load_config, pretrain
+from fercache.runfolder import read_metrics
 from fercache.smooth import smooth_predictions
 from fercache.synth import SynthConfig, generate
 from fercache.temporal.loop import TrainRequest, train
+from fercache.temporal.rundir import read_summary
 
 MARKER = "demo.json"
 OWN_FOLDERS = ("runs", "cache", "pred")  # what an earlier demo wrote besides data/ (synth --force)
@@ -434,7 +436,7 @@ def _readings(rows: tuple[Row, ...]) -> list[str]:
 
 def _run_notes(out: Path, settings: DemoSettings) -> list[str]:
     """What the runs' own files say about the budget and the one choice made on val."""
-    summary = json.loads((out / "runs" / "temporal" / "summary.json").read_text())
+    summary = read_summary(out / "runs" / "temporal")
     return [
         f"- The CPU budget is tiny next to the paper's: {settings.pretrain_steps} phase-1 steps "
         f"of {settings.backbone} at {settings.image_size} px for each student, against 100 k "
@@ -451,8 +453,7 @@ def _run_notes(out: Path, settings: DemoSettings) -> list[str]:
 def _ssl_note(out: Path, name: str) -> str:
     """One SSL run's last MPL step and last evaluation, from its metrics.jsonl (the last
     step is always evaluated)."""
-    lines = (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    records = read_metrics(out / "runs" / name)
     mpl = [record for record in records if "mask_ratio" in record][-1]
     last = records[-1]
     return (

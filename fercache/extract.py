@@ -6,13 +6,36 @@ resize + normalise on the device -> `forward_features` + `forward_head(pre_logit
 the classifier, when the checkpoint has one) under autocast on CUDA -> a writer thread that
 assembles each video's rows and writes its store atomically (`fercache.store`) while the next
 batches compute. Under torchrun each rank takes a frame-count-balanced share of the videos.
+
+Several `extract` processes on one cache (started at once, on one host or on several hosts
+sharing the folder) share the work through per-video claims (`fercache.claims`):
+
+1. The batch sampler runs in the main process and walks the videos in order; before it hands
+   out the first frame of a video it claims it (`CACHE/.<video>.claim`, O_CREAT|O_EXCL, with
+   pid, host and start time). A video held by a live process is left out of this pass, and so
+   is one whose store another process wrote since this run started (checked after claiming).
+   Claims are taken as the loader reaches them, a few batches ahead of the forward pass, so
+   batches still run across video boundaries. A claimed video's leftover `.<video>.h5.tmp-*`
+   (of a killed run) is deleted then, never another live process's.
+2. The writer releases a video's claim once its store is renamed into place; an error or an
+   interrupt releases every claim this process holds (try/finally). Held claims are touched
+   while the batches run, so they stay visibly alive.
+3. When the pass ends, the process waits for the videos it left out, polling and printing
+   "waiting for N videos being extracted by pid P": a video whose store appears is done; a
+   claim that disappears without a store (its holder failed) or is abandoned (the pid is dead
+   on this host, or the claim has gone untouched for `fercache.claims.STALE_SECONDS` on any
+   host) is taken over in another pass. So no video is computed twice unless its holder dies,
+   and no process waits forever on a dead one.
+4. Every process then writes `manifest.json` atomically from the complete stores it finds
+   (all its videos are complete by then), so whichever writes last writes a whole, correct
+   manifest; leftover temporaries and abandoned claims are removed.
 """
 
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,19 +43,20 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fercache.backbone import Backbone, load_backbone, preprocess, resize_mode
+from fercache.claims import CLAIM_SUFFIX, Claims, Holder
 from fercache.data.affwild2 import AffWild2, frame_filename
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
-from fercache.progress import progress_counters
+from fercache.progress import progress_counters, progress_line
 from fercache.readout import DEFAULT_READOUT, Readout, check_readout, forward_readout
 from fercache.store import (
-    MANIFEST_NAME,
+    TMP_MARK,
     Provenance,
-    read_manifest,
-    remove_temporaries,
+    check_manifest,
+    other_store,
     store_path,
     store_state,
     write_manifest,
@@ -40,6 +64,7 @@ from fercache.store import (
 )
 
 WRITE_QUEUE_BATCHES = 8
+WAIT_POLL_SECONDS = 1.0  # how often a process checks on videos other processes are extracting
 
 
 @dataclass(frozen=True)
@@ -89,6 +114,7 @@ class ExtractReport:
     extracted: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)  # written by another process meanwhile
     skipped_frames: list[str] = field(default_factory=list)
     frames: int = 0
     seconds: float = 0.0
@@ -131,22 +157,21 @@ def _extract(data: Path, out: Path, options: ExtractOptions, ranks: Ranks) -> Ex
     dataset = AffWild2(data)
     report = ExtractReport()
     jobs = _video_jobs(dataset, options.videos, report)
-    _check_manifest(out, provenance, options.force)
+    check_manifest(out, provenance, options.force)
+    started = time.time()
     # Shares are cut from all selected videos, not from the unfinished ones, so every rank
     # computes the same split even while other ranks are already writing.
     share = _rank_share(jobs, ranks.rank, ranks.world_size)
     todo = [job for job in share if _needs_work(out, job, provenance, options.force)]
     report.resumed = sorted({job.video for job in share} - {job.video for job in todo})
     out.mkdir(parents=True, exist_ok=True)
-    for job in todo:
-        for leftover in out.glob(f".{job.video}.h5.tmp-*"):
-            leftover.unlink(missing_ok=True)
-    _run(backbone, provenance, todo, out, options, ranks.device, report)
-    ranks.barrier()
-    if ranks.is_main:
-        report.manifest = write_manifest(out, provenance, _finished_stores(out, provenance))
-        if ranks.world_size == 1:
-            remove_temporaries(out)
+    with Claims(out) as claims:
+        sharing = _Sharing(out, provenance, options.force, started, claims, report)
+        _share_work(backbone, todo, options, ranks.device, sharing)
+        ranks.barrier()
+        if ranks.is_main:
+            report.manifest = write_manifest(out, provenance, _finished_stores(out, provenance))
+            _remove_leftovers(out, claims)
     return report
 
 
@@ -197,32 +222,6 @@ def _video_jobs(
     return jobs
 
 
-def _check_manifest(out: Path, provenance: Provenance, force: bool) -> None:
-    if force or not (out / MANIFEST_NAME).exists():
-        return
-    recorded = read_manifest(out)["provenance"]
-    if recorded["fingerprint"] != provenance.fingerprint:
-        raise FercacheError(
-            f"{out / MANIFEST_NAME}: this cache holds features of {_describe(recorded)}, not of "
-            f"{_describe(provenance.to_json())}. Use another --out, or --force to replace them."
-        )
-
-
-def _describe(provenance: dict) -> str:
-    weights = (
-        " ".join(filter(None, [provenance.get("pretrained"), provenance["checkpoint"]]))
-        or f"random init (seed {provenance['init_seed']})"
-    )
-    size = "x".join(str(v) for v in provenance["input_size"][1:])
-    readout = [
-        f"{key} {provenance[key]}"
-        for key, default in (("layer", -1), ("pool", ""), ("tta", ""))
-        if provenance.get(key, default) != default
-    ]
-    details = ", ".join([weights, size, provenance["dtype"], *readout])
-    return f"{provenance['backbone']} [{details}]"
-
-
 def _needs_work(out: Path, job: VideoJob, provenance: Provenance, force: bool) -> bool:
     state, found = store_state(store_path(out, job.video))
     if state != "complete":
@@ -231,11 +230,7 @@ def _needs_work(out: Path, job: VideoJob, provenance: Provenance, force: bool) -
         return force
     if force:
         return True
-    raise FercacheError(
-        f"{store_path(out, job.video)}: a store of {_describe(found.to_json())} already lies "
-        f"here, not of {_describe(provenance.to_json())}. Use another --out, or --force to "
-        "replace it."
-    )
+    raise other_store(store_path(out, job.video), found, provenance)
 
 
 def _rank_share(jobs: list[VideoJob], rank: int, world: int) -> list[VideoJob]:
@@ -265,6 +260,98 @@ def _store_counts(path: Path) -> tuple[int, int]:
         return int(store["frames"].shape[0]), len(store.attrs["skipped_frames"])
 
 
+@dataclass
+class _Sharing:
+    """This process's side of the claims: which videos it takes, which others hold."""
+
+    out: Path
+    provenance: Provenance
+    force: bool
+    started: float  # time.time() when this run began: --force keeps stores written since
+    claims: Claims
+    report: ExtractReport
+    held: dict[str, Holder | None] = field(default_factory=dict)  # left to other processes
+
+    def take(self, job: VideoJob) -> bool:
+        """Claim `job` for this process; False (and noted) when another has it or wrote it."""
+        if not self.claims.take(job.video):
+            self.held[job.video] = self.claims.holder(job.video)
+            return False
+        if self.written_elsewhere(job):
+            self.claims.release(job.video)
+            return False
+        for leftover in self.out.glob(f".{job.video}{TMP_MARK}*"):  # a killed run's
+            leftover.unlink(missing_ok=True)
+        return True
+
+    def written_elsewhere(self, job: VideoJob) -> bool:
+        """Whether another process wrote `job`'s store, with this provenance, during this run."""
+        path = store_path(self.out, job.video)
+        state, found = store_state(path)
+        if state != "complete" or found.fingerprint != self.provenance.fingerprint:
+            return False
+        if self.force and path.stat().st_mtime < self.started:
+            return False  # --force: a store from before this run is replaced
+        self.report.elsewhere.append(job.video)
+        return True
+
+
+def _share_work(
+    backbone: Backbone,
+    todo: list[VideoJob],
+    options: ExtractOptions,
+    device: torch.device,
+    sharing: _Sharing,
+) -> None:
+    """Extract the videos of `todo` no other process holds, then wait for the held ones, taking
+    over those whose holder fails or dies, until each is written by someone."""
+    remaining = todo
+    while remaining:
+        sharing.held.clear()
+        _run(backbone, remaining, options, device, sharing)
+        remaining = [job for job in remaining if job.video in sharing.held]
+        remaining = _wait_for_others(remaining, sharing, options.progress)
+
+
+def _wait_for_others(jobs: list[VideoJob], sharing: _Sharing, progress: bool) -> list[VideoJob]:
+    """Poll until a video of `jobs` can be taken over; return those not written meanwhile."""
+    shown = ""
+    while jobs:
+        jobs = [job for job in jobs if not sharing.written_elsewhere(job)]
+        holders = {job.video: sharing.claims.holder(job.video) for job in jobs}
+        if any(holder is None for holder in holders.values()):
+            return jobs  # released without a store, or abandoned: the next pass takes it
+        line = _waiting_line(list(holders.values()))
+        if line != shown:
+            progress_line(line, progress)
+            shown = line
+        time.sleep(WAIT_POLL_SECONDS)
+    return jobs
+
+
+def _waiting_line(holders: list[Holder]) -> str:
+    counts: dict[str, int] = {}
+    for holder in holders:
+        counts[str(holder)] = counts.get(str(holder), 0) + 1
+    by = ", ".join(
+        name if len(counts) == 1 else f"{name} ({count})" for name, count in counts.items()
+    )
+    plural = "s" if len(holders) > 1 else ""
+    return f"waiting for {len(holders)} video{plural} being extracted by {by}"
+
+
+def _remove_leftovers(out: Path, claims: Claims) -> None:
+    """Delete the temporary stores and the claims that dead processes left, never a live
+    process's: a video's leftovers go only while this process holds its claim."""
+    videos = {path.name[1:].split(TMP_MARK)[0] for path in out.glob(f".*{TMP_MARK}*")}
+    videos |= {path.name[1 : -len(CLAIM_SUFFIX)] for path in out.glob(f".*{CLAIM_SUFFIX}")}
+    for video in sorted(videos):
+        if claims.take(video):
+            for leftover in out.glob(f".{video}{TMP_MARK}*"):
+                leftover.unlink(missing_ok=True)
+            claims.release(video)
+
+
 class FrameDataset(Dataset):
     """Every frame of the given videos, in order, decoded to uint8 CHW at native size.
 
@@ -287,6 +374,34 @@ class FrameDataset(Dataset):
         except (UnidentifiedImageError, OSError, ValueError) as error:
             reason = getattr(error, "strerror", None) or str(error)
             return index, torch.empty(0, dtype=torch.uint8), f"{path}: {reason}"
+
+
+class ClaimedBatches(Sampler[list[int]]):
+    """FrameDataset indices in batches of `batch_size`, across video boundaries, of the videos
+    `take` accepts; it is asked for each video when the first batch reaching it is drawn.
+
+    The DataLoader draws batches in the main process, a few ahead of the forward pass, so
+    videos are claimed in order as the run reaches them.
+    """
+
+    def __init__(
+        self, jobs: list[VideoJob], batch_size: int, take: Callable[[VideoJob], bool]
+    ) -> None:
+        self.jobs, self.batch_size, self.take = jobs, batch_size, take
+
+    def __iter__(self):
+        batch: list[int] = []
+        start = 0
+        for job in self.jobs:
+            if self.take(job):
+                for index in range(start, start + len(job.frames)):
+                    batch.append(index)
+                    if len(batch) == self.batch_size:
+                        yield batch
+                        batch = []
+            start += len(job.frames)
+        if batch:
+            yield batch
 
 
 def collate_frames(items: list[tuple[int, torch.Tensor, str]]) -> dict:
@@ -448,27 +563,42 @@ class StoreWriter:
 
 def _run(
     backbone: Backbone,
-    provenance: Provenance,
     todo: list[VideoJob],
-    out: Path,
     options: ExtractOptions,
     device: torch.device,
-    report: ExtractReport,
+    sharing: _Sharing,
 ) -> None:
+    """One pass over `todo`: computes and writes the videos `sharing` takes as they come."""
     if not todo:
         return
+    report, claims, provenance = sharing.report, sharing.claims, sharing.provenance
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
-    loader = _loader(todo, options, device)
     total_frames = sum(len(job.frames) for job in todo)
+    written: set[str] = set()
     started = time.perf_counter()
     with progress_counters(
         {"videos": len(todo), "frames": total_frames}, enabled=options.progress
     ) as advance:
-        writer = StoreWriter(todo, out, provenance, on_video_done=lambda job: advance("videos"))
+
+        def take(job: VideoJob) -> bool:
+            if sharing.take(job):
+                return True
+            advance("videos")  # the bars count the cache's progress, whoever computes it
+            advance("frames", len(job.frames))
+            return False
+
+        def done(job: VideoJob) -> None:  # on the writer thread, once the store is in place
+            written.add(job.video)
+            claims.release(job.video)
+            advance("videos")
+
+        loader = _loader(todo, options, device, take)
+        writer = StoreWriter(todo, sharing.out, provenance, on_video_done=done)
         with_logits = provenance.num_classes > 0  # none with --layer
         try:
             with torch.inference_mode():
                 for batch in loader:
+                    claims.refresh()
                     # A batch whose every file failed has nothing to compute.
                     has_rows = len(batch["index"]) > 0
                     features, logits = (
@@ -482,19 +612,24 @@ def _run(
             writer.abort()
             raise
         writer.close()
-    report.seconds = time.perf_counter() - started
-    report.frames = total_frames
-    report.extracted = [job.video for job in todo]
-    report.skipped_frames = writer.failed
+    extracted = [job for job in todo if job.video in written]
+    report.seconds += time.perf_counter() - started
+    report.frames += sum(len(job.frames) for job in extracted)
+    report.extracted += [job.video for job in extracted]
+    report.skipped_frames += writer.failed
 
 
-def _loader(todo: list[VideoJob], options: ExtractOptions, device: torch.device) -> DataLoader:
+def _loader(
+    todo: list[VideoJob],
+    options: ExtractOptions,
+    device: torch.device,
+    take: Callable[[VideoJob], bool],
+) -> DataLoader:
     workers = _default_workers() if options.workers is None else options.workers
     batch_size = options.batch_size or (256 if device.type == "cuda" else 64)
     return DataLoader(
         FrameDataset(todo),
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=ClaimedBatches(todo, batch_size, take),
         num_workers=workers,
         collate_fn=collate_frames,
         pin_memory=device.type == "cuda",

@@ -18,8 +18,9 @@ Where the numbers come from (`source`):
 F1 on the split's AU annotations (`fercache.metrics.tune_au_thresholds`) is stored in the run's
 `thresholds.json` for its weights file, and the PRED written carries it.
 
-Frames without features (no face found, image missing or undecodable) take the predictions of
-the nearest frame that has features; a frame midway between two takes their mean. A video whose
+Frames without features (no face found, image missing or undecodable, or recorded missing by
+an imported cache: `fercache.temporal.features`) take the predictions of the nearest frame that
+has features; a frame midway between two takes their mean. A video whose
 store has no rows at all gets uniform EXPR probabilities, AU probabilities 0 (the state of most
 frames) and VA 0 (neutral).
 """

@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from fercache import __version__
+from fercache.damage import first_line
 from fercache.data.affwild2 import SPLITS
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
@@ -215,9 +216,9 @@ class Predictions:
         try:
             with h5py.File(path, "r") as handle:
                 predictions = cls._read_from(path, handle)
-        except (OSError, KeyError, ValueError) as error:
+        except (OSError, KeyError, ValueError, TypeError) as error:
             raise FercacheError(
-                f"{path}: not a readable fercache predictions file ({error}); "
+                f"{path}: not a readable fercache predictions file ({first_line(error)}); "
                 "rewrite it with `fercache predict`"
             ) from error
         predictions.validate(path)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import yaml
 
+from fercache.damage import first_line, read_text
 from fercache.errors import FercacheError
 from fercache.outputs import write_atomically, write_text_atomically
 
@@ -59,7 +60,7 @@ def read_config(run_dir: Path) -> dict[str, Any]:
         loaded = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise FercacheError(
-            f"{path}: unreadable saved settings ({_first_line(error)}); restore the file, or "
+            f"{path}: unreadable saved settings ({first_line(error)}); restore the file, or "
             "start a new run in another folder"
         ) from error
     if not isinstance(loaded, dict):
@@ -77,9 +78,10 @@ def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     return write_atomically(path, lambda tmp: torch.save(state, tmp), "the checkpoint")
 
 
-def read_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """`last.pt` on the CPU; FercacheError naming it when missing or damaged. Loads with
-    `weights_only=True`: a checkpoint cannot run code."""
+def read_checkpoint(run_dir: Path, keys: Collection[str] = ()) -> dict[str, Any]:
+    """`last.pt` on the CPU; FercacheError naming it when missing or damaged, or when it lacks
+    one of `keys` (the checkpoint of another kind of run). Loads with `weights_only=True`: a
+    checkpoint cannot run code."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise FercacheError(
@@ -90,12 +92,18 @@ def read_checkpoint(run_dir: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         raise FercacheError(
-            f"{path}: unreadable checkpoint ({_first_line(error)}); it is damaged or not "
+            f"{path}: unreadable checkpoint ({first_line(error)}); it is damaged or not "
             "fercache's: start the run again without --resume, or in another folder"
         ) from error
     if not isinstance(state, dict):
         raise FercacheError(
             f"{path}: not a fercache checkpoint (it holds a {type(state).__name__}); start the "
+            "run again without --resume, or in another folder"
+        )
+    lacking = [key for key in keys if key not in state]
+    if lacking:
+        raise FercacheError(
+            f"{path}: not a checkpoint of this kind of run (no {', '.join(lacking)}); start the "
             "run again without --resume, or in another folder"
         )
     return state
@@ -114,7 +122,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    text = read_text(path, "metrics", "resume the run (--resume) to write it again")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -158,8 +167,3 @@ def resumed_settings(
 def holds_run(run_dir: Path) -> bool:
     """Whether the folder holds a run that `--resume` can continue (it has a checkpoint)."""
     return (Path(run_dir) / CHECKPOINT_FILE).is_file()
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -5,14 +5,18 @@ pretraining runs (whose folders also hold `sources.json`) are left out. The
 table shows each run's path relative to the folder, only the settings that differ between the
 runs (a setting a run's config lacks shows as '-'), the epochs done, the best epoch and every
 numeric `best_*` score of its `summary.json`. A run without `summary.json` is marked unfinished
-(with its epochs done, counted in `metrics.jsonl`, out of those planned) and has no scores.
+(with its epochs done, counted in `metrics.jsonl`, out of those planned) and has no scores. A
+run whose `config.yaml` (not a mapping of known settings), `summary.json` or `metrics.jsonl`
+cannot be read is marked "unreadable: FILE" and its settings are left out of the comparison.
 
 Rows are sorted on one column: scores descending (best first), anything else ascending, empty
-cells last, ties by run name. The default is the first score column.
+cells last, ties by run name. The default is the first score column. Footer rows, when set, come
+last under a rule (for a `train --folds` folder: the folds' mean and sd, added by
+`fercache.folds.with_fold_means`).
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +24,10 @@ from rich.table import Table
 
 from fercache.errors import FercacheError
 from fercache.pretrain.loop import SOURCES_FILE as PRETRAIN_SOURCES
-from fercache.runfolder import CONFIG_FILE, read_config, read_metrics
-from fercache.temporal.rundir import read_summary
+from fercache.runfolder import CONFIG_FILE, METRICS_FILE, read_config, read_metrics
+from fercache.settings import typed_values
+from fercache.temporal.config import TemporalConfig
+from fercache.temporal.rundir import SUMMARY_FILE, read_summary
 
 RUN = "run"
 EPOCHS = "epochs"
@@ -36,9 +42,11 @@ class RunsTable:
     columns: list[str]
     scores: list[str]
     rows: list[dict[str, Any]]
+    footer: list[dict[str, Any]] = field(default_factory=list)  # e.g. the folds' mean, sd
 
     def to_json(self) -> dict:
-        return {"columns": self.columns, "rows": self.rows}
+        footer = {"footer": self.footer} if self.footer else {}
+        return {"columns": self.columns, "rows": self.rows, **footer}
 
 
 def runs_table(root: Path, sort: str | None = None) -> RunsTable:
@@ -54,14 +62,11 @@ def runs_table(root: Path, sort: str | None = None) -> RunsTable:
             f"{root}: no training runs found (folders holding {CONFIG_FILE}); give the --out "
             "folder of `fercache train`, `fercache sweep` or `fercache train --bagging`"
         )
-    configs = {run_dir: read_config(run_dir) for run_dir in run_dirs}
-    summaries = {run_dir: read_summary(run_dir) for run_dir in run_dirs}
-    differing = _differing_keys(list(configs.values()))
-    scores = _score_names([summary for summary in summaries.values() if summary])
-    rows = [
-        _row(run_dir, root, configs[run_dir], summaries[run_dir], differing, scores)
-        for run_dir in run_dirs
-    ]
+    runs = [read_run(run_dir) for run_dir in run_dirs]
+    # an unreadable run's blank settings would make every setting look different
+    differing = _differing_keys([run.config for run in runs if not run.unreadable])
+    scores = _score_names([run.summary for run in runs if run.summary])
+    rows = [_row(run, root, differing, scores) for run in runs]
     columns = [RUN, *differing, EPOCHS, BEST_EPOCH, *scores, STATUS]
     return RunsTable(columns, scores, _sorted(rows, sort or (scores or [RUN])[0], columns, scores))
 
@@ -88,22 +93,53 @@ def _score_names(summaries: list[dict]) -> list[str]:
     return list(dict.fromkeys(name for summary in summaries for name in best_scores(summary)))
 
 
-def _row(
-    run_dir: Path,
-    root: Path,
-    config: dict,
-    summary: dict | None,
-    differing: list[str],
-    scores: list[str],
-) -> dict[str, Any]:
-    done = summary[EPOCHS] if summary else len(read_metrics(run_dir))
+@dataclass(frozen=True)
+class RunFiles:
+    """What a run folder's files say; `unreadable` names the first one that cannot be read
+    (then the fields it would give are empty)."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict | None
+    epochs_done: int | None
+    unreadable: str = ""
+
+
+def read_run(run_dir: Path) -> RunFiles:
+    """The run's settings, summary and epochs done. A `config.yaml` that is not a mapping of
+    known temporal settings counts as unreadable, like a damaged summary or metrics file."""
+    try:
+        config = read_config(run_dir)
+        typed_values(TemporalConfig, config, "temporal")
+    except FercacheError:
+        return RunFiles(run_dir, {}, None, None, CONFIG_FILE)
+    try:
+        summary = read_summary(run_dir)
+    except FercacheError:
+        return RunFiles(run_dir, config, None, None, SUMMARY_FILE)
+    if summary is not None:
+        return RunFiles(run_dir, config, summary, summary[EPOCHS])
+    try:
+        return RunFiles(run_dir, config, None, len(read_metrics(run_dir)))
+    except FercacheError:
+        return RunFiles(run_dir, config, None, None, METRICS_FILE)
+
+
+def _row(run: RunFiles, root: Path, differing: list[str], scores: list[str]) -> dict[str, Any]:
+    summary, done = run.summary, run.epochs_done
+    if run.unreadable:
+        status = f"unreadable: {run.unreadable}"
+    elif summary:
+        status = "finished"
+    else:
+        status = f"unfinished ({done}/{run.config.get(EPOCHS)} epochs)"
     return {
-        RUN: str(run_dir.relative_to(root)),
-        **{key: config.get(key) for key in differing},
+        RUN: str(run.path.relative_to(root)),
+        **{key: run.config.get(key) for key in differing},
         EPOCHS: done,
         BEST_EPOCH: summary.get(BEST_EPOCH) if summary else None,
         **{name: summary.get(name) if summary else None for name in scores},
-        STATUS: "finished" if summary else f"unfinished ({done}/{config.get(EPOCHS)} epochs)",
+        STATUS: status,
     }
 
 
@@ -124,6 +160,14 @@ def render(table: RunsTable, title: str) -> Table:
         shown.add_column(column, justify=justify, overflow="fold")  # wrap, never cut names
     for row in table.rows:
         shown.add_row(*(_cell(row[column], column in table.scores) for column in table.columns))
+    if table.footer:
+        shown.add_section()
+    for row in table.footer:  # cells it lacks stay blank
+        cells = (
+            _cell(row[column], column in table.scores) if column in row else ""
+            for column in table.columns
+        )
+        shown.add_row(*cells)
     return shown
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from fercache.damage import read_text
 from fercache.errors import FercacheError
 
 Sections = Mapping[str, Collection[str]]  # section name -> the setting names it groups
@@ -35,8 +36,9 @@ def given_values(
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FercacheError(f"{path}: no such config file")
+    text = read_text(path, "settings file", "give a YAML file of setting: value lines")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise FercacheError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(loaded, dict):

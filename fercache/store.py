@@ -14,6 +14,9 @@ Schema of `<video>.h5` (format 1), readable with plain h5py or `h5dump`:
   `mean`, `std`, `interpolation`, `dtype`, `feature_dim`, `num_classes`, `fingerprint`
   (hash of what determines the numbers), `skipped_frames` (frame numbers whose image could not
   be decoded), `skipped_reasons` (JSON list of "file: reason"), and `complete` = 1, set last.
+- imported stores (`fercache import-features`, `fercache.importing`) carry the import fields of
+  the provenance and `missing_frames`: the video's frames the source does not cover (they have
+  no row); an extracted store has no `missing_frames` attribute (`missing_frames()` gives None).
 
 A store is written under `.<video>.h5.tmp-<pid>` and renamed when complete
 (`fercache.outputs.write_atomically`, as every file fercache writes), so a file under a final
@@ -23,7 +26,7 @@ is written after every store exists.
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,6 +35,7 @@ import h5py
 import numpy as np
 
 from fercache import __version__
+from fercache.damage import read_json_object, unreadable
 from fercache.errors import FercacheError
 from fercache.outputs import TMP_MARK as TEMPORARY
 from fercache.outputs import write_atomically, write_text_atomically
@@ -41,6 +45,7 @@ CHUNK_FRAMES = 64
 MANIFEST_NAME = "manifest.json"
 STORE_SUFFIX = ".h5"
 TMP_MARK = STORE_SUFFIX + TEMPORARY  # what `write_atomically` names a store being written
+MISSING_FRAMES = "missing_frames"  # imported stores: the attribute of frames without a row
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,16 @@ class Provenance:
     layer: int = -1  # the block the features come from; -1: the network's pooled output
     pool: str = ""  # how a token model's tokens are pooled; "": the network's own head pooling
     tta: str = ""  # test-time augmentation averaged into each frame's features ("flip")
+    # Imported caches (`fercache.importing`): where the features came from and how they were
+    # aligned to the frames. `source` (a path) is left out of the fingerprint like `checkpoint`.
+    source: str = ""  # the imported file or folder
+    source_kind: str = ""  # npy, npz, hdf5 or csv
+    source_key: str = ""  # the array read from each .npz
+    source_sha256: str = ""  # the source files, and each video's frame count and fps
+    rate: float = 0.0  # samples per second of an array source
+    time_column: str = ""  # the CSV column placing each row: seconds, or 1-based frames
+    fps: float = 0.0  # frames per second given; 0: each video's own (store attribute video_fps)
+    align: str = ""  # nearest, linear, or frame (a CSV frame column)
 
     @property
     def fingerprint(self) -> str:
@@ -75,6 +90,7 @@ class Provenance:
             if determining[name] == default:
                 determining.pop(name)
         determining.pop("checkpoint")
+        determining.pop("source", None)
         if self.checkpoint_sha256:
             determining.pop("init_seed")
         determining["format_version"] = FORMAT_VERSION
@@ -122,6 +138,7 @@ class VideoFeatures:
     logits: np.ndarray | None
     provenance: Provenance
     skipped_frames: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    missing_frames: np.ndarray | None = None  # imported stores: frames the source lacks
 
 
 def store_path(cache_dir: Path, video: str) -> Path:
@@ -136,8 +153,14 @@ def write_store(
     logits: np.ndarray | None,
     provenance: Provenance,
     skipped: Iterable[tuple[int, str]] = (),
+    missing: np.ndarray | None = None,
+    details: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write one video's store atomically; on any failure no file is left under either name."""
+    """Write one video's store atomically; on any failure no file is left under either name.
+
+    `missing` (imported stores only) is written as `missing_frames`; `details` are further
+    attributes of the store (an import's `video_fps`, `video_frames`, `source_video`).
+    """
     skipped = sorted(skipped)
 
     def write(tmp: Path) -> None:
@@ -151,6 +174,10 @@ def write_store(
             attrs["video"] = video
             attrs["skipped_frames"] = np.array([f for f, _ in skipped], dtype=np.int32)
             attrs["skipped_reasons"] = json.dumps([reason for _, reason in skipped])
+            if missing is not None:
+                attrs[MISSING_FRAMES] = np.asarray(missing, dtype=np.int32)
+            for key, value in (details or {}).items():
+                attrs[key] = value
             attrs["complete"] = 1
 
     return write_atomically(
@@ -180,7 +207,17 @@ def _write_datasets(
         store.create_dataset("logits", data=np.asarray(logits, dtype=np.float32))
 
 
+def missing_frames(store: h5py.File) -> np.ndarray | None:
+    """An imported store's frames without a row (int32), or None for an extracted store."""
+    if MISSING_FRAMES not in store.attrs:
+        return None
+    return np.asarray(store.attrs[MISSING_FRAMES], dtype=np.int32).reshape(-1)
+
+
 REWRITE_STORE = "rerun `fercache extract` on its cache (it recomputes damaged stores)"
+REWRITE_MANIFEST = (
+    "delete it and rerun `fercache extract DATA --out CACHE_DIR` (finished stores are kept)"
+)
 
 
 @contextmanager
@@ -246,15 +283,8 @@ def read_store(path: Path) -> VideoFeatures:
             logits=store["logits"][:] if "logits" in store else None,
             provenance=Provenance.from_attrs(store.attrs),
             skipped_frames=np.asarray(store.attrs["skipped_frames"], dtype=np.int32),
+            missing_frames=missing_frames(store),
         )
-
-
-def remove_temporaries(cache_dir: Path) -> list[Path]:
-    """Delete stores left half-written by an interrupted run; return what was deleted."""
-    leftovers = sorted(Path(cache_dir).glob(f".*{TMP_MARK}*"))
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    return leftovers
 
 
 def write_manifest(cache_dir: Path, provenance: Provenance, videos: dict[str, dict]) -> Path:
@@ -277,10 +307,64 @@ def read_manifest(cache_dir: Path) -> dict:
             f"{path}: no manifest; {cache_dir} is not a finished feature cache. "
             "Run `fercache extract DATA --out CACHE_DIR` first (it resumes)."
         )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise FercacheError(f"{path}: unreadable manifest ({error}); rerun extract") from error
+    manifest = read_json_object(path, "cache manifest", REWRITE_MANIFEST)
+    provenance, videos = manifest.get("provenance"), manifest.get("videos")
+    if not (
+        isinstance(provenance, dict)
+        and {"fingerprint", "feature_dim", "num_classes"} <= set(provenance)
+        and isinstance(videos, dict)
+        and all(isinstance(entry, dict) and "rows" in entry for entry in videos.values())
+    ):
+        raise unreadable(
+            path, "cache manifest", "no provenance and videos as extract writes", REWRITE_MANIFEST
+        )
+    return manifest
+
+
+IMPORTED_BACKBONE = "imported"  # the `backbone` of a cache made by `fercache import-features`
+
+
+def describe(provenance: dict) -> str:
+    """What made a cache, in a few words, for errors that compare two caches."""
+    if provenance.get("backbone") == IMPORTED_BACKBONE:
+        place = f"rate {provenance['rate']:g}" if provenance["rate"] else provenance["time_column"]
+        return (
+            f"imported {provenance['source_kind']} from {provenance['source']} [{place}, "
+            f"align {provenance['align']}, fingerprint {provenance['fingerprint']}]"
+        )
+    weights = (
+        " ".join(filter(None, [provenance.get("pretrained"), provenance["checkpoint"]]))
+        or f"random init (seed {provenance['init_seed']})"
+    )
+    size = "x".join(str(v) for v in provenance["input_size"][1:])
+    readout = [
+        f"{key} {provenance[key]}"
+        for key, default in (("layer", -1), ("pool", ""), ("tta", ""))
+        if provenance.get(key, default) != default
+    ]
+    details = ", ".join([weights, size, provenance["dtype"], *readout])
+    return f"{provenance['backbone']} [{details}]"
+
+
+def check_manifest(cache_dir: Path, provenance: Provenance, force: bool) -> None:
+    """A FercacheError unless the cache in `cache_dir` is new, forced, or of `provenance`."""
+    path = Path(cache_dir) / MANIFEST_NAME
+    if force or not path.exists():
+        return
+    recorded = read_manifest(cache_dir)["provenance"]
+    if recorded["fingerprint"] != provenance.fingerprint:
+        raise FercacheError(
+            f"{path}: this cache holds features of {describe(recorded)}, not of "
+            f"{describe(provenance.to_json())}. Use another --out, or --force to replace them."
+        )
+
+
+def other_store(path: Path, found: Provenance, provenance: Provenance) -> FercacheError:
+    """The error for a complete store of other features where one of `provenance` should go."""
+    return FercacheError(
+        f"{path}: a store of {describe(found.to_json())} already lies here, not of "
+        f"{describe(provenance.to_json())}. Use another --out, or --force to replace it."
+    )
 
 
 @dataclass(frozen=True)
@@ -323,3 +407,13 @@ class FeatureCache:
 
     def load(self, video: str) -> VideoFeatures:
         return read_store(self.path(video))
+
+    def check_stores(self) -> None:
+        """FercacheError naming the first store of the manifest that is missing, damaged or
+        not a complete store (for commands that must fail before they write anything)."""
+        for video in self.videos:
+            path = store_path(self.root, video)
+            with open_store(path) as store:
+                complete = int(store.attrs.get("complete", 0)) == 1
+                if not (complete and "features" in store and "frames" in store):
+                    raise FercacheError(f"{path}: not a complete feature store; {REWRITE_STORE}")

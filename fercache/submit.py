@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fercache.damage import read_text
 from fercache.data.framelist import LOCATION, listed_rows, read_frame_list
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
@@ -111,7 +112,9 @@ def read_submission(path: Path, task: str = "expr") -> dict[str, tuple[np.ndarra
     """{video: (frames, values)} of a `task` submission file, checked line by line: values are
     EXPR labels (N,), AU decisions (N, 12) or VA values (N, 2)."""
     path = Path(path)
-    first = path.read_text(encoding="utf-8-sig").split("\n", 1)[0].strip()
+    remedy = "write it again with `fercache submit`"
+    text = read_text(path, "submission", remedy, encoding="utf-8-sig")
+    first = text.split("\n", 1)[0].strip()
     if first != HEADERS[task]:
         raise FercacheError(f"{path}:1: header must be '{HEADERS[task]}', not '{first}'")
     parsed: dict[str, dict[int, list[float]]] = {}

@@ -4,8 +4,8 @@ Layers, lowest first: base (errors, outputs, settings, the Aff-Wild2 data...) ->
 generator) -> backbone/store (formats and the shared computation: backbone, stores, PRED files,
 metrics, the vote) -> the stages in pipeline order (pretrain, extract, temporal, predict,
 smooth, evaluate, submit, inspect; pretrain and temporal ordered inside too) -> experiments
-(demo, sweep, bagging, ensemble, runs) -> cli. A module may import any module of its own group
-or of an earlier one. Imports inside functions (the CLI imports lazily) count like any other.
+(demo, sweep, bagging, folds, ensemble, runs) -> cli. A module may import any module of its own
+group or of an earlier one. Imports inside functions (the CLI imports lazily) count like any other.
 
 A helper two modules share goes down to the lowest layer both can import, never up.
 """
@@ -46,11 +46,13 @@ ORDER: list[tuple[str, str]] = [
 RANKS: dict[str, str] = {
     "fercache": "base",  # __version__
     "fercache.errors": "base",
+    "fercache.damage": "base",  # how a file that cannot be read is named in an error
     "fercache.outputs": "base",
     "fercache.progress": "base",
     "fercache.settings": "base",
     "fercache.distributed": "base",
     "fercache.runfolder": "base",  # the run-folder convention of pretrain and train
+    "fercache.claims": "base",  # which process computes which item of a shared folder
     "fercache.data.*": "base",  # affwild2, tasks, layout, labels, framelist
     "fercache.synth.*": "synth",
     "fercache.backbone": "backbone/store",
@@ -74,6 +76,7 @@ RANKS: dict[str, str] = {
     "fercache.pretrain": "pretrain",  # the package's __init__: its public face
     "fercache.crop": "crop",  # videos -> cropped_aligned/, runs before extract
     "fercache.extract": "extract",
+    "fercache.importing": "extract",  # features made by other tools -> a cache, beside extract
     "fercache.temporal.features": "temporal: blocks",
     "fercache.temporal.clips": "temporal: blocks",
     "fercache.temporal.subsample": "temporal: blocks",
@@ -93,6 +96,7 @@ RANKS: dict[str, str] = {
     "fercache.analyse": "experiments",  # crop -> extract -> predict -> smooth on video files
     "fercache.sweep": "experiments",
     "fercache.bagging": "experiments",
+    "fercache.folds": "experiments",  # subject-grouped k-fold cross-validation
     "fercache.ensemble": "experiments",
     "fercache.runs": "experiments",
     "fercache.cli": "cli",

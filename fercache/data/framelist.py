@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fercache.damage import read_text
 from fercache.errors import FercacheError
 
 LOCATION = re.compile(r"^(?P<video>[^/\s]+)/(?P<frame>\d+)\.jpg$")  # `<video>/<frame>.jpg`
@@ -30,6 +31,8 @@ def read_frame_list(path: Path) -> dict[str, np.ndarray]:
                 "'video1/00001.jpg' (1-based frame number)"
             )
         frames.setdefault(match["video"], []).append(int(match["frame"]))
+    if not frames:
+        raise FercacheError(f"{path}: lists no frames; give one '<video>/<frame>.jpg' per line")
     listed = {video: np.array(sorted(values), dtype=np.int32) for video, values in frames.items()}
     for video, values in listed.items():
         repeated = values[1:][np.diff(values) == 0]
@@ -41,7 +44,8 @@ def read_frame_list(path: Path) -> dict[str, np.ndarray]:
 def listed_rows(path: Path) -> list[tuple[int, str, str]]:
     """(line number, image location, rest of the line) of every non-blank, non-header line of a
     frame list or submission file."""
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    remedy = "give a text file with one '<video>/<frame>.jpg' per line"
+    lines = read_text(path, "frame list", remedy, encoding="utf-8-sig").splitlines()
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip() or (number == 1 and line.lower().startswith("image_location")):

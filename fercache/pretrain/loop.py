@@ -131,7 +131,9 @@ def _check_resumable(out: Path, config: PretrainConfig, resume: bool) -> None:
             )
         return
     if not holds_run(out):
-        raise FercacheError(f"{out}: nothing to resume (no {CHECKPOINT_FILE}); drop --resume")
+        raise FercacheError(
+            f"{out / CHECKPOINT_FILE}: missing, so {out} holds no run to resume; drop --resume"
+        )
     saved = resumed_config(out, None)
     resumed_settings(
         saved.to_json(), config.to_json(), PretrainConfig.MAY_CHANGE_ON_RESUME, out / CONFIG_FILE
@@ -474,12 +476,12 @@ def _save_state(out: Path, recipe: Recipe, state: Progress) -> None:
 
 
 def _load_state(out: Path, recipe: Recipe) -> Progress:
-    saved = read_checkpoint(out)
+    saved = read_checkpoint(out, ("recipe", "progress", "history", "problems"))
     try:
         recipe.load_state_dict(saved["recipe"])
         step, feedback_sum, feedback_count, unreadable = saved["progress"]
         history, problems = list(saved["history"]), list(saved["problems"])
-    except (KeyError, RuntimeError, ValueError) as error:
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise FercacheError(
             f"{out / CHECKPOINT_FILE}: not a checkpoint of this run's recipe and backbone "
             f"({str(error).splitlines()[0]}); start the run again without --resume"

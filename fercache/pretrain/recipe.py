@@ -26,6 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, Dataset, RandomSampler
 from torchvision import transforms as T
 
+from fercache.backbone import read_weights
+from fercache.damage import first_line
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks
 from fercache.errors import FercacheError
@@ -33,7 +35,7 @@ from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.sampling import BalancedBatchSampler
 from fercache.pretrain.sources import LabelledImages, read_labelled
 from fercache.pretrain.views import LabelledDataset, Views
-from fercache.weights import pretrained_model
+from fercache.weights import expected_keys, pretrained_model, select_weights
 
 NUM_CLASSES = len(EXPR_CLASSES)
 Autocast = Callable[[], AbstractContextManager]
@@ -266,15 +268,34 @@ def create_network(
         )
     if not Path(init_checkpoint).is_file():
         raise FercacheError(f"{init_checkpoint}: no such checkpoint file")
+    _check_initial_weights(Path(init_checkpoint), backbone, timm_options)
     # timm loads a local file through the pretrained path and re-initialises a head whose
     # class count differs (an ImageNet head has 1000)
-    return timm.create_model(
-        backbone,
-        pretrained=True,
-        pretrained_cfg_overlay={"file": str(init_checkpoint)},
-        num_classes=NUM_CLASSES,
-        **timm_options,
-    )
+    try:
+        return timm.create_model(
+            backbone,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(init_checkpoint)},
+            num_classes=NUM_CLASSES,
+            **timm_options,
+        )
+    except RuntimeError as error:  # weights of the backbone's keys but other shapes
+        raise FercacheError(
+            f"{init_checkpoint}: does not fit backbone '{backbone}' ({first_line(error)}); give "
+            "weights of that backbone, or set the backbone they were trained with"
+        ) from error
+
+
+def _check_initial_weights(path: Path, backbone: str, timm_options: dict) -> None:
+    """A damaged file, or one without a single weight of `backbone` (which timm's loader would
+    silently skip, leaving a random network), fails here, naming the file."""
+    expected = set(expected_keys(backbone, NUM_CLASSES, dict(timm_options)))
+    state, _ = select_weights(read_weights(path), expected)
+    if not expected & set(state):
+        raise FercacheError(
+            f"{path}: holds no weights of backbone '{backbone}' (none of its keys); give "
+            "weights of that backbone, or set the backbone they were trained with"
+        )
 
 
 def sgd(model: nn.Module, lr: float, config: PretrainConfig) -> torch.optim.Optimizer:

@@ -1,9 +1,22 @@
 """Per-frame features of one or more caches, fused per video and aligned on frame numbers.
 
-Several caches (e.g. two backbones) are fused the way ABAW teams fuse them: their features of
-the same frame are concatenated along the feature axis. Rule for frame sets: every cache must
-hold exactly the same frames of a video (they were extracted from the same image folders); a
-mismatch is an error naming the video and both caches, never silently intersected or filled.
+Several caches (e.g. two backbones, or a visual cache and imported audio features) are fused
+the way ABAW teams fuse them: their features of the same frame are concatenated along the
+feature axis, in the order the caches are given.
+
+Rule for frame sets. The fused rows are the frames of the first extracted cache (of the first
+cache when every cache is imported), less the frames any imported cache records missing:
+- every other extracted cache must hold exactly those frames (they were extracted from the same
+  image folders);
+- an imported cache (`fercache import-features`: its stores list `missing_frames`) must hold
+  each of them or record it missing; its rows for frames the extracted caches do not have (no
+  face image) are not used;
+- a frame an imported cache records missing is left out of the fused rows: to training it is a
+  frame without features, and `predict` fills it from the nearest frames, as it fills frames
+  without an image.
+Any other difference is an error naming the video and both caches, never silently intersected
+or filled. Each cache keeps the store rows of the fused frames (`FusedRows.rows`), so a window
+of fused rows maps to each store's rows, in memory and lazily.
 
 Two ways to serve windows to the trainer, chosen by `--memory-budget`:
 - `MemoryFeatures`: every needed video read once into RAM as float16; a window is a slice.
@@ -22,7 +35,7 @@ import numpy as np
 
 from fercache.errors import FercacheError
 from fercache.progress import progress_bar
-from fercache.store import FeatureCache, open_store, store_handle
+from fercache.store import FeatureCache, missing_frames, open_store, store_handle
 
 FEATURE_DTYPE = np.float16
 _LISTED = 5  # names or frames quoted in an error before "…"
@@ -34,6 +47,34 @@ class FusedVideo:
 
     frames: np.ndarray
     features: np.ndarray
+
+
+@dataclass(frozen=True)
+class FusedRows:
+    """A video's fused frames (int32, 1-based, ascending) and, per cache, the store rows that
+    hold them (None: the store's rows are exactly those frames, in order)."""
+
+    frames: np.ndarray
+    rows: tuple[np.ndarray | None, ...]
+
+    def window(self, position: int, start: int, stop: int) -> slice | np.ndarray:
+        """Cache `position`'s store rows of fused rows start..stop."""
+        rows = self.rows[position]
+        return slice(start, stop) if rows is None else rows[start:stop]
+
+
+@dataclass(frozen=True)
+class _StoreFrames:
+    """One cache's frames of a video: its rows, and the frames it records missing (None for an
+    extracted store)."""
+
+    cache: FeatureCache
+    frames: np.ndarray
+    missing: np.ndarray | None
+
+    @property
+    def imported(self) -> bool:
+        return self.missing is not None
 
 
 @dataclass(frozen=True)
@@ -87,36 +128,62 @@ class CacheSet:
         return sum(self.rows(video) for video in videos) * self.feature_dim * 2
 
     def frames(self, video: str) -> np.ndarray:
-        """The video's frame numbers, checked to be identical in every cache."""
-        first: np.ndarray | None = None
-        for cache in self.caches:
-            with open_store(cache.path(video)) as store:
-                frames = store["frames"][:].astype(np.int32)
-            if first is None:
-                first = frames
-            elif not np.array_equal(first, frames):
-                raise FercacheError(_mismatch(video, self.caches[0], first, cache, frames))
-        return first
+        """The video's fused frame numbers (see the module's rule for frame sets)."""
+        return self.layout(video).frames
+
+    def layout(self, video: str) -> FusedRows:
+        """The video's fused frames and each cache's rows of them, by the module's rule."""
+        stores = [_store_frames(cache, video) for cache in self.caches]
+        reference = next((store for store in stores if not store.imported), stores[0])
+        dropped = [store.missing for store in stores if store.imported]
+        fused = np.setdiff1d(reference.frames, np.concatenate(dropped)) if dropped else None
+        fused = reference.frames if fused is None else fused.astype(np.int32)
+        rows = []
+        for store in stores:
+            if store.imported and store is not reference:
+                known = np.union1d(store.frames, store.missing)
+                if not np.isin(reference.frames, known).all():
+                    raise FercacheError(_mismatch(video, reference, store))
+            elif not np.array_equal(store.frames, reference.frames):
+                raise FercacheError(_mismatch(video, reference, store))
+            same = len(store.frames) == len(fused) and np.array_equal(store.frames, fused)
+            rows.append(None if same else np.searchsorted(store.frames, fused))
+        return FusedRows(fused, tuple(rows))
 
     def read(self, video: str) -> FusedVideo:
-        frames = self.frames(video)
+        layout = self.layout(video)
         parts = []
-        for cache in self.caches:
+        for position, cache in enumerate(self.caches):
             with open_store(cache.path(video)) as store:
-                parts.append(store["features"][:].astype(FEATURE_DTYPE, copy=False))
-        return FusedVideo(frames, np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+                features = store["features"][:].astype(FEATURE_DTYPE, copy=False)
+            rows = layout.rows[position]
+            parts.append(features if rows is None else features[rows])
+        features = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        return FusedVideo(layout.frames, features)
 
 
-def _mismatch(
-    video: str, cache_a: FeatureCache, frames_a: np.ndarray, cache_b: FeatureCache, frames_b
-) -> str:
-    only_a = np.setdiff1d(frames_a, frames_b)[:_LISTED].tolist()
-    only_b = np.setdiff1d(frames_b, frames_a)[:_LISTED].tolist()
+def _store_frames(cache: FeatureCache, video: str) -> _StoreFrames:
+    with open_store(cache.path(video)) as store:
+        return _StoreFrames(cache, store["frames"][:].astype(np.int32), missing_frames(store))
+
+
+def _mismatch(video: str, a: _StoreFrames, b: _StoreFrames) -> str:
+    only_a = np.setdiff1d(a.frames, b.frames)
+    if b.imported:
+        only_a = np.setdiff1d(only_a, b.missing)
+        return (
+            f"video '{video}': {b.cache.root} (imported) neither holds nor records missing "
+            f"{len(only_a)} frame(s) of {a.cache.root}, e.g. {only_a[:_LISTED].tolist()}. "
+            "Import the video again against the same Aff-Wild2 tree (`fercache import-features "
+            "... --data DATA --force`)."
+        )
+    only_b = np.setdiff1d(b.frames, a.frames)[:_LISTED].tolist()
     return (
-        f"video '{video}': the caches hold different frames ({cache_a.root}: {len(frames_a)} "
-        f"rows, frames only there {only_a}; {cache_b.root}: {len(frames_b)} rows, frames only "
-        f"there {only_b}). Fused caches must come from the same image folders: re-extract the "
-        "video into both caches (`fercache extract --force --videos VIDEO`)."
+        f"video '{video}': the caches hold different frames ({a.cache.root}: {len(a.frames)} "
+        f"rows, frames only there {only_a[:_LISTED].tolist()}; {b.cache.root}: {len(b.frames)} "
+        f"rows, frames only there {only_b}). Fused caches must come from the same image "
+        "folders: re-extract the video into both caches (`fercache extract --force --videos "
+        "VIDEO`)."
     )
 
 
@@ -162,33 +229,34 @@ class LazyFeatures:
 
     caches: CacheSet
     names: list[str]
-    frame_numbers: list[np.ndarray]
+    layouts: list[FusedRows]
     _handles: dict[tuple[int, int], h5py.File] = field(default_factory=dict, repr=False)
     _owner_pid: int = field(default=-1, repr=False)
 
     @classmethod
     def open(cls, caches: CacheSet, names: Sequence[str], progress: bool) -> "LazyFeatures":
-        frames = []
+        layouts = []
         with progress_bar("checking frames", len(names), enabled=progress) as advance:
             for name in names:
-                frames.append(caches.frames(name))
+                layouts.append(caches.layout(name))
                 advance()
-        return cls(caches, list(names), frames)
+        return cls(caches, list(names), layouts)
 
     @property
     def feature_dim(self) -> int:
         return self.caches.feature_dim
 
     def frames(self, index: int) -> np.ndarray:
-        return self.frame_numbers[index]
+        return self.layouts[index].frames
 
     def rows(self, index: int) -> int:
-        return len(self.frame_numbers[index])
+        return len(self.layouts[index].frames)
 
     def window(self, index: int, start: int, stop: int) -> np.ndarray:
+        layout = self.layouts[index]
         parts = [
-            store["features"][start:stop].astype(FEATURE_DTYPE, copy=False)
-            for store in self._stores(index)
+            _read_rows(store["features"], layout.window(position, start, stop))
+            for position, store in enumerate(self._stores(index))
         ]
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
@@ -211,6 +279,17 @@ class LazyFeatures:
     def __getstate__(self) -> dict:
         # Sent to spawned workers without open handles; they reopen on first use.
         return {**self.__dict__, "_handles": {}, "_owner_pid": -1}
+
+
+def _read_rows(features: h5py.Dataset, rows: slice | np.ndarray) -> np.ndarray:
+    """Rows of a store's features as float16: one contiguous read, then numpy picks the rows
+    (h5py's own fancy indexing is slow)."""
+    if isinstance(rows, slice):
+        return features[rows].astype(FEATURE_DTYPE, copy=False)
+    if len(rows) == 0:
+        return np.empty((0, features.shape[1]), FEATURE_DTYPE)
+    block = features[int(rows[0]) : int(rows[-1]) + 1].astype(FEATURE_DTYPE, copy=False)
+    return block[rows - rows[0]]
 
 
 def _open_store_limit() -> int:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from fercache.damage import first_line, read_json_object, unreadable
 from fercache.data.tasks import AU_NAMES
 from fercache.errors import FercacheError
 from fercache.outputs import write_text_atomically
@@ -26,6 +28,9 @@ from fercache.temporal.clips import evaluation_starts
 from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
 from fercache.temporal.rundir import MODEL_JSON, THRESHOLDS_FILE, WEIGHTS
 from fercache.temporal.step import autocast_for
+
+# What rewrites a run's model.json and weights: nothing repairs a finished run in place.
+RETRAIN = "train the run again (`fercache train ... --out NEW_DIR`), or restore the file"
 
 
 @torch.no_grad()
@@ -91,17 +96,32 @@ def _stored_thresholds(path: Path) -> dict[str, np.ndarray]:
     """{weights: thresholds in AU order} of a run's thresholds file; {} when it has none."""
     if not path.is_file():
         return {}
+    remedy = (
+        "delete it (predictions then use 0.5) and tune again with "
+        "`fercache predict RUN_DIR ... --split val --tune-thresholds`"
+    )
+    stored = read_json_object(path, "AU thresholds", remedy)
     try:
-        stored = json.loads(path.read_text())
         return {
             weights: np.array([float(values[name]) for name in AU_NAMES])
             for weights, values in stored.items()
         }
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise FercacheError(
-            f"{path}: unreadable AU thresholds ({error!r}); delete it (predictions then use "
-            "0.5) and tune again with `fercache predict RUN_DIR ... --split val --tune-thresholds`"
-        ) from error
+        raise unreadable(path, "AU thresholds", repr(error), remedy) from error
+
+
+def _load_weights(model: TemporalTransformer, path: Path) -> None:
+    """`path`'s weights into `model`; FercacheError naming the file when it is damaged or holds
+    another network's weights."""
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise unreadable(path, "run weights", first_line(error), RETRAIN) from error
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        why = f"not the weights of the network model.json describes: {first_line(error)}"
+        raise unreadable(path, "run weights", why, RETRAIN) from error
 
 
 @dataclass
@@ -128,16 +148,24 @@ class TemporalPredictor:
                     f"{path}: missing; {run_dir} is not a finished `fercache train` run "
                     "(best weights appear after its first epoch, final ones at its end)"
                 )
-        details = json.loads(json_path.read_text())
-        config = ModelConfig.from_json(details, json_path)
-        model = TemporalTransformer(config)
-        model.load_state_dict(load_file(weights_path))
+        details = read_json_object(json_path, "model config", RETRAIN)
+        try:
+            config = ModelConfig.from_json(details, json_path)
+            model = TemporalTransformer(config)
+            caches = [
+                {**cache, "fingerprint": str(cache["fingerprint"])} for cache in details["caches"]
+            ]
+            eval_stride = int(details["eval_stride"])
+        except (KeyError, TypeError, ValueError) as error:
+            why = f"not as `fercache train` writes it: {type(error).__name__} {first_line(error)}"
+            raise unreadable(json_path, "model config", why, RETRAIN) from error
+        _load_weights(model, weights_path)
         target = torch.device(device)
         return cls(
             model.to(target).eval(),
             config,
-            list(details["caches"]),
-            int(details["eval_stride"]),
+            caches,
+            eval_stride,
             target,
             read_thresholds(run_dir, weights),
         )

@@ -17,7 +17,7 @@ as an uninterrupted run does; on CPU the same seed gives bit-identical metrics.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from time import perf_counter
 
@@ -28,8 +28,16 @@ from sklearn.metrics import f1_score
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from fercache.damage import read_json_object, unreadable
 from fercache.data.affwild2 import AffWild2
-from fercache.data.labels import class_counts, positive_counts, read_split, row_targets, row_valid
+from fercache.data.labels import (
+    SplitLabels,
+    class_counts,
+    positive_counts,
+    read_split,
+    row_targets,
+    row_valid,
+)
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
@@ -57,6 +65,7 @@ from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
 from fercache.temporal.rundir import (
     FINAL_WEIGHTS,
     SUMMARY_FILE,
+    VIDEOS_FILE,
     plot_curves,
     write_best,
     write_json,
@@ -74,6 +83,19 @@ from fercache.vote import majority_vote
 
 # The epoch record's key of each validation score (`select` names the score).
 RECORD_KEY = {"expr_f1": "val_f1", "au_f1": "val_au_f1", "va_ccc": "val_va_ccc", "p": "val_p"}
+# What `_save_epoch` puts in last.pt (a phase-1 checkpoint lacks them).
+CHECKPOINT_KEYS = ("model", "optimizer", "state", "model_config", "cache_fingerprints")
+
+
+@dataclass(frozen=True)
+class VideoSelection:
+    """Explicit training and validation videos (e.g. one cross-validation fold), taken from the
+    videos the train and val splits annotate instead of the splits themselves. `name` says
+    in errors which selection it is (e.g. 'fold 2')."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    name: str = "selected"
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,7 @@ class TrainRequest:
     device: str = "auto"
     resume: bool = False
     progress: bool = True
+    videos: VideoSelection | None = None  # None: the config's train_split and val_split
 
 
 @dataclass
@@ -131,13 +154,29 @@ class RunState:
 def train(cache_dirs: list[Path], data: Path, out: Path, request: TrainRequest) -> dict:
     """Train a temporal model into `out`; returns the run's summary (also `summary.json`)."""
     out = Path(out)
+    request = _with_recorded_videos(out, request)
     with distributed(request.device) as ranks:
         config = _resolve_config(out, request)
-        if ranks.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_config(config, out)
-        ranks.barrier()
         return _run(cache_dirs, Path(data), out, config, request, ranks)
+
+
+def _with_recorded_videos(out: Path, request: TrainRequest) -> TrainRequest:
+    """A resumed run of explicit videos (a fold) resumes with the videos its folder records,
+    even when resumed directly (`fercache train --resume --out FOLDS_DIR/fold-<k>`)."""
+    path = out / VIDEOS_FILE
+    if not request.resume or request.videos is not None or not path.is_file():
+        return request
+    remedy = f"resume it through `fercache train --folds K --out {out.parent}`"
+    recorded = read_json_object(path, "list of the run's videos", remedy)
+    try:
+        selection = VideoSelection(
+            tuple(map(str, recorded["train"])),
+            tuple(map(str, recorded["val"])),
+            str(recorded["name"]),
+        )
+    except (KeyError, TypeError) as error:
+        raise unreadable(path, "list of the run's videos", f"no {error}", remedy) from error
+    return replace(request, videos=selection)
 
 
 def resolved_config(out: Path, request: TrainRequest) -> TemporalConfig:
@@ -167,12 +206,20 @@ def _run(
     ranks: Ranks,
 ) -> dict:
     caches = CacheSet.open(cache_dirs)
+    for cache in caches.caches:
+        cache.check_stores()  # a damaged store fails the run now, not at its first epoch
     model_config = _model_config(config, caches)
-    checkpoint = read_checkpoint(out) if request.resume else None
+    checkpoint = read_checkpoint(out, CHECKPOINT_KEYS) if request.resume else None
     if checkpoint is not None:
         _check_resumable(checkpoint, model_config, caches, out)
     run_data = _load_data(caches, data, config, request, ranks)
     objective, sampling_weights = _objective(run_data, config, ranks.device)
+    if ranks.is_main:  # only once every input was read: unreadable inputs leave no run folder
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(config, out)
+        if request.videos is not None:
+            write_json(out / VIDEOS_FILE, asdict(request.videos))
+    ranks.barrier()
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = TemporalTransformer(model_config).to(ranks.device)
@@ -257,6 +304,8 @@ def _load_data(
     splits = [
         read_split(tree, config.tasks, split) for split in (config.train_split, config.val_split)
     ]
+    if request.videos is not None:
+        splits = _selected(splits, request.videos)
     splits[0] = subsample_videos(splits[0], config.subsample, config.seed)
     for split in splits:
         caches.require(split.names, f"{_tasks_text(config.tasks)} {split.split}")
@@ -269,21 +318,40 @@ def _load_data(
         row_targets(video, config.tasks, source.frames(index)) for index, video in enumerate(videos)
     ]
     run_data = RunData(source, labels, len(splits[0].videos))
-    _check_labelled(run_data, data, config)
+    _check_labelled(run_data, data, config.tasks, (splits[0].split, splits[1].split))
     return run_data
+
+
+def _selected(splits: list[SplitLabels], selection: VideoSelection) -> list[SplitLabels]:
+    """The selection's training and validation videos, out of both splits' annotated ones."""
+    annotated = {video.video: video for split in splits for video in split.videos}
+    selected = []
+    for part, names in (("training", selection.train), ("validation", selection.val)):
+        unknown = sorted(set(names) - set(annotated))
+        if unknown:
+            raise FercacheError(
+                f"{selection.name} {part} video(s) {', '.join(unknown[:5])} are not annotated "
+                f"for {_tasks_text(splits[0].tasks)} in the {splits[0].split} or "
+                f"{splits[1].split} split; check the data or plan the selection again"
+            )
+        chosen = [annotated[name] for name in sorted(names)]
+        selected.append(SplitLabels(splits[0].tasks, f"{selection.name} {part}", chosen))
+    return selected
 
 
 def _tasks_text(tasks: tuple[str, ...]) -> str:
     return "/".join(task.upper() for task in tasks)
 
 
-def _check_labelled(run_data: RunData, data: Path, config: TemporalConfig) -> None:
+def _check_labelled(
+    run_data: RunData, data: Path, tasks: tuple[str, ...], split_names: tuple[str, str]
+) -> None:
     """Every trained task needs valid labels on cached rows of both splits."""
     parts = {
-        config.train_split: run_data.labels[: run_data.train_count],
-        config.val_split: run_data.labels[run_data.train_count :],
+        split_names[0]: run_data.labels[: run_data.train_count],
+        split_names[1]: run_data.labels[run_data.train_count :],
     }
-    for task in config.tasks:
+    for task in tasks:
         for split, videos in parts.items():
             if not any(row_valid(task, targets[task]).any() for targets in videos):
                 raise FercacheError(

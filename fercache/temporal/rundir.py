@@ -22,7 +22,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from safetensors.torch import save_file
 
-from fercache.errors import FercacheError
+from fercache.damage import read_json_object, unreadable
 from fercache.outputs import write_atomically, write_text_atomically
 
 BEST_WEIGHTS = "best.safetensors"
@@ -33,6 +33,7 @@ WEIGHTS = {"best": BEST_WEIGHTS, "final": FINAL_WEIGHTS}
 MODEL_JSON = "model.json"
 THRESHOLDS_FILE = "thresholds.json"
 SUMMARY_FILE = "summary.json"
+VIDEOS_FILE = "videos.json"  # the explicit training and validation videos of a fold
 CURVES_FILE = "curves.png"
 # The validation scores an epoch record may hold, as the curves name them.
 SCORE_TITLES = {
@@ -60,16 +61,15 @@ def write_best(run_dir: Path, state_dict: dict, model_details: dict) -> None:
 
 def read_summary(run_dir: Path) -> dict | None:
     """The finished run's `summary.json`; None while the run is unfinished."""
-    path = run_dir / SUMMARY_FILE
+    path = Path(run_dir) / SUMMARY_FILE
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise FercacheError(
-            f"{path}: not valid JSON ({error}); delete it and resume the run "
-            "(`fercache train ... --resume`) to write it again"
-        ) from error
+    remedy = "delete it and resume the run (`fercache train ... --resume`) to write it again"
+    summary = read_json_object(path, "run summary", remedy)
+    counts = [summary.get(key) for key in ("epochs", "best_epoch")]
+    if not all(isinstance(count, int) and not isinstance(count, bool) for count in counts):
+        raise unreadable(path, "run summary", "no epochs and best_epoch counts", remedy)
+    return summary
 
 
 def plot_curves(run_dir: Path, history: list[dict]) -> None:

@@ -1,0 +1,480 @@
+"""Every damaged artifact answers in one line. For each kind of file fercache writes or reads
+(feature store, manifest, PRED file, run-folder files, phase-1 checkpoints, student weights,
+frame lists, annotations), each damage (truncated to half, a few bytes of garbage, empty,
+missing, another file's valid content) and each command that reads it: exit code 2, one line on
+stderr naming the file, no traceback, and no output under its final name (a folder resumed in
+place keeps its files). Where a recovery is defined (extract recomputes a damaged store) the
+recovery is checked instead; `fercache runs` marks an unreadable run in its table.
+
+Every artifact is built once for the module (one tiny extracted cache, one tiny sweep whose run
+every reader is given, one PRED, one tiny phase-1 run) and copied per case before its damage.
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fercache.cli import app
+from fercache.data.tasks import EXPR_CLASSES
+from fercache.runfolder import CONFIG_FILE, METRICS_FILE
+from fercache.store import MANIFEST_NAME, read_manifest, read_store
+from fercache.temporal.inference import write_thresholds
+from fercache.temporal.rundir import SUMMARY_FILE
+from tests.train_data import ANNOTATIONS, SPLIT_FOLDERS, TINY_TEMPORAL, TreeSpec, write_tree
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+VIDEO = "val00"  # the video whose store and annotation file are damaged
+NET = ("--backbone=test_resnet", "--input-size=32", "--device=cpu", "--workers=0")
+PRETRAIN_SETS = (
+    "recipe=supervised",
+    "backbone=test_resnet",
+    "image_size=32",
+    "batch_size=8",
+    "workers=0",
+    "eval_every=2",
+    "log_every=1",
+    "checkpoint_every=2",
+)
+TRAIN_SETS = tuple(f"--set={value}" for value in TINY_TEMPORAL)
+GARBAGE = b"\x89\xff\x00garbage\xfe"
+LR = 0.001  # the built sweep's one point
+
+
+def _cli(*arguments: object) -> list[str]:
+    return [str(argument) for argument in arguments]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """tree/ (4 videos, real 8x8 JPEGs), cache/ (extracted by a random test_resnet), sweep/
+    (one point: one epoch of the tiny temporal model), run/ (a copy of that point, with
+    thresholds.json), val.h5, frames.csv (a submission: a frame list), labelled.csv and p1/
+    (two phase-1 steps on it: last.pt, student.safetensors)."""
+    base = tmp_path_factory.mktemp("built")
+    write_tree(base / "tree", TreeSpec(train_videos=2, val_videos=2, frames=40))
+    jpeg = base / "face.jpg"
+    Image.new("RGB", (8, 8), (200, 120, 90)).save(jpeg)
+    for image in (base / "tree" / "cropped_aligned").rglob("*.jpg"):
+        shutil.copyfile(jpeg, image)
+    steps = [
+        _extract(base, "cache", *NET),
+        _sweep(base, LR),
+        _predict(base, f"--data={base / 'tree'}", out=base / "val.h5"),
+        ["submit", base / "val.h5", f"--out={base / 'frames.csv'}"],
+    ]
+    rows = []
+    for label in range(len(EXPR_CLASSES)):
+        for copy in range(4):
+            image = base / "stills" / f"{label}-{copy}.jpg"
+            image.parent.mkdir(exist_ok=True)
+            Image.new("RGB", (8, 8), (30 * label, 40 * copy, 90)).save(image)
+            rows.append(f"{image},{label}")
+    (base / "labelled.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    steps.append(_pretrain(base, "p1", "--steps=2"))
+    for step in steps:
+        result = runner.invoke(app, _cli(*step))
+        assert result.exit_code == 0, (step, result.output)
+        if step[0] == "sweep":  # its one point is the run every reader is given
+            shutil.copytree(base / "sweep" / f"lr={LR}", base / "run")
+    write_thresholds(base / "run", "best", np.full(12, 0.4))
+    shutil.copyfile(ROOT / "configs" / "temporal.yaml", base / "temporal.yaml")
+    return base
+
+
+# --- the damages -----------------------------------------------------------------------------
+
+
+def _truncated(path: Path, built: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path: Path, built: Path) -> None:
+    path.write_bytes(GARBAGE)
+
+
+def _empty(path: Path, built: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _missing(path: Path, built: Path) -> None:
+    path.unlink()
+
+
+def _content(data: bytes) -> Callable[[Path, Path], None]:
+    return lambda path, built: path.write_bytes(data)
+
+
+def _copy_of(relative: str) -> Callable[[Path, Path], None]:
+    return lambda path, built: shutil.copyfile(built / relative, path)
+
+
+COMMON = {"truncated": _truncated, "garbage": _garbage, "empty": _empty, "missing": _missing}
+# the damages of a line-based text file (cut short, it is still a valid one)
+TEXT = {"garbage": _garbage, "empty": _empty}
+STORE = f"cache/{VIDEO}.h5"
+ANNOTATION = f"tree/{ANNOTATIONS}/{SPLIT_FOLDERS['val']}/{VIDEO}.txt"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file of the built workspace, its damages, and the top-level items a case copies."""
+
+    path: str
+    damages: dict[str, Callable[[Path, Path], None]]
+    copies: tuple[str, ...] = ()
+
+
+ARTIFACTS = {
+    "store": Artifact(STORE, {**COMMON, "pred-hdf5": _copy_of("val.h5")}, ("cache",)),
+    "manifest": Artifact(
+        "cache/manifest.json",
+        {**COMMON, "json-list": _content(b"[]"), "json-object": _content(b"{}")},
+        ("cache",),
+    ),
+    "pred": Artifact("val.h5", {**COMMON, "store-hdf5": _copy_of(STORE)}, ("val.h5",)),
+    "model.json": Artifact(
+        "run/model.json",
+        {
+            **COMMON,
+            "open-brace": _content(b"{"),
+            "json-list": _content(b"[]"),
+            "json-wrong-values": _content(b'{"feature_dim": "many", "tasks": 3}'),
+        },
+        ("run",),
+    ),
+    "best.safetensors": Artifact(
+        "run/best.safetensors",
+        {**COMMON, "another-model": _copy_of("p1/student.safetensors")},
+        ("run",),
+    ),
+    "final.safetensors": Artifact("run/final.safetensors", COMMON, ("run",)),
+    # without thresholds.json a run decides AUs at 0.5: not a damage
+    "thresholds.json": Artifact(
+        "run/thresholds.json",
+        {
+            "truncated": _truncated,
+            **TEXT,
+            "json-list": _content(b"[]"),
+            "json-wrong-values": _content(b'{"best": [1, 2]}'),
+        },
+        ("run",),
+    ),
+    "run-config": Artifact(
+        "run/config.yaml",
+        {
+            **COMMON,
+            "yaml-text": _content(b"just some words\n"),
+            "yaml-list": _content(b"- lr\n- epochs\n"),
+            "yaml-unknown-keys": _content(b"colour: blue\nshape: round\n"),
+        },
+        ("run",),
+    ),
+    "run-checkpoint": Artifact(
+        "run/last.pt", {**COMMON, "phase-1-checkpoint": _copy_of("p1/last.pt")}, ("run",)
+    ),
+    # a run without summary.json is unfinished, and a sweep resumes it: not a damage
+    "summary.json": Artifact(
+        f"sweep/lr={LR}/summary.json",
+        {
+            "truncated": _truncated,
+            **TEXT,
+            "json-list": _content(b"[]"),
+            "json-wrong-values": _content(b'{"epochs": "x"}'),
+        },
+        ("sweep",),
+    ),
+    "p1-config": Artifact(
+        "p1/config.yaml",
+        {**COMMON, "yaml-text": _content(b"just some words\n"), "yaml-list": _content(b"- a\n")},
+        ("p1",),
+    ),
+    "p1-checkpoint": Artifact(
+        "p1/last.pt", {**COMMON, "phase-2-checkpoint": _copy_of("run/last.pt")}, ("p1",)
+    ),
+    "student": Artifact(
+        "p1/student.safetensors",
+        {**COMMON, "temporal-weights": _copy_of("run/best.safetensors")},
+        ("p1",),
+    ),
+    "frame-list": Artifact(
+        "frames.csv", {**TEXT, "missing": _missing, "hdf5": _copy_of("val.h5")}, ("frames.csv",)
+    ),
+    "annotation": Artifact(
+        ANNOTATION,
+        {**TEXT, "au-lines": _content(b"AU1,AU2\n0,1,0\n1,1,1\n")},
+        ("tree",),
+    ),
+    # an empty or shortened settings file is a valid one (the defaults fill it in)
+    "settings-file": Artifact(
+        "temporal.yaml",
+        {"garbage": _garbage, "missing": _missing, "yaml-list": _content(b"- lr\n")},
+        ("temporal.yaml",),
+    ),
+}
+
+
+# --- the commands ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """`arguments(w)` in workspace `w`; `outputs(w)`: what must not exist after a failure;
+    `kept(w)`: folders whose files must stay as they were."""
+
+    arguments: Callable[[Path], list]
+    outputs: Callable[[Path], list[Path]] = lambda w: []
+    kept: Callable[[Path], list[Path]] = lambda w: []
+    copies: tuple[str, ...] = ()
+
+
+def _train(w: Path, out: str, *extra: str) -> list:
+    common = ["--epochs=1", "--device=cpu", "--no-progress", *TRAIN_SETS, *extra]
+    return ["train", w / "cache", f"--data={w / 'tree'}", f"--out={w / out}", *common]
+
+
+def _sweep(w: Path, lr: float) -> list:
+    common = [f"--grid=lr={lr}", "--epochs=1", "--device=cpu", "--no-progress", *TRAIN_SETS]
+    return ["sweep", w / "cache", f"--data={w / 'tree'}", f"--out={w / 'sweep'}", *common]
+
+
+def _predict(w: Path, *extra: str, out: Path | None = None) -> list:
+    common = ["--split=val", f"--out={out or w / 'out.h5'}", "--no-progress", *extra]
+    return ["predict", w / "run", f"--cache={w / 'cache'}", *common]
+
+
+def _pretrain(w: Path, out: str, *extra: str) -> list:
+    sets = [f"--set={value}" for value in PRETRAIN_SETS]
+    common = [f"--out={w / out}", "--no-progress", *sets, *extra]
+    return ["pretrain", f"--labelled=abaw:{w / 'labelled.csv'}", *common]
+
+
+def _extract(w: Path, out: str, *extra: str) -> list:
+    return ["extract", w / "tree", f"--out={w / out}", "--no-progress", *extra]
+
+
+STUDENT = "p1/student.safetensors"
+OUT_H5 = lambda w: [w / "out.h5"]  # noqa: E731
+COMMANDS = {
+    "train": Command(lambda w: _train(w, "new"), lambda w: [w / "new"]),
+    "train --config": Command(
+        lambda w: _train(w, "new", f"--config={w / 'temporal.yaml'}"), lambda w: [w / "new"]
+    ),
+    "train --resume": Command(
+        lambda w: _train(w, "run", "--resume"), kept=lambda w: [w / "run"], copies=("run",)
+    ),
+    "sweep": Command(
+        lambda w: _sweep(w, 0.002),
+        lambda w: [w / "sweep" / "lr=0.002" / CONFIG_FILE],
+        copies=("sweep",),
+    ),
+    "sweep (finished point)": Command(
+        lambda w: _sweep(w, LR), kept=lambda w: [w / "sweep"], copies=("sweep",)
+    ),
+    "predict": Command(lambda w: _predict(w, f"--data={w / 'tree'}"), OUT_H5),
+    "predict --weights final": Command(
+        lambda w: _predict(w, f"--data={w / 'tree'}", "--weights=final"), OUT_H5
+    ),
+    "predict --frames": Command(lambda w: _predict(w, f"--frames={w / 'frames.csv'}"), OUT_H5),
+    "smooth": Command(lambda w: ["smooth", w / "val.h5", f"--out={w / 'out.h5'}"], OUT_H5),
+    "evaluate": Command(
+        lambda w: [
+            *["evaluate", w / "val.h5", f"--data={w / 'tree'}"],
+            *[f"--json={w / 'out.json'}", f"--confusion={w / 'out.png'}"],
+        ],
+        lambda w: [w / "out.json", w / "out.png"],
+    ),
+    "submit": Command(
+        lambda w: ["submit", w / "val.h5", f"--out={w / 'out.csv'}"], lambda w: [w / "out.csv"]
+    ),
+    "submit --frames": Command(
+        lambda w: [
+            "submit",
+            w / "val.h5",
+            f"--out={w / 'out.csv'}",
+            f"--frames={w / 'frames.csv'}",
+        ],
+        lambda w: [w / "out.csv"],
+    ),
+    "ensemble": Command(
+        lambda w: ["ensemble", w / "val.h5", w / "val.h5", f"--out={w / 'out.h5'}"], OUT_H5
+    ),
+    "pretrain --resume": Command(
+        lambda w: _pretrain(w, "p1", "--resume", "--steps=4"),
+        kept=lambda w: [w / "p1"],
+        copies=("p1",),
+    ),
+    "pretrain --init-checkpoint": Command(
+        lambda w: _pretrain(w, "new", f"--init-checkpoint={w / STUDENT}", "--steps=2"),
+        lambda w: [w / "new"],
+    ),
+    "extract": Command(lambda w: _extract(w, "cache", *NET), kept=lambda w: [w / "cache"]),
+    "extract --checkpoint": Command(
+        lambda w: _extract(w, "new", "--device=cpu", "--workers=0", f"--checkpoint={w / STUDENT}"),
+        lambda w: [w / "new"],
+    ),
+    "convert": Command(
+        lambda w: ["convert", w / "p1" / "last.pt", f"--out={w / 'out.safetensors'}"],
+        lambda w: [w / "out.safetensors"],
+    ),
+    "inspect": Command(lambda w: ["inspect", w / "tree"]),
+}
+
+READERS = {
+    "store": ["train", "sweep", "predict"],
+    "manifest": ["train", "sweep", "predict", "extract"],
+    "pred": ["smooth", "evaluate", "submit", "ensemble"],
+    "model.json": ["predict"],
+    "best.safetensors": ["predict"],
+    "final.safetensors": ["predict --weights final"],
+    "thresholds.json": ["predict"],
+    "run-config": ["train --resume"],
+    "run-checkpoint": ["train --resume"],
+    "summary.json": ["sweep (finished point)"],
+    "p1-config": ["pretrain --resume"],
+    "p1-checkpoint": ["pretrain --resume", "convert"],
+    "student": ["extract --checkpoint", "pretrain --init-checkpoint"],
+    "frame-list": ["predict --frames", "submit --frames"],
+    "annotation": ["train", "predict", "evaluate", "inspect"],
+    "settings-file": ["train --config"],
+}
+# Damages some reader does not see as one.
+NOT_DAMAGE = {
+    ("p1-checkpoint", "phase-2-checkpoint", "convert"),  # convert reads any torch file's tensors
+    ("manifest", "missing", "extract"),  # extract writes the manifest of the stores it has
+}
+# Four cases of the issue's table, by name (the fifth, `runs` on a config.yaml of garbage that
+# still parses as YAML, is the first of RUNS_DAMAGES).
+ISSUE = {
+    ("store", "truncated", "train"): "issue-truncated-store-train",
+    ("best.safetensors", "truncated", "predict"): "issue-truncated-best-predict",
+    ("model.json", "open-brace", "predict"): "issue-open-brace-model-json-predict",
+    ("p1-checkpoint", "truncated", "pretrain --resume"): "issue-truncated-state-resume",
+}
+
+
+def _cases() -> list:
+    cases = []
+    for kind, artifact in ARTIFACTS.items():
+        for damage in artifact.damages:
+            for command in READERS[kind]:
+                if (kind, damage, command) in NOT_DAMAGE:
+                    continue
+                name = ISSUE.get((kind, damage, command), f"{kind}-{damage}-{command}")
+                cases.append(pytest.param(kind, damage, command, id=name.replace(" ", "")))
+    return cases
+
+
+def _workspace(built: Path, tmp_path: Path, copies: set[str]) -> Path:
+    """The built artifacts under `tmp_path`: those in `copies` copied, the rest linked."""
+    for item in built.iterdir():
+        target = tmp_path / item.name
+        if item.name not in copies:
+            target.symlink_to(item)
+        elif item.is_dir():
+            shutil.copytree(item, target)
+        else:
+            shutil.copyfile(item, target)
+    return tmp_path
+
+
+def _files(folder: Path, leaving_out: Path) -> dict[Path, int]:
+    """Each file under `folder` but `leaving_out`, and when it was last written."""
+    return {
+        path: path.stat().st_mtime_ns
+        for path in folder.rglob("*")
+        if path.is_file() and path != leaving_out
+    }
+
+
+@pytest.mark.parametrize(("kind", "damage", "command"), _cases())
+def test_a_damaged_file_gives_one_line_naming_it(built, tmp_path, kind, damage, command):
+    artifact, reader = ARTIFACTS[kind], COMMANDS[command]
+    w = _workspace(built, tmp_path, {*artifact.copies, *reader.copies})
+    damaged = w / artifact.path
+    artifact.damages[damage](damaged, built)
+    kept = {folder: _files(folder, damaged) for folder in reader.kept(w)}
+
+    result = runner.invoke(app, _cli(*reader.arguments(w)))
+
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # no other exception
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(damaged) in lines[0], result.stderr
+    assert not [path for path in reader.outputs(w) if os.path.lexists(path)]
+    for folder, files in kept.items():
+        assert _files(folder, damaged) == files
+
+
+@pytest.mark.parametrize("damage", ARTIFACTS["store"].damages)
+def test_extract_recomputes_a_damaged_store(built, tmp_path, damage):
+    w = _workspace(built, tmp_path, {"cache"})
+    ARTIFACTS["store"].damages[damage](w / STORE, built)
+
+    result = runner.invoke(app, _cli("extract", w / "tree", f"--out={w / 'cache'}", *NET))
+
+    assert result.exit_code == 0, result.output
+    assert "extracted 1 videos" in result.output
+    recomputed, original = read_store(w / STORE), read_store(built / STORE)
+    np.testing.assert_array_equal(recomputed.frames, original.frames)
+    np.testing.assert_allclose(recomputed.features, original.features, atol=1e-3)
+
+
+def test_extract_writes_a_missing_manifest_again(built, tmp_path):
+    w = _workspace(built, tmp_path, {"cache"})
+    (w / "cache" / MANIFEST_NAME).unlink()
+
+    result = runner.invoke(app, _cli(*_extract(w, "cache", *NET)))
+
+    assert result.exit_code == 0, result.output
+    assert "extracted 0 videos" in result.output
+    written, original = read_manifest(w / "cache"), read_manifest(built / "cache")
+    assert written["videos"] == original["videos"]
+    assert written["provenance"] == original["provenance"]
+
+
+# file damaged in the third of three runs (the first two differ in lr only)
+RUNS_DAMAGES = {
+    "issue-yaml-garbage-config": (CONFIG_FILE, _content(b"just some words, still YAML\n")),
+    "config-unknown-keys": (CONFIG_FILE, _content(b"colour: blue\nshape: round\n")),
+    "config-list": (CONFIG_FILE, _content(b"- lr\n- epochs\n")),
+    "config-garbage": (CONFIG_FILE, _garbage),
+    "config-empty": (CONFIG_FILE, _empty),
+    "summary-truncated": (SUMMARY_FILE, _truncated),
+    "summary-garbage": (SUMMARY_FILE, _garbage),
+    "summary-list": (SUMMARY_FILE, _content(b"[]")),
+    "metrics-garbage": (METRICS_FILE, _garbage),  # read for an unfinished run's epochs
+}
+
+
+@pytest.mark.parametrize("name", RUNS_DAMAGES)
+def test_runs_marks_an_unreadable_run_and_compares_the_readable_ones(built, tmp_path, name):
+    folder = tmp_path / "runs"
+    for run in ("a", "b", "c"):
+        shutil.copytree(built / "run", folder / run)
+    config = folder / "b" / CONFIG_FILE
+    config.write_text(config.read_text().replace(f"\nlr: {LR}\n", "\nlr: 0.002\n"))
+    damaged, damage = RUNS_DAMAGES[name]
+    if damaged == METRICS_FILE:
+        (folder / "c" / SUMMARY_FILE).unlink()
+    damage(folder / "c" / damaged, built)
+
+    result = runner.invoke(app, _cli("runs", folder, f"--json={tmp_path / 'runs.json'}"))
+
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "runs.json").read_text())
+    columns = table["columns"]
+    assert columns[: columns.index("epochs")] == ["run", "lr"]  # the one setting that differs
+    status = {row["run"]: row["status"] for row in table["rows"]}
+    assert status == {"a": "finished", "b": "finished", "c": f"unreadable: {damaged}"}
