@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -56,6 +55,7 @@ from fercache.store import (
     TMP_MARK,
     Provenance,
     check_manifest,
+    open_store,
     other_store,
     store_path,
     store_state,
@@ -256,7 +256,7 @@ def _finished_stores(out: Path, provenance: Provenance) -> dict[str, dict]:
 
 
 def _store_counts(path: Path) -> tuple[int, int]:
-    with h5py.File(path, "r") as store:
+    with open_store(path) as store:
         return int(store["frames"].shape[0]), len(store.attrs["skipped_frames"])
 
 

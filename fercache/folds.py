@@ -214,7 +214,7 @@ def read_groups(path: Path, videos: dict[str, int] | list[str]) -> dict[str, str
     """{video: subject} of the groups CSV (columns video,subject); every video must be one of
     `videos`."""
     try:
-        with Path(path).open(newline="") as file:
+        with Path(path).open(newline="", encoding="utf-8-sig") as file:
             reader = csv.DictReader(file)
             rows, columns = list(reader), reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as error:

@@ -179,7 +179,7 @@ def import_features(
     for target in targets:
         if target not in todo:
             report.resumed.append(target.video)
-            entries[target.video] = _entry(store_path(out, target.video), target)
+            entries[target.video] = _stored_entry(store_path(out, target.video), target)
     with progress_bar("importing videos", len(todo), enabled=options.progress) as advance:
         last: dict[str, Samples] = {}  # X_left and X_right read X once
         for target in todo:
@@ -192,7 +192,7 @@ def import_features(
             covered, values = align_to_frames(samples, target, options.align)
             missing = np.flatnonzero(~covered).astype(np.int32) + 1
             _check_range(values, options.dtype, target)
-            path = write_store(
+            write_store(
                 out,
                 target.video,
                 frames=np.flatnonzero(covered).astype(np.int32) + 1,
@@ -206,7 +206,7 @@ def import_features(
                     "source_video": target.source,
                 },
             )
-            entries[target.video] = _entry(path, target)
+            entries[target.video] = _entry(int(covered.sum()), len(missing), target)
             report.imported.append(target.video)
             advance()
     report.rows = sum(entry["rows"] for entry in entries.values())
@@ -700,15 +700,20 @@ def _needs_work(out: Path, target: Target, provenance: Provenance, force: bool) 
     raise other_store(path, found, provenance)
 
 
-def _entry(path: Path, target: Target) -> dict:
-    """The manifest's line of one store: rows, missing frames, N and fps."""
+def _stored_entry(path: Path, target: Target) -> dict:
+    """The manifest's line of a store an earlier run wrote."""
     with open_store(path) as store:
         rows = int(store["frames"].shape[0])
         missing = missing_frames(store)
+    return _entry(rows, 0 if missing is None else len(missing), target)
+
+
+def _entry(rows: int, missing: int, target: Target) -> dict:
+    """The manifest's line of one store: rows, missing frames, N and fps."""
     return {
         "rows": rows,
         "skipped": 0,
-        "missing": 0 if missing is None else len(missing),
+        "missing": missing,
         "frames": target.frames,
         "fps": target.fps,
     }

@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 
 from fercache import __version__
-from fercache.damage import read_json_object, unreadable
+from fercache.damage import first_line, read_json_object, unreadable
 from fercache.errors import FercacheError
 from fercache.outputs import TMP_MARK as TEMPORARY
 from fercache.outputs import write_atomically, write_text_atomically
@@ -247,14 +247,7 @@ def store_handle(path: Path) -> h5py.File:
 
 
 def _unreadable(path: Path, error: Exception) -> FercacheError:
-    return FercacheError(
-        f"{path}: not a readable fercache feature store ({_first_line(error)}); {REWRITE_STORE}"
-    )
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return unreadable(path, "feature store", first_line(error), REWRITE_STORE)
 
 
 def store_state(path: Path) -> tuple[str, Provenance | None]:
@@ -407,13 +400,3 @@ class FeatureCache:
 
     def load(self, video: str) -> VideoFeatures:
         return read_store(self.path(video))
-
-    def check_stores(self) -> None:
-        """FercacheError naming the first store of the manifest that is missing, damaged or
-        not a complete store (for commands that must fail before they write anything)."""
-        for video in self.videos:
-            path = store_path(self.root, video)
-            with open_store(path) as store:
-                complete = int(store.attrs.get("complete", 0)) == 1
-                if not (complete and "features" in store and "frames" in store):
-                    raise FercacheError(f"{path}: not a complete feature store; {REWRITE_STORE}")

@@ -72,6 +72,10 @@ class _StoreFrames:
     frames: np.ndarray
     missing: np.ndarray | None
 
+    @classmethod
+    def of(cls, cache: FeatureCache, store: h5py.File) -> "_StoreFrames":
+        return cls(cache, store["frames"][:].astype(np.int32), missing_frames(store))
+
     @property
     def imported(self) -> bool:
         return self.missing is not None
@@ -133,38 +137,48 @@ class CacheSet:
 
     def layout(self, video: str) -> FusedRows:
         """The video's fused frames and each cache's rows of them, by the module's rule."""
-        stores = [_store_frames(cache, video) for cache in self.caches]
-        reference = next((store for store in stores if not store.imported), stores[0])
-        dropped = [store.missing for store in stores if store.imported]
-        fused = np.setdiff1d(reference.frames, np.concatenate(dropped)) if dropped else None
-        fused = reference.frames if fused is None else fused.astype(np.int32)
-        rows = []
-        for store in stores:
-            if store.imported and store is not reference:
-                known = np.union1d(store.frames, store.missing)
-                if not np.isin(reference.frames, known).all():
-                    raise FercacheError(_mismatch(video, reference, store))
-            elif not np.array_equal(store.frames, reference.frames):
-                raise FercacheError(_mismatch(video, reference, store))
-            same = len(store.frames) == len(fused) and np.array_equal(store.frames, fused)
-            rows.append(None if same else np.searchsorted(store.frames, fused))
-        return FusedRows(fused, tuple(rows))
+        return _fuse(video, [_store_frames(cache, video) for cache in self.caches])
 
     def read(self, video: str) -> FusedVideo:
-        layout = self.layout(video)
-        parts = []
-        for position, cache in enumerate(self.caches):
+        """The video's fused features, each store opened once."""
+        stores, features = [], []
+        for cache in self.caches:
             with open_store(cache.path(video)) as store:
-                features = store["features"][:].astype(FEATURE_DTYPE, copy=False)
-            rows = layout.rows[position]
-            parts.append(features if rows is None else features[rows])
-        features = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-        return FusedVideo(layout.frames, features)
+                stores.append(_StoreFrames.of(cache, store))
+                features.append(store["features"][:].astype(FEATURE_DTYPE, copy=False))
+        layout = _fuse(video, stores)
+        parts = [
+            part if rows is None else part[rows]
+            for part, rows in zip(features, layout.rows, strict=True)
+        ]
+        return FusedVideo(
+            layout.frames, np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        )
 
 
 def _store_frames(cache: FeatureCache, video: str) -> _StoreFrames:
     with open_store(cache.path(video)) as store:
-        return _StoreFrames(cache, store["frames"][:].astype(np.int32), missing_frames(store))
+        return _StoreFrames.of(cache, store)
+
+
+def _fuse(video: str, stores: list[_StoreFrames]) -> FusedRows:
+    """The fused frames of one video's stores and each store's rows of them (module's rule)."""
+    reference = next((store for store in stores if not store.imported), stores[0])
+    dropped = [store.missing for store in stores if store.imported]
+    fused = reference.frames
+    if dropped:
+        fused = np.setdiff1d(fused, np.concatenate(dropped)).astype(np.int32)
+    rows = []
+    for store in stores:
+        if store.imported and store is not reference:
+            known = np.union1d(store.frames, store.missing)
+            if not np.isin(reference.frames, known).all():
+                raise FercacheError(_mismatch(video, reference, store))
+        elif not np.array_equal(store.frames, reference.frames):
+            raise FercacheError(_mismatch(video, reference, store))
+        same = np.array_equal(store.frames, fused)
+        rows.append(None if same else np.searchsorted(store.frames, fused))
+    return FusedRows(fused, tuple(rows))
 
 
 def _mismatch(video: str, a: _StoreFrames, b: _StoreFrames) -> str:

@@ -206,8 +206,6 @@ def _run(
     ranks: Ranks,
 ) -> dict:
     caches = CacheSet.open(cache_dirs)
-    for cache in caches.caches:
-        cache.check_stores()  # a damaged store fails the run now, not at its first epoch
     model_config = _model_config(config, caches)
     checkpoint = read_checkpoint(out, CHECKPOINT_KEYS) if request.resume else None
     if checkpoint is not None:
