@@ -19,20 +19,31 @@ import sys
 from itertools import pairwise
 from pathlib import Path
 
-from fercache.demo import PAPER_ROWS, ROW_FILES, run_demo
+from fercache.demo import PAPER_ROWS, REFERENCES_FILE, ROW_FILES, run_demo
 
 BEGIN, END = "<!-- seeds:begin -->", "<!-- seeds:end -->"
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "demo.md"
 
 
+REFERENCE_ROWS = {
+    "frames": "Reference: HOG + logistic regression on the training frames",
+    "still": "Reference: HOG + logistic regression on the still images",
+}
+
+
 def seed_rows(work: Path, seed: int) -> list[float]:
-    """The five validation macro-F1 figures of the demo at `seed`, from its evaluate JSON files."""
+    """The five validation macro-F1 figures of the demo at `seed`, from its evaluate JSON files,
+    then its reference learners' (REFERENCE_ROWS) on the same frames."""
     out = work / f"seed-{seed}"
     if not (out / "report.md").is_file():
         run_demo(out, seed=seed, progress=False)
+    references = json.loads((out / REFERENCES_FILE).read_text())
     return [
-        round(100 * json.loads((out / "pred" / f"{stem}.json").read_text())["expr_f1"], 2)
-        for stem in ROW_FILES
+        *(
+            round(100 * json.loads((out / "pred" / f"{stem}.json").read_text())["expr_f1"], 2)
+            for stem in ROW_FILES
+        ),
+        *(references[source] for source in REFERENCE_ROWS),
     ]
 
 
@@ -41,13 +52,16 @@ def section(figures: dict[int, list[float]]) -> str:
     header = "| row | Yu et al. | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |"
     lines = [header, "|---" * (len(seeds) + 3) + "|"]
     means = []
-    for index, (name, paper) in enumerate(PAPER_ROWS):
+    named = [*PAPER_ROWS, *((name, None) for name in REFERENCE_ROWS.values())]
+    for index, (name, paper) in enumerate(named):
         values = [figures[s][index] for s in seeds]
         mean = statistics.mean(values)
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         means.append(mean)
         cells = " | ".join(f"{v:.2f}" for v in values)
-        lines.append(f"| {name} | {paper:.2f} | {cells} | {mean:.2f} ± {spread:.2f} |")
+        cited = "-" if paper is None else f"{paper:.2f}"
+        lines.append(f"| {name} | {cited} | {cells} | {mean:.2f} ± {spread:.2f} |")
+    means = means[: len(PAPER_ROWS)]
     checks = [
         ("the mean rises at every row", all(b > a for a, b in pairwise(means))),
         *((f"seed {s}: row 2 ≥ row 1 + 3", figures[s][1] >= figures[s][0] + 3) for s in seeds),
@@ -63,7 +77,8 @@ def section(figures: dict[int, list[float]]) -> str:
         [
             BEGIN,
             "Validation macro-F1 (%) of `fercache demo --seed S` (default settings), each figure "
-            "read from the row's `fercache evaluate --json` file (`pred/<row>.json`).",
+            "read from the row's `fercache evaluate --json` file (`pred/<row>.json`); the "
+            "reference rows from the demo's `references.json`, on the same frames.",
             "",
             *lines,
             "",

@@ -74,7 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="the run folder (must be new)")
-    parser.add_argument("--recipe", choices=("supervised", "mpl"), default="mpl")
+    parser.add_argument(
+        "--recipe", choices=("supervised", "mpl", "fixmatch", "pseudo-label"), default="mpl"
+    )
     parser.add_argument(
         "--labelled",
         choices=tuple(LABELLED),
@@ -98,7 +100,7 @@ def main() -> None:
         )
         generate(args.tree, config, progress=False)
     labelled = [args.tree / part for part in LABELLED[args.labelled]]
-    unlabelled = [args.tree / "pools" / "unlabelled"] if args.recipe == "mpl" else []
+    unlabelled = [args.tree / "pools" / "unlabelled"] if args.recipe != "supervised" else []
     overrides = [
         f"backbone={settings.backbone}",
         f"steps={settings.pretrain_steps}",

@@ -540,7 +540,9 @@ def pretrain(
         str | None,
         typer.Option(
             help="mpl (teacher/student with feedback, the default); supervised (the baseline: "
-            "labelled data only, same schedule); cotex (two masked ViTs + JS consistency, "
+            "labelled data only, same schedule); fixmatch and pseudo-label (one network "
+            "fitting its own confident predictions on the unlabelled images, strong or weak "
+            "view); cotex (two masked ViTs + JS consistency, "
             "Li et al.); emma (EXPR + AU heads, VA head on their scores; --labelled must be "
             "Aff-Wild2 roots); multitask-landmarks (expression + landmark heads, the LSD "
             "paper; needs --set landmarks=CSV)."
@@ -977,7 +979,16 @@ def demo(
         typer.Option(
             min=0,
             help="Of --pretrain-steps, the last ones fine-tune the SSL student on the labels "
-            "(MPL's last stage); default 0: none.",
+            "(MPL's last stage; with --ssl-recipe mpl only); default 0: none.",
+            show_default=False,
+        ),
+    ] = None,
+    ssl_recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="The semi-supervised recipe of rows 2 and 3, one of the recipes that read "
+            "unlabelled images (see `fercache pretrain --help`); default: the one that scored "
+            "best on held-out training videos (results/demo.md).",
             show_default=False,
         ),
     ] = None,
@@ -987,7 +998,11 @@ def demo(
     Yu et al.'s Table 1, each trained on the data that row ticks; prints the table."""
     from fercache.demo import DemoSettings, render_table, run_demo
 
-    given = {"pretrain_steps": pretrain_steps, "ssl_finetune_steps": finetune_steps}
+    given = {
+        "pretrain_steps": pretrain_steps,
+        "ssl_finetune_steps": finetune_steps,
+        "ssl_recipe": ssl_recipe,
+    }
     settings = DemoSettings(**{key: value for key, value in given.items() if value is not None})
     result = run_demo(out, seed=seed, settings=settings, progress=progress)
     console.print(render_table(result.rows))

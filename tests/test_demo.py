@@ -7,15 +7,18 @@ from dataclasses import replace
 
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 from fercache.cli import app
-from fercache.demo import PAPER_ROWS, DemoSettings, run_demo
+from fercache.demo import PAPER_ROWS, DemoSettings, _reference_lines, _references, _Stages, run_demo
 from fercache.errors import FercacheError
+from fercache.references import hog_logistic, labelled_source, validation_sample
 from fercache.runs import runs_table
 
 runner = CliRunner()
-TINY = replace(DemoSettings.small(), ssl_finetune_steps=2)  # the SSL student's last 2 of 4 steps
+TINY = DemoSettings.small()
+FINE_TUNING_ALL_STEPS = ["--pretrain-steps", "50", "--finetune-steps", "50"]
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +84,8 @@ def test_runs_lists_the_temporal_run_and_leaves_the_pretraining_runs_out(demo):
 
 
 def test_the_runs_use_the_documented_phase_one_settings(demo):
-    """The baseline learns at the teacher's rate; only the SSL student learns slower, and only
-    the SSL runs have unlabelled views."""
+    """Every row shares one recipe (optimizer, peak lr, batch, warm-up, label smoothing, steps);
+    only the semi-supervised runs have unlabelled views and the SSL recipe's settings."""
     out, _ = demo
 
     def settings(name):
@@ -90,22 +93,42 @@ def test_the_runs_use_the_documented_phase_one_settings(demo):
 
     baseline, ssl = settings("baseline"), settings("ssl")
     assert settings("ssl-extra") == ssl
-    assert baseline["recipe"] == "supervised" and ssl["recipe"] == "mpl"
-    assert baseline["student_lr"] == ssl["teacher_lr"] == TINY.pretrain_lr
-    assert ssl["student_lr"] == TINY.ssl_student_lr < TINY.pretrain_lr
-    assert ssl["steps"] == baseline["steps"] == TINY.pretrain_steps
-    assert ssl["student_finetune_steps"] == TINY.ssl_finetune_steps
-    assert ssl["uda_steps"] == TINY.pretrain_steps - TINY.ssl_finetune_steps  # the MPL steps
-    assert ssl["student_finetune_lr"] == TINY.pretrain_lr
+    assert baseline["recipe"] == "supervised" and ssl["recipe"] == TINY.ssl_recipe
+    shared = ("optimizer", "student_lr", "batch_size", "warmup_steps", "label_smoothing", "steps")
+    assert {key: baseline[key] for key in shared} == {key: ssl[key] for key in shared}
+    assert baseline["optimizer"] == TINY.optimizer and baseline["student_lr"] == TINY.pretrain_lr
+    assert baseline["warmup_steps"] == round(TINY.warmup_fraction * TINY.pretrain_steps)
+    assert ssl["mu"] == TINY.mu and ssl["uda_steps"] == TINY.pretrain_steps
     assert ssl["erasing_prob"] == 0 and baseline["student_finetune_steps"] == 0
+
+
+def test_an_mpl_row_uses_one_rate_and_its_fine_tuning_steps():
+    mpl = replace(TINY, ssl_recipe="mpl", ssl_finetune_steps=2)
+    settings = dict(item.split("=") for item in mpl.pretrain_overrides("mpl"))
+    assert settings["teacher_lr"] == settings["student_lr"] == str(mpl.pretrain_lr)
+    assert settings["student_finetune_steps"] == "2" and settings["uda_steps"] == "2"
+    assert "teacher_lr" not in dict(item.split("=") for item in TINY.pretrain_overrides("fixmatch"))
 
 
 def test_the_command_refuses_fine_tuning_that_leaves_no_mpl_step(tmp_path):
     invoked = runner.invoke(
         app,
-        ["demo", "--out", str(tmp_path / "d"), "--pretrain-steps", "50", "--finetune-steps", "50"],
+        ["demo", "--out", str(tmp_path / "d"), "--ssl-recipe", "mpl", *FINE_TUNING_ALL_STEPS],
     )
     assert invoked.exit_code == 2 and "must be fewer than the phase-1 steps" in invoked.stderr
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--finetune-steps", "5"], "they need the mpl recipe, not fixmatch"),
+        (["--ssl-recipe", "supervised"], "SSL recipe 'supervised' is none of mpl, fixmatch"),
+    ],
+)
+def test_the_command_refuses_ssl_settings_that_cannot_apply(tmp_path, options, message):
+    invoked = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), *options])
+    assert invoked.exit_code == 2 and message in invoked.stderr
     assert not (tmp_path / "d").exists()
 
 
@@ -122,3 +145,28 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path):
     with pytest.raises(FercacheError, match="holds no earlier demo"):
         run_demo(tmp_path, settings=TINY, progress=False)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_the_reference_learners_are_scored_on_the_rows_frames_and_reported(demo):
+    """HOG + logistic regression on each labelled source, on every labelled validation frame
+    (the frames the rows are scored on), in references.json and beside the table."""
+    out, result = demo
+    written = json.loads((out / "references.json").read_text())
+    assert written == result.references and set(written) == {"frames", "still"}
+    validation = validation_sample(out / "data", None)
+    still = labelled_source(out / "data", "still")
+    assert written["still"] == hog_logistic(still, validation)
+    report = result.report.read_text()
+    assert (
+        f"- the labelled still images alone (row 3's extra data): {written['still']:.2f}" in report
+    )
+
+
+def test_without_scikit_image_the_report_says_the_references_were_not_computed(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr("fercache.demo.hog_available", lambda: False)
+    stages = _Stages(Console(quiet=True))
+    assert _references(stages, tmp_path) == {} and stages.commands == []
+    lines = "\n".join(_reference_lines({}))
+    assert "Reference learners: not computed (HOG needs scikit-image" in lines

@@ -92,6 +92,7 @@ RANKS: dict[str, str] = {
     "fercache.evaluate": "evaluate",
     "fercache.submit": "submit",
     "fercache.inspect": "inspect",
+    "fercache.references": "experiments",  # reference learners the demo reports beside its rows
     "fercache.demo": "experiments",
     "fercache.analyse": "experiments",  # crop -> extract -> predict -> smooth on video files
     "fercache.sweep": "experiments",

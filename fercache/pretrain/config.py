@@ -10,6 +10,7 @@ from fercache.runfolder import CONFIG_FILE, config_text, read_config, resumed_se
 from fercache.settings import given_values, typed_values
 
 COTEX_EXPORTS = ("both", "first")
+OPTIMIZERS = ("sgd", "adamw")
 CONFIG_HEADER = "resolved settings of this run (fercache pretrain); --resume reads them back"
 
 
@@ -38,10 +39,12 @@ class PretrainConfig:
     mu: int = 2
     teacher_lr: float = 1e-2
     student_lr: float = 1e-3
+    optimizer: str = "sgd"  # sgd (Yu et al., MPL) | adamw (the short CPU budgets of the demo)
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
     warmup_steps: int = 0
+    label_smoothing: float = 0.0  # of every cross-entropy against given labels
     temperature: float = 0.7
     threshold: float = 0.95
     distribution_alignment: bool = False  # mpl: ReMixMatch's alignment of the pseudo labels
@@ -85,6 +88,8 @@ class PretrainConfig:
             (self.steps >= 1, "steps must be at least 1"),
             (self.batch_size >= 1 and self.mu >= 1, "batch_size and mu must be at least 1"),
             (self.feedback_sign in (1, -1), "feedback_sign must be 1 or -1"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1)"),
             (
                 0 <= self.student_wait_steps < self.steps,
                 "student_wait_steps must lie in [0, steps)",

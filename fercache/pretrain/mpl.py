@@ -20,8 +20,8 @@ from fercache.pretrain.recipe import (
     ModelFactory,
     Recipe,
     StepBatch,
+    optimizer_for,
     placed,
-    sgd,
     unwrap,
     warmup_cosine,
 )
@@ -35,6 +35,7 @@ class MplSettings:
     lambda_u: float  # weight of the consistency loss once ramped in
     uda_steps: int  # steps over which the consistency weight ramps linearly to lambda_u
     feedback_sign: int  # +1: f = old - new (Yu et al. eq. 6); -1: f = new - old
+    label_smoothing: float = 0.0  # of the teacher's cross-entropy on the labelled batch
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,9 @@ def mpl_step(
     t_labelled, t_weak, t_strong = teacher_logits.split(
         [labelled_count, unlabelled_count, unlabelled_count]
     )
-    t_supervised = F.cross_entropy(t_labelled, batch.labels)
+    t_supervised = F.cross_entropy(
+        t_labelled, batch.labels, label_smoothing=settings.label_smoothing
+    )
     weak_log_probs = pseudo_log_probabilities(t_weak, alignment)
     t_consistency, mask = consistency_loss(weak_log_probs, t_strong, settings)
     hard_pseudo = weak_log_probs.argmax(dim=1)
@@ -192,8 +195,8 @@ class Mpl(Recipe):
         config = self.config
         student = create(config.seed)
         teacher = create(config.seed + 1)
-        self.optimizer = sgd(student, config.student_lr, config)
-        self.teacher_optimizer = sgd(teacher, config.teacher_lr, config)
+        self.optimizer = optimizer_for(student, config.student_lr, config)
+        self.teacher_optimizer = optimizer_for(teacher, config.teacher_lr, config)
         self._schedule(self.optimizer, partial(mpl_student_lr_factor, config=config))
         # the teacher's cosine ends with the MPL steps: it does not learn while the student
         # fine-tunes
@@ -208,13 +211,21 @@ class Mpl(Recipe):
 
     def train_step(self, batch: StepBatch, step: int, autocast: Autocast) -> Metrics:
         if batch.weak is None:  # the student's fine-tuning on the labels
-            return supervised_step(self.model, self.optimizer, batch.images, batch.labels, autocast)
+            return supervised_step(
+                self.model,
+                self.optimizer,
+                batch.images,
+                batch.labels,
+                autocast,
+                self.config.label_smoothing,
+            )
         settings = MplSettings(
             self.config.temperature,
             self.config.threshold,
             self.config.lambda_u,
             self.config.uda_steps,
             self.config.feedback_sign,
+            self.config.label_smoothing,
         )
         return mpl_step(
             self.teacher,

@@ -298,8 +298,11 @@ def _check_initial_weights(path: Path, backbone: str, timm_options: dict) -> Non
         )
 
 
-def sgd(model: nn.Module, lr: float, config: PretrainConfig) -> torch.optim.Optimizer:
-    """SGD with the run's momentum, Nesterov and weight decay (Yu et al. §4.2)."""
+def optimizer_for(model: nn.Module, lr: float, config: PretrainConfig) -> torch.optim.Optimizer:
+    """The run's optimizer: SGD with momentum and Nesterov (Yu et al. §4.2), or AdamW (fast
+    progress on the short budgets of the demo), with the run's weight decay."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
         model.parameters(),
         lr=lr,

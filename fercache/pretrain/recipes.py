@@ -5,6 +5,7 @@ from fercache.errors import FercacheError
 from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.cotex import CoTex
 from fercache.pretrain.emma import Emma
+from fercache.pretrain.fixmatch import FixMatch, PseudoLabel
 from fercache.pretrain.landmarks import MultitaskLandmarks
 from fercache.pretrain.mpl import Mpl
 from fercache.pretrain.recipe import Recipe
@@ -13,6 +14,8 @@ from fercache.pretrain.supervised import Supervised
 RECIPES: dict[str, type[Recipe]] = {
     "mpl": Mpl,
     "supervised": Supervised,
+    "fixmatch": FixMatch,
+    "pseudo-label": PseudoLabel,
     "cotex": CoTex,
     "emma": Emma,
     "multitask-landmarks": MultitaskLandmarks,

@@ -11,7 +11,7 @@ from fercache.pretrain.recipe import (
     ModelFactory,
     OneNetwork,
     StepBatch,
-    sgd,
+    optimizer_for,
 )
 
 
@@ -20,10 +20,17 @@ class Supervised(OneNetwork):
         return create(self.config.seed)
 
     def make_optimizer(self, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
-        return sgd(model, self.config.student_lr, self.config)
+        return optimizer_for(model, self.config.student_lr, self.config)
 
     def train_step(self, batch: StepBatch, step: int, autocast: Autocast) -> Metrics:
-        return supervised_step(self.model, self.optimizer, batch.images, batch.labels, autocast)
+        return supervised_step(
+            self.model,
+            self.optimizer,
+            batch.images,
+            batch.labels,
+            autocast,
+            self.config.label_smoothing,
+        )
 
 
 def supervised_step(
@@ -32,11 +39,12 @@ def supervised_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     autocast: Autocast,
+    label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Cross-entropy on the class-balanced labelled batch, one optimizer step."""
     with autocast():
         logits = model(images).float()
-    loss = F.cross_entropy(logits, labels)
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
