@@ -49,11 +49,16 @@ OWN_FOLDERS = ("runs", "cache", "pred")  # what an earlier demo wrote besides da
 # Yu et al., Table 1: Aff-Wild2 validation macro-F1 % of each row
 PAPER_ROWS = (
     ("Baseline: supervised on the video frames, per frame", 23.00),
-    ("SSL: + unlabelled faces (Meta Pseudo Labels), per frame", 39.96),
+    ("SSL: + unlabelled faces ({ssl_recipe}), per frame", 39.96),
     ("+ labelled still images, per frame", 40.57),
     ("+ temporal encoder", 42.77),
     ("+ post-processing (window-30 vote)", 44.43),
 )
+
+
+def paper_rows(ssl_recipe: str) -> tuple[tuple[str, float], ...]:
+    """PAPER_ROWS with row 2 naming the semi-supervised recipe that made it."""
+    return tuple((name.format(ssl_recipe=ssl_recipe), f1) for name, f1 in PAPER_ROWS)
 
 
 @dataclass(frozen=True)
@@ -247,7 +252,7 @@ def run_demo(
     write_text_atomically(out / REFERENCES_FILE, text, "the reference figures")
     caches = {run.name: _phase_one(stages, out, run, seed, settings, progress) for run in PHASE_ONE}
     temporal = _temporal(stages, out, caches[PHASE_ONE[-1].name], seed, settings, progress)
-    rows = _rows(stages, out, caches, temporal, settings.window, progress)
+    rows = _rows(stages, out, caches, temporal, settings, progress)
     report, chart = write_demo_report(out, rows, seed, settings, stages, references)
     return DemoResult(rows, report, chart, stages.seconds, references)
 
@@ -405,7 +410,7 @@ def _rows(
     out: Path,
     caches: dict[str, Path],
     temporal: Path,
-    window: int,
+    settings: DemoSettings,
     progress: bool,
 ) -> tuple[Row, ...]:
     """Predict, smooth and evaluate: one PRED file and one evaluation per table row."""
@@ -449,12 +454,13 @@ def _rows(
     makes.append(
         (
             smoothed,
-            _command("smooth", temporal_pred, "--out", smoothed, "--window", window),
-            partial(smooth_predictions, temporal_pred, smoothed, window=window),
+            _command("smooth", temporal_pred, "--out", smoothed, "--window", settings.window),
+            partial(smooth_predictions, temporal_pred, smoothed, window=settings.window),
         )
     )
     rows = []
-    for (name, paper_f1), (path, command, make) in zip(PAPER_ROWS, makes, strict=True):
+    named = paper_rows(settings.ssl_recipe)
+    for (name, paper_f1), (path, command, make) in zip(named, makes, strict=True):
         stages.run(f"{command.split()[1]} {path.stem}", command, make)
         rows.append(_scored(stages, name, paper_f1, path, data, command))
     return tuple(rows)

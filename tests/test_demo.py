@@ -11,7 +11,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from fercache.cli import app
-from fercache.demo import PAPER_ROWS, DemoSettings, _reference_lines, _references, _Stages, run_demo
+from fercache.demo import DemoSettings, _reference_lines, _references, _Stages, paper_rows, run_demo
 from fercache.errors import FercacheError
 from fercache.references import hog_logistic, labelled_source, validation_sample
 from fercache.runs import runs_table
@@ -29,7 +29,7 @@ def demo(tmp_path_factory):
 
 def test_every_row_is_produced_by_its_command(demo):
     out, result = demo
-    assert [row.name for row in result.rows] == [name for name, _ in PAPER_ROWS]
+    assert [row.name for row in result.rows] == [name for name, _ in paper_rows(TINY.ssl_recipe)]
     made_by = [*["predict --source student"] * 3, "predict ", "smooth "]
     for row, command in zip(result.rows, made_by, strict=True):
         assert row.pred.is_file() and row.pred.parent == out / "pred"
@@ -43,7 +43,7 @@ def test_report_numbers_equal_evaluate_json(demo, tmp_path):
     out, result = demo
     report = result.report.read_text()
     table = dict(re.findall(r"^\| (.+?) \| [\d.]+ \| ([\d.]+) \|$", report, re.MULTILINE))
-    assert list(table) == [name for name, _ in PAPER_ROWS]
+    assert list(table) == [name for name, _ in paper_rows(TINY.ssl_recipe)]
     for row in result.rows:
         written = tmp_path / f"{row.pred.stem}.json"
         invoked = runner.invoke(
