@@ -91,14 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = DemoSettings()
     if not args.tree.is_dir():
-        config = SynthConfig(
-            videos=settings.videos,
-            frames=settings.frames,
-            seed=args.seed,
-            labelled_pool=settings.labelled_pool,
-            unlabelled_pool=settings.unlabelled_pool,
-        )
-        generate(args.tree, config, progress=False)
+        generate(args.tree, settings.synth_config(args.seed), progress=False)
     labelled = [args.tree / part for part in LABELLED[args.labelled]]
     unlabelled = [args.tree / "pools" / "unlabelled"] if args.recipe != "supervised" else []
     overrides = [

@@ -39,22 +39,14 @@ from fercache.references import (
     source_paths,
     validation_sample,
 )
-from fercache.synth import SynthConfig, generate
+from fercache.synth import generate
 
 
 def demo_tree(trees: Path, seed: int) -> Path:
     """The demo's synthetic tree of `seed` (made when missing)."""
     tree = trees / f"tree-{seed}"
     if not (tree / "synth.json").is_file():
-        settings = DemoSettings()
-        config = SynthConfig(
-            videos=settings.videos,
-            frames=settings.frames,
-            seed=seed,
-            labelled_pool=settings.labelled_pool,
-            unlabelled_pool=settings.unlabelled_pool,
-        )
-        generate(tree, config, progress=False, force=True)
+        generate(tree, DemoSettings().synth_config(seed), progress=False, force=True)
     return tree
 
 

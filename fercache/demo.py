@@ -163,6 +163,16 @@ class DemoSettings:
             workers=0,
         )
 
+    def synth_config(self, seed: int) -> SynthConfig:
+        """The demo's synthetic tree at `seed`."""
+        return SynthConfig(
+            videos=self.videos,
+            frames=self.frames,
+            seed=seed,
+            labelled_pool=self.labelled_pool,
+            unlabelled_pool=self.unlabelled_pool,
+        )
+
     def pretrain_overrides(self, recipe: str) -> tuple[str, ...]:
         """The `--set` values of one phase-1 run. A semi-supervised run ramps its unlabelled
         term in over all its steps and drops random erasing: at 48 px an erased third of a face
@@ -281,13 +291,7 @@ def _sets(overrides: tuple[str, ...]) -> list[str]:
 def _synthesize(
     stages: _Stages, data: Path, seed: int, settings: DemoSettings, progress: bool
 ) -> None:
-    config = SynthConfig(
-        videos=settings.videos,
-        frames=settings.frames,
-        seed=seed,
-        labelled_pool=settings.labelled_pool,
-        unlabelled_pool=settings.unlabelled_pool,
-    )
+    config = settings.synth_config(seed)
     command = _command(
         "synth",
         data,
