@@ -12,32 +12,24 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from fercache.distributed import Ranks
 from fercache.pretrain.mpl import DistributionAlignment, pseudo_log_probabilities
-from fercache.pretrain.recipe import (
-    NUM_CLASSES,
-    Autocast,
-    Metrics,
-    ModelFactory,
-    OneNetwork,
-    StepBatch,
-    optimizer_for,
-)
+from fercache.pretrain.recipe import NUM_CLASSES, Autocast, Metrics, ModelFactory, StepBatch
+from fercache.pretrain.supervised import Supervised
 
 
-class FixMatch(OneNetwork):
+class FixMatch(Supervised):
+    """The supervised baseline's network and optimizer, plus the unlabelled term."""
+
     uses_unlabelled = True
     fits_strong_view: ClassVar[bool] = True  # False: the weak view (plain pseudo-labelling)
     alignment: DistributionAlignment | None = None
 
-    def network(self, create: ModelFactory) -> nn.Module:
+    def build(self, create: ModelFactory, ranks: Ranks) -> None:
+        super().build(create, ranks)
         if self.config.distribution_alignment:
-            self.alignment = DistributionAlignment(NUM_CLASSES)
-        return create(self.config.seed)
-
-    def make_optimizer(self, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
-        return optimizer_for(model, self.config.student_lr, self.config)
+            self.alignment = DistributionAlignment(NUM_CLASSES).to(ranks.device)
 
     def train_step(self, batch: StepBatch, step: int, autocast: Autocast) -> Metrics:
         assert batch.weak is not None and batch.strong is not None
@@ -47,8 +39,6 @@ class FixMatch(OneNetwork):
         with autocast():
             logits = self.model(torch.cat([batch.images, batch.weak, fitted])).float()
         labelled, weak, fitted_logits = logits.split([count, unlabelled, unlabelled])
-        if self.alignment is not None:
-            self.alignment.to(weak.device)
         log_probs = pseudo_log_probabilities(weak, self.alignment)
         confidence, pseudo = log_probs.exp().max(dim=1)
         mask = (confidence >= config.threshold).float()

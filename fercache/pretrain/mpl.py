@@ -25,7 +25,7 @@ from fercache.pretrain.recipe import (
     unwrap,
     warmup_cosine,
 )
-from fercache.pretrain.supervised import supervised_step
+from fercache.pretrain.supervised import fit_labels
 
 
 @dataclass(frozen=True)
@@ -211,14 +211,7 @@ class Mpl(Recipe):
 
     def train_step(self, batch: StepBatch, step: int, autocast: Autocast) -> Metrics:
         if batch.weak is None:  # the student's fine-tuning on the labels
-            return supervised_step(
-                self.model,
-                self.optimizer,
-                batch.images,
-                batch.labels,
-                autocast,
-                self.config.label_smoothing,
-            )
+            return fit_labels(self.model, self.optimizer, batch, autocast, self.config)
         settings = MplSettings(
             self.config.temperature,
             self.config.threshold,

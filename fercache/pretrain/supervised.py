@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.recipe import (
     Autocast,
     Metrics,
@@ -23,14 +24,20 @@ class Supervised(OneNetwork):
         return optimizer_for(model, self.config.student_lr, self.config)
 
     def train_step(self, batch: StepBatch, step: int, autocast: Autocast) -> Metrics:
-        return supervised_step(
-            self.model,
-            self.optimizer,
-            batch.images,
-            batch.labels,
-            autocast,
-            self.config.label_smoothing,
-        )
+        return fit_labels(self.model, self.optimizer, batch, autocast, self.config)
+
+
+def fit_labels(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: StepBatch,
+    autocast: Autocast,
+    config: PretrainConfig,
+) -> dict[str, torch.Tensor]:
+    """One supervised step on the batch's labelled images, with the run's label smoothing."""
+    return supervised_step(
+        model, optimizer, batch.images, batch.labels, autocast, config.label_smoothing
+    )
 
 
 def supervised_step(
