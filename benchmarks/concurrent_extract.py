@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fercache.store import read_manifest
+from fercache.features.store import read_manifest
 from fercache.synth import SynthConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from facenet_pytorch import MTCNN
 from PIL import Image
 from skimage import data as skimage_data
 
-from fercache.crop import CropOptions, crop_videos
+from fercache.video.crop import CropOptions, crop_videos
 
 
 def make_video(path: Path, frames: int, height: int, width: int) -> Path:

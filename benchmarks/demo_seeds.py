@@ -19,7 +19,7 @@ import sys
 from itertools import pairwise
 from pathlib import Path
 
-from fercache.demo import REFERENCES_FILE, ROW_FILES, DemoSettings, paper_rows, run_demo
+from fercache.experiments.demo import REFERENCES_FILE, ROW_FILES, DemoSettings, paper_rows, run_demo
 
 BEGIN, END = "<!-- seeds:begin -->", "<!-- seeds:end -->"
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "demo.md"

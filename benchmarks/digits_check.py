@@ -30,7 +30,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
-from fercache.demo import DemoSettings
+from fercache.experiments.demo import DemoSettings
 from fercache.pretrain import load_config, pretrain
 
 LABELLED_PER_CLASS = 10

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fercache.backbone import load_backbone
+from fercache.backbone.network import load_backbone
+from fercache.backbone.readout import Readout, check_readout
 from fercache.data.affwild2 import AffWild2
 from fercache.distributed import resolve_device
-from fercache.extract import ExtractOptions, extract, forward_backbone
-from fercache.readout import Readout, check_readout
+from fercache.features.extract import ExtractOptions, extract, forward_backbone
 from fercache.synth import SynthConfig, generate
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from sklearn.metrics import confusion_matrix, f1_score
 from torch.utils.data import DataLoader
 
-from fercache.demo import DemoSettings
+from fercache.experiments.demo import DemoSettings
 from fercache.pretrain import load_config, pretrain
 from fercache.pretrain.sources import affwild2_frames
 from fercache.pretrain.views import LabelledDataset, build_views, data_config_of

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from phase1_rows import predictions
 
-from fercache.demo import DemoSettings
-from fercache.pretrain import load_config, pretrain
-from fercache.references import (
+from fercache.experiments.demo import DemoSettings
+from fercache.experiments.references import (
     SOURCES,
     VALIDATION_SAMPLE,
     Labelled,
@@ -39,6 +38,7 @@ from fercache.references import (
     source_paths,
     validation_sample,
 )
+from fercache.pretrain import load_config, pretrain
 from fercache.synth import generate
 
 

@@ -4,7 +4,7 @@
 
 Labels are a noisy per-frame classifier's arg-max over segment-structured videos (about 550
 videos of about 4,900 frames, 8 classes). Timed in one run, best of `--repeats`:
-- the numba vote (`fercache.vote.majority_vote`), centred and block, on all frames;
+- the numba vote (`fercache.framewise.vote.majority_vote`), centred and block, on all frames;
 - `np.copy` of the label array: the memory-bound limit;
 - a plain Python loop with a `collections.Counter` per frame, and
   `scipy.ndimage.generic_filter` with a mode function (only when scipy is importable): both
@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fercache.vote import majority_vote
+from fercache.framewise.vote import majority_vote
 
 CLASSES = 8
 

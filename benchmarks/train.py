@@ -2,8 +2,8 @@
 
     python benchmarks/train.py [--videos 550] [--frames 5000] [--dim 512] [--steps 20]
 
-Writes a synthetic cache of realistic shape (float16 stores chunked as `fercache.store` does,
-random features, random labels) into a temporary folder, then measures, on random 64-frame
+Writes a synthetic cache of realistic shape (float16 stores chunked as `fercache.features.store`
+does, random features, random labels) into a temporary folder, then measures, on random 64-frame
 windows in batches of 32:
 (a) in-memory numpy slicing of the windows into a batch: the limit (best of 3, as (b));
 (b) the trainer's sampler: `ClipBatches` over an epoch plan (`training_windows`) read through
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fercache.store import Provenance, write_manifest, write_store
+from fercache.features.store import Provenance, write_manifest, write_store
 from fercache.temporal.clips import ClipBatches, training_windows
 from fercache.temporal.config import TemporalConfig
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures

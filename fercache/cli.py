@@ -130,7 +130,7 @@ def inspect(
     progress: ProgressOption = True,
 ) -> None:
     """Tabulate splits, videos, frames, labels, frames without images and classes of a tree."""
-    from fercache.inspect import inspect_dataset, render
+    from fercache.data.inspect import inspect_dataset, render
 
     summary = inspect_dataset(data, annotations=annotations, progress=progress)
     console.print(render(summary, max_notes=max_notes))
@@ -168,7 +168,7 @@ def crop(
     """Detect, track and align faces in videos into the Aff-Wild2 cropped_aligned layout."""
     from rich.table import Table
 
-    from fercache.crop import CropOptions, crop_videos
+    from fercache.video.crop import CropOptions, crop_videos
 
     options = CropOptions(size, margin, subjects, batch, device, min_confidence, progress)
     report = crop_videos(sources, out, options)
@@ -316,8 +316,8 @@ def extract(
     progress: ProgressOption = True,
 ) -> None:
     """Run the frozen backbone over every frame into per-video HDF5 feature stores (resumable)."""
-    from fercache.extract import ExtractOptions
-    from fercache.extract import extract as run_extract
+    from fercache.features.extract import ExtractOptions
+    from fercache.features.extract import extract as run_extract
 
     options = ExtractOptions(
         backbone=backbone,
@@ -421,8 +421,8 @@ def import_features(
 ) -> None:
     """Align per-frame features made by another tool (audio embeddings, OpenFace CSVs) to the
     videos' frames and write them as a feature cache to fuse in train, predict and sweep."""
-    from fercache.importing import ImportOptions
-    from fercache.importing import import_features as run_import
+    from fercache.features.importing import ImportOptions
+    from fercache.features.importing import import_features as run_import
 
     options = ImportOptions(
         rate=rate,
@@ -464,7 +464,7 @@ def convert(
 ) -> None:
     """Turn a checkpoint (a pickled model too, with --trust-pickle) into a plain safetensors
     state dict that `extract --checkpoint` reads."""
-    from fercache.weights import convert_checkpoint
+    from fercache.backbone.weights import convert_checkpoint
 
     converted = convert_checkpoint(checkpoint, out, trust_pickle=trust_pickle)
     console.print(
@@ -476,7 +476,7 @@ def convert(
 
 def _pretrained_backbone(pretrained: str, backbone: str | None, init: Path | None) -> str:
     """The architecture `--pretrained` names, which --backbone may repeat but not contradict."""
-    from fercache.weights import pretrained_architecture
+    from fercache.backbone.weights import pretrained_architecture
 
     if init is not None:
         raise FercacheError(
@@ -681,9 +681,9 @@ def predict(
     progress: ProgressOption = True,
 ) -> None:
     """Per-frame predictions (EXPR, AU, VA: the run's tasks) for every frame that needs one."""
-    from fercache.folds import is_folds_dir, predict_folds
-    from fercache.predict import PredictOptions
-    from fercache.predict import predict as run_predict
+    from fercache.experiments.folds import is_folds_dir, predict_folds
+    from fercache.predictions.predict import PredictOptions
+    from fercache.predictions.predict import predict as run_predict
 
     options = PredictOptions(
         split=split,
@@ -729,7 +729,7 @@ def smooth(
     ] = "centered",
 ) -> None:
     """Sliding-window majority vote over each video's predicted labels (never across videos)."""
-    from fercache.smooth import smooth_predictions
+    from fercache.predictions.smooth import smooth_predictions
 
     smoothed = smooth_predictions(pred, out, window=window, mode=mode)
     console.print(
@@ -760,8 +760,8 @@ def evaluate(
     ] = None,
 ) -> None:
     """EXPR macro-F1, AU mean F1, VA mean CCC (and P) over all valid frames, per label too."""
-    from fercache.evaluate import evaluate as run_evaluate
-    from fercache.evaluate import render, write_report
+    from fercache.predictions.evaluate import evaluate as run_evaluate
+    from fercache.predictions.evaluate import render, write_report
 
     report = run_evaluate(pred, data, split, annotations=annotations, confusion_png=confusion)
     console.print(render(report))
@@ -791,7 +791,7 @@ def submit(
     ] = "expr",
 ) -> None:
     """Write an ABAW submission file (EXPR, AU or VA), validated first (every frame once)."""
-    from fercache.submit import write_submission
+    from fercache.predictions.submit import write_submission
 
     rows = write_submission(pred, out, frames, task)
     console.print(f"wrote {out}: {task.upper()} for {rows:,} frames")
@@ -933,8 +933,8 @@ def train(
             raise FercacheError(
                 "--folds and --bagging: choose one (one model per fold, or K bagged models)"
             )
-        from fercache.folds import render as render_folds
-        from fercache.folds import train_folds
+        from fercache.experiments.folds import render as render_folds
+        from fercache.experiments.folds import train_folds
 
         crossed = train_folds(caches, data, out, request, folds, fold_seed, groups)
         if crossed is not None:
@@ -942,7 +942,7 @@ def train(
             console.print(f"compare the folds: fercache runs {out}")
         return
     if bagging is not None:
-        from fercache.bagging import render, train_bagged
+        from fercache.experiments.bagging import render, train_bagged
 
         bagged = train_bagged(caches, data, out, request, bagging)
         if bagged is not None:
@@ -996,7 +996,7 @@ def demo(
 ) -> None:
     """The whole pipeline on a synthetic tree, sized for a CPU (results/demo.md): the five rows of
     Yu et al.'s Table 1, each trained on the data that row ticks; prints the table."""
-    from fercache.demo import DemoSettings, render_table, run_demo
+    from fercache.experiments.demo import DemoSettings, render_table, run_demo
 
     given = {
         "pretrain_steps": pretrain_steps,
@@ -1053,8 +1053,8 @@ def analyse(
 ) -> None:
     """Crop -> extract -> predict -> smooth on video files: per video a CSV of per-frame
     probabilities and labels, a timeline PNG and, with --annotate, an annotated MP4."""
-    from fercache.analyse import AnalyseOptions
-    from fercache.analyse import analyse as run_analyse
+    from fercache.experiments.analyse import AnalyseOptions
+    from fercache.experiments.analyse import analyse as run_analyse
 
     options = AnalyseOptions(
         run=run,
@@ -1091,8 +1091,8 @@ def ensemble(
     ] = None,
 ) -> None:
     """Soft voting: average the inputs' probabilities (EXPR, AU) and VA values; label = arg-max."""
-    from fercache.ensemble import ensemble as run_ensemble
-    from fercache.ensemble import parse_weights
+    from fercache.predictions.ensemble import ensemble as run_ensemble
+    from fercache.predictions.ensemble import parse_weights
 
     voted = run_ensemble(preds, out, parse_weights(weights))
     for note in voted.notes:
@@ -1125,8 +1125,8 @@ def sweep(
     progress: ProgressOption = True,
 ) -> None:
     """Train one run per grid point (finished ones skipped, so a killed sweep resumes)."""
-    from fercache.runs import best_scores
-    from fercache.sweep import sweep as run_sweep
+    from fercache.experiments.runs import best_scores
+    from fercache.experiments.sweep import sweep as run_sweep
     from fercache.temporal.loop import TrainRequest
 
     request = TrainRequest(
@@ -1161,8 +1161,8 @@ def runs(
     ] = None,
 ) -> None:
     """One table of all runs: the settings that differ, epochs and best validation scores."""
-    from fercache.folds import with_fold_means
-    from fercache.runs import render, runs_table
+    from fercache.experiments.folds import with_fold_means
+    from fercache.experiments.runs import render, runs_table
 
     table = with_fold_means(runs_table(folder, sort), folder)
     console.print(render(table, f"{len(table.rows)} runs in {folder}"))

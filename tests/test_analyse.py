@@ -13,15 +13,15 @@ from PIL import Image
 from skimage.data import astronaut
 from typer.testing import CliRunner
 
-from fercache import analyse as analyse_module
-from fercache.analyse import AnalyseOptions, analyse
-from fercache.backbone import DataConfig
+from fercache.backbone.network import DataConfig
 from fercache.cli import app
 from fercache.data.tasks import AU_NAMES, EXPR, EXPR_CLASSES
-from fercache.extract import ExtractOptions, extract
-from fercache.predictions import Predictions, VideoPredictions
+from fercache.experiments import analyse as analyse_module
+from fercache.experiments.analyse import AnalyseOptions, analyse
+from fercache.features.extract import ExtractOptions, extract
+from fercache.framewise.predictions import Predictions, VideoPredictions
+from fercache.predictions.smooth import smooth_predictions
 from fercache.pretrain.export import export_model, model_config
-from fercache.smooth import smooth_predictions
 from fercache.temporal.loop import TrainRequest, train
 from tests.train_data import ANNOTATIONS, TINY_TEMPORAL
 
@@ -155,7 +155,7 @@ def test_cli_analyse_and_its_errors(video, student, tmp_path, monkeypatch):
 
 
 def test_real_crop_finds_the_face_and_a_rerun_reuses_it(video, student, tmp_path):
-    crop = pytest.importorskip("fercache.crop")
+    crop = pytest.importorskip("fercache.video.crop")
     out = tmp_path / "out"
     analyse([video], student, out, _options(size=48))
     (found,) = crop.read_crop_record(out / "work" / "data", "clip")

@@ -15,7 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fercache.cli import app
-from fercache.crop import (
+from fercache.errors import FercacheError
+from fercache.video.crop import (
     IMAGES_DIRNAME,
     INSTALL_HINT,
     LANDMARK_WEIGHTS,
@@ -30,7 +31,6 @@ from fercache.crop import (
     similarity,
     template,
 )
-from fercache.errors import FercacheError
 
 av = pytest.importorskip("av")
 facenet = pytest.importorskip("facenet_pytorch")

@@ -11,10 +11,17 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from fercache.cli import app
-from fercache.demo import DemoSettings, _reference_lines, _references, _Stages, paper_rows, run_demo
 from fercache.errors import FercacheError
-from fercache.references import hog_logistic, labelled_source, validation_sample
-from fercache.runs import runs_table
+from fercache.experiments.demo import (
+    DemoSettings,
+    _reference_lines,
+    _references,
+    _Stages,
+    paper_rows,
+    run_demo,
+)
+from fercache.experiments.references import hog_logistic, labelled_source, validation_sample
+from fercache.experiments.runs import runs_table
 
 runner = CliRunner()
 TINY = DemoSettings.small()
@@ -165,7 +172,7 @@ def test_the_reference_learners_are_scored_on_the_rows_frames_and_reported(demo)
 def test_without_scikit_image_the_report_says_the_references_were_not_computed(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("fercache.demo.hog_available", lambda: False)
+    monkeypatch.setattr("fercache.experiments.demo.hog_available", lambda: False)
     stages = _Stages(Console(quiet=True))
     assert _references(stages, tmp_path) == {} and stages.commands == []
     lines = "\n".join(_reference_lines({}))

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fercache.cli import app
-from fercache.ensemble import ensemble, parse_weights
 from fercache.errors import FercacheError
-from fercache.evaluate import evaluate
-from fercache.predictions import Predictions, VideoPredictions
+from fercache.framewise.predictions import Predictions, VideoPredictions
+from fercache.predictions.ensemble import ensemble, parse_weights
+from fercache.predictions.evaluate import evaluate
 from fercache.temporal.config import load_config
 from fercache.temporal.loop import TrainRequest
 from fercache.temporal.subsample import subsample_videos
@@ -268,7 +268,7 @@ def test_two_runs_predictions_vote_to_the_mean_of_their_probabilities(bagged, tm
 
 
 def test_rerun_bagging_reuses_finished_bags_and_refuses_changed_settings(bagged, tmp_path):
-    from fercache.bagging import train_bagged
+    from fercache.experiments.bagging import train_bagged
 
     out = bagged["out"]
     before = (out / "bag-1" / "best.safetensors").stat().st_mtime_ns

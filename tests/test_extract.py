@@ -18,18 +18,18 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fercache.backbone import DataConfig, preprocess
+from fercache.backbone.network import DataConfig, preprocess
 from fercache.cli import app
 from fercache.data.affwild2 import AffWild2
 from fercache.errors import FercacheError
-from fercache.extract import (
+from fercache.features.extract import (
     ExtractOptions,
     VideoJob,
     _rank_share,
     collate_frames,
     extract,
 )
-from fercache.store import read_manifest, read_store
+from fercache.features.store import read_manifest, read_store
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "resnet18"
@@ -330,7 +330,7 @@ def _readout_store(data: Path, out: Path, backbone: str, video: str, **readout):
 
 def _timm_model_and_batch(data: Path, store) -> tuple[torch.nn.Module, torch.Tensor]:
     """The random-init network as timm builds it, and the store's frames preprocessed by the
-    extract module's own helper (`fercache.backbone.preprocess`)."""
+    extract module's own helper (`fercache.backbone.network.preprocess`)."""
     provenance = store.provenance
     torch.manual_seed(provenance.init_seed)
     model = timm.create_model(provenance.backbone, pretrained=False, num_classes=0).eval()
@@ -453,7 +453,7 @@ def test_logits_follow_the_readout(synthetic_tree, tmp_path):
 
 
 def test_readout_refusals(synthetic_tree, tmp_path):
-    from fercache.readout import Readout, check_readout
+    from fercache.backbone.readout import Readout, check_readout
 
     no_class_token = timm.create_model(VIT, class_token=False, global_pool="avg")
     with pytest.raises(FercacheError, match="no class token"):
@@ -483,7 +483,7 @@ def test_default_readout_keeps_the_fingerprint_of_older_caches():
     import json
     from dataclasses import asdict
 
-    from fercache.store import FORMAT_VERSION, Provenance
+    from fercache.features.store import FORMAT_VERSION, Provenance
 
     base = Provenance(
         "resnet18", "", "", 0, (3, 64, 64), (0.5,) * 3, (0.25,) * 3, "bicubic", "float16", 512, 0

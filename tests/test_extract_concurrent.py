@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-import fercache.extract
-from fercache.claims import HOST, STALE_SECONDS, Claims, claim_path, read_holder
+import fercache.features.extract
 from fercache.data.affwild2 import AffWild2
 from fercache.errors import FercacheError
-from fercache.extract import ExtractOptions, extract
-from fercache.store import read_manifest, read_store
+from fercache.features.claims import HOST, STALE_SECONDS, Claims, claim_path, read_holder
+from fercache.features.extract import ExtractOptions, extract
+from fercache.features.store import read_manifest, read_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +98,7 @@ def test_another_host_claim_is_kept_until_stale(tmp_path):
 
 def test_claims_are_released_when_extract_fails(synthetic_tree, videos, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    real_compute, calls = fercache.extract._compute, []
+    real_compute, calls = fercache.features.extract._compute, []
 
     def fails_on_second_batch(*args, **kwargs):
         calls.append(1)
@@ -106,7 +106,7 @@ def test_claims_are_released_when_extract_fails(synthetic_tree, videos, tmp_path
             raise FercacheError("out of memory, say")
         return real_compute(*args, **kwargs)
 
-    monkeypatch.setattr(fercache.extract, "_compute", fails_on_second_batch)
+    monkeypatch.setattr(fercache.features.extract, "_compute", fails_on_second_batch)
     with pytest.raises(FercacheError, match="out of memory"):
         extract(synthetic_tree, cache, _options(videos[:2]))
     assert len(calls) == 2
@@ -122,8 +122,10 @@ def test_videos_another_process_holds_are_waited_for(
     finished_by_other, abandoned = videos[1], videos[2]
     assert other.take(finished_by_other) and other.take(abandoned)
     lines: list[str] = []
-    monkeypatch.setattr(fercache.extract, "progress_line", lambda text, enabled: lines.append(text))
-    monkeypatch.setattr(fercache.extract, "WAIT_POLL_SECONDS", 0.02)
+    monkeypatch.setattr(
+        fercache.features.extract, "progress_line", lambda text, enabled: lines.append(text)
+    )
+    monkeypatch.setattr(fercache.features.extract, "WAIT_POLL_SECONDS", 0.02)
     reports = []
     run = threading.Thread(
         target=lambda: reports.append(extract(synthetic_tree, cache, _options(videos)))

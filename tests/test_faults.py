@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.data.tasks import EXPR_CLASSES
+from fercache.features.store import MANIFEST_NAME, read_manifest, read_store
 from fercache.runfolder import CONFIG_FILE, METRICS_FILE
-from fercache.store import MANIFEST_NAME, read_manifest, read_store
 from fercache.temporal.inference import write_thresholds
 from fercache.temporal.rundir import SUMMARY_FILE
 from tests.train_data import ANNOTATIONS, SPLIT_FOLDERS, TINY_TEMPORAL, TreeSpec, write_tree

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fercache import folds
 from fercache.cli import app
 from fercache.data.tasks import TASKS
 from fercache.errors import FercacheError
-from fercache.predict import PredictOptions, predict
-from fercache.predictions import Predictions
-from fercache.runs import runs_table
+from fercache.experiments import folds
+from fercache.experiments.runs import runs_table
+from fercache.framewise.predictions import Predictions
+from fercache.predictions.predict import PredictOptions, predict
 from fercache.temporal.config import load_config
 from fercache.temporal.loop import TrainRequest, train
 from tests.train_data import (

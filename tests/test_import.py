@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
-from fercache.importing import ImportOptions, import_features
-from fercache.predict import PredictOptions, predict
-from fercache.runs import runs_table
-from fercache.store import FeatureCache, read_manifest
+from fercache.experiments.runs import runs_table
+from fercache.features.importing import ImportOptions, import_features
+from fercache.features.store import FeatureCache, read_manifest
+from fercache.predictions.predict import PredictOptions, predict
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures
 from fercache.temporal.loop import TrainRequest, train
 from tests.train_data import TINY_TEMPORAL, TreeSpec, write_cache, write_tree

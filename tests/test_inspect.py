@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fercache.cli import app
-from fercache.inspect import inspect_dataset
+from fercache.data.inspect import inspect_dataset
 from tests.test_affwild2 import AU_HEADER, EXPR_HEADER, write_annotation, write_images
 
 runner = CliRunner()

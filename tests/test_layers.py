@@ -1,13 +1,11 @@
-"""Imports point down: every module of fercache/ has a layer, and imports only its own or earlier.
+"""Imports point down the pipeline: every module of fercache/ lies in a layer, and imports only
+from its own layer or an earlier one.
 
-Layers, lowest first: base (errors, outputs, settings, the Aff-Wild2 data...) -> synth (the
-generator) -> backbone/store (formats and the shared computation: backbone, stores, PRED files,
-metrics, the vote) -> the stages in pipeline order (pretrain, extract, temporal, predict,
-smooth, evaluate, submit, inspect; pretrain and temporal ordered inside too) -> experiments
-(demo, sweep, bagging, folds, ensemble, runs) -> cli. A module may import any module of its own
-group or of an earlier one. Imports inside functions (the CLI imports lazily) count like any other.
-
-A helper two modules share goes down to the lowest layer both can import, never up.
+A layer is a folder of fercache/, or the base: the flat modules of fercache/ (errors, readers,
+atomic outputs, settings, ...) that every layer may import. `LAYERS` ranks them, lowest first;
+a new module needs no line here, its folder gives its layer. Imports inside functions (the CLI
+imports lazily) count like any other. A helper two layers share goes down to the lowest layer
+both can import, never up.
 """
 
 import ast
@@ -16,96 +14,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fercache"
 
-# (kind, group), lowest first. Within one group imports go either way.
-ORDER: list[tuple[str, str]] = [
-    ("layer", "base"),
-    ("layer", "synth"),
-    ("layer", "backbone/store"),
-    ("stage", "pretrain: blocks"),
-    ("stage", "pretrain: recipe"),
-    ("stage", "pretrain: recipes"),
-    ("stage", "pretrain: registry"),
-    ("stage", "pretrain: loop"),
-    ("stage", "pretrain"),
-    ("stage", "crop"),
-    ("stage", "extract"),
-    ("stage", "temporal: blocks"),
-    ("stage", "temporal: inference"),
-    ("stage", "temporal: loop"),
-    ("stage", "predict"),
-    ("stage", "smooth"),
-    ("stage", "evaluate"),
-    ("stage", "submit"),
-    ("stage", "inspect"),
-    ("layer", "experiments"),
-    ("layer", "cli"),
+BASE = "base"
+# Lowest first: the base, then the folders of fercache/ in pipeline order.
+LAYERS = [
+    BASE,
+    "data",  # reading Aff-Wild2-shaped trees
+    "synth",  # the synthetic tree generator
+    "video",  # video files -> cropped faces
+    "backbone",  # frozen timm backbones and their weights
+    "features",  # the feature store, extract and import
+    "framewise",  # the PRED file, the ABAW metrics, the majority vote
+    "pretrain",  # phase 1
+    "temporal",  # phase 2
+    "predictions",  # predict, smooth, ensemble, evaluate, submit
+    "experiments",  # compositions of stages
+    "cli",  # the Typer commands
 ]
-
-# Module -> group, one line per module; `pkg.*` is a package and everything in it. An exact line
-# wins over a package line.
-RANKS: dict[str, str] = {
-    "fercache": "base",  # __version__
-    "fercache.errors": "base",
-    "fercache.damage": "base",  # how a file that cannot be read is named in an error
-    "fercache.outputs": "base",
-    "fercache.progress": "base",
-    "fercache.settings": "base",
-    "fercache.distributed": "base",
-    "fercache.runfolder": "base",  # the run-folder convention of pretrain and train
-    "fercache.claims": "base",  # which process computes which item of a shared folder
-    "fercache.data.*": "base",  # affwild2, tasks, layout, labels, framelist
-    "fercache.synth.*": "synth",
-    "fercache.backbone": "backbone/store",
-    "fercache.store": "backbone/store",
-    "fercache.weights": "backbone/store",  # pretrained by name, foreign checkpoints, convert
-    "fercache.predictions": "backbone/store",  # the PRED file format
-    "fercache.metrics": "backbone/store",  # F1, CCC, P: training and evaluate score with them
-    "fercache.readout": "backbone/store",  # which layer, pooling and TTA extract reads out
-    "fercache.vote": "backbone/store",  # the majority vote: training and smooth use it
-    "fercache.pretrain.config": "pretrain: blocks",
-    "fercache.pretrain.sampling": "pretrain: blocks",
-    "fercache.pretrain.sources": "pretrain: blocks",
-    "fercache.pretrain.views": "pretrain: blocks",
-    "fercache.pretrain.export": "pretrain: blocks",
-    "fercache.pretrain.recipe": "pretrain: recipe",  # what every recipe shares
-    # every other pretrain module is a recipe (supervised, mpl, finetune, cotex, emma,
-    # landmarks): a new recipe needs its module and its registry line, not a line here
-    "fercache.pretrain.*": "pretrain: recipes",
-    "fercache.pretrain.recipes": "pretrain: registry",
-    "fercache.pretrain.loop": "pretrain: loop",
-    "fercache.pretrain": "pretrain",  # the package's __init__: its public face
-    "fercache.crop": "crop",  # videos -> cropped_aligned/, runs before extract
-    "fercache.extract": "extract",
-    "fercache.importing": "extract",  # features made by other tools -> a cache, beside extract
-    "fercache.temporal.features": "temporal: blocks",
-    "fercache.temporal.clips": "temporal: blocks",
-    "fercache.temporal.subsample": "temporal: blocks",
-    "fercache.temporal.config": "temporal: blocks",
-    "fercache.temporal.model": "temporal: blocks",
-    "fercache.temporal.step": "temporal: blocks",
-    "fercache.temporal.rundir": "temporal: blocks",
-    "fercache.temporal.inference": "temporal: inference",
-    "fercache.temporal.loop": "temporal: loop",
-    "fercache.temporal": "temporal: loop",  # the package's __init__
-    "fercache.predict": "predict",
-    "fercache.smooth": "smooth",
-    "fercache.evaluate": "evaluate",
-    "fercache.submit": "submit",
-    "fercache.inspect": "inspect",
-    "fercache.references": "experiments",  # reference learners the demo reports beside its rows
-    "fercache.demo": "experiments",
-    "fercache.analyse": "experiments",  # crop -> extract -> predict -> smooth on video files
-    "fercache.sweep": "experiments",
-    "fercache.bagging": "experiments",
-    "fercache.folds": "experiments",  # subject-grouped k-fold cross-validation
-    "fercache.ensemble": "experiments",
-    "fercache.runs": "experiments",
-    "fercache.cli": "cli",
-    "fercache.__main__": "cli",
-}
-
-RANK = {group: index for index, (_, group) in enumerate(ORDER)}
-KIND = {group: kind for kind, group in ORDER}
+RANK = {layer: index for index, layer in enumerate(LAYERS)}
 
 
 def module_name(path: Path) -> str:
@@ -118,15 +43,17 @@ def modules() -> dict[str, Path]:
     return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
-def group_of(module: str) -> str | None:
-    if module in RANKS:
-        return RANKS[module]
+def layer_of(module: str) -> str | None:
+    """The layer of a fercache module: its folder's; the base for a flat one (the command
+    line's `__main__` excepted); None for a name that is no module of fercache/."""
     parts = module.split(".")
-    for end in range(len(parts), 0, -1):
-        wildcard = ".".join(parts[:end]) + ".*"
-        if wildcard in RANKS:
-            return RANKS[wildcard]
-    return None
+    if parts[0] != "fercache":
+        return None
+    if module == "fercache.__main__":
+        return "cli"
+    if len(parts) == 1 or (len(parts) == 2 and parts[1] not in RANK):
+        return BASE if module in modules() else None
+    return parts[1] if parts[1] in RANK and parts[1] != BASE else None
 
 
 def imported(source: str, module: str, is_package: bool, known: set[str]) -> list[str]:
@@ -159,30 +86,25 @@ def edges() -> list[tuple[str, str, str]]:
 
 
 def upward(pairs: list[tuple[str, str, str]]) -> list[str]:
-    """One line per import that points to a later group (or to a module without a group)."""
+    """One line per import that points to a later layer (or to a module without a layer)."""
     problems = []
     for path, importer, target in pairs:
-        mine, theirs = group_of(importer), group_of(target)
+        mine, theirs = layer_of(importer), layer_of(target)
         if theirs is None:
-            problems.append(
-                f"{path} imports {target}, which has no layer (no such module, or add it to "
-                "RANKS in tests/test_layers.py)"
-            )
+            problems.append(f"{path} imports {target}, which is no module of fercache/")
         elif mine is not None and RANK[theirs] > RANK[mine]:
             problems.append(
-                f"{path} imports {target} ({KIND[mine]} '{mine}' → {KIND[theirs]} '{theirs}' "
-                "which comes later)"
+                f"{path} imports {target} (layer '{mine}' → layer '{theirs}', which comes later)"
             )
     return problems
 
 
 def test_every_module_has_a_layer():
-    assert set(RANKS.values()) <= set(RANK), "every group in RANKS must be in ORDER"
     missing = [
-        f"{path.relative_to(ROOT)} ({name}) has no layer: add a line for it to RANKS in "
-        "tests/test_layers.py"
+        f"{path.relative_to(ROOT)} ({name}) lies in no layer: put it in a folder of LAYERS "
+        "(tests/test_layers.py)"
         for name, path in modules().items()
-        if group_of(name) is None
+        if layer_of(name) is None
     ]
     assert not missing, "\n".join(missing)
 
@@ -193,21 +115,21 @@ def test_no_import_points_up():
 
 
 def test_the_checker_catches_an_upward_import():
-    later = ("fercache/evaluate.py", "fercache.evaluate", "fercache.submit")
+    later = ("fercache/predictions/evaluate.py", "fercache.predictions.evaluate", "fercache.cli")
     assert upward([later]) == [
-        "fercache/evaluate.py imports fercache.submit (stage 'evaluate' → stage 'submit' which "
-        "comes later)"
+        "fercache/predictions/evaluate.py imports fercache.cli (layer 'predictions' → layer "
+        "'cli', which comes later)"
     ]
-    inside = ("fercache/temporal/rundir.py", "fercache.temporal.rundir", "fercache.temporal.loop")
-    assert "(stage 'temporal: blocks' → stage 'temporal: loop'" in upward([inside])[0]
-    lowest = ("fercache/data/tasks.py", "fercache.data.tasks", "fercache.cli")
-    assert "(layer 'base' → layer 'cli'" in upward([lowest])[0]
-    assert "has no layer" in upward([("x", "fercache.cli", "fercache.nowhere")])[0]
+    lowest = ("fercache/data/tasks.py", "fercache.data.tasks", "fercache.framewise.metrics")
+    assert "(layer 'data' → layer 'framewise'" in upward([lowest])[0]
+    base = ("fercache/errors.py", "fercache.errors", "fercache.data.tasks")
+    assert "(layer 'base' → layer 'data'" in upward([base])[0]
+    assert "no module of fercache/" in upward([("x", "fercache.cli", "fercache.nowhere")])[0]
     down = [
-        ("fercache/submit.py", "fercache.submit", "fercache.evaluate"),
-        ("fercache/evaluate.py", "fercache.evaluate", "fercache.metrics"),
+        ("fercache/temporal/loop.py", "fercache.temporal.loop", "fercache.framewise.metrics"),
         ("fercache/temporal/loop.py", "fercache.temporal.loop", "fercache.temporal.config"),
-        ("fercache/cli.py", "fercache.cli", "fercache.pretrain"),
+        ("fercache/__main__.py", "fercache.__main__", "fercache.cli"),
+        ("fercache/data/affwild2.py", "fercache.data.affwild2", "fercache.errors"),
     ]
     assert upward(down) == []
 
@@ -217,17 +139,22 @@ def test_imports_inside_functions_and_relative_imports_are_seen():
         "import numpy\n"
         "from fercache.errors import FercacheError\n"
         "def later():\n"
-        "    from fercache.submit import write_submission\n"
+        "    from fercache.predictions.submit import write_submission\n"
         "    if True:\n"
-        "        import fercache.smooth\n"
+        "        import fercache.predictions.smooth\n"
         "from . import clips\n"
-        "from ..metrics import pooled\n"
+        "from ..framewise.metrics import pooled\n"
     )
-    known = {"fercache.temporal.clips", "fercache.metrics", "fercache.submit", "fercache.smooth"}
+    known = {
+        "fercache.temporal.clips",
+        "fercache.framewise.metrics",
+        "fercache.predictions.submit",
+        "fercache.predictions.smooth",
+    }
     assert imported(source, "fercache.temporal.loop", False, known) == [
         "fercache.errors",
-        "fercache.metrics",
-        "fercache.smooth",
-        "fercache.submit",
+        "fercache.framewise.metrics",
+        "fercache.predictions.smooth",
+        "fercache.predictions.submit",
         "fercache.temporal.clips",
     ]

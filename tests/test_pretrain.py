@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from fercache.backbone import load_backbone
+from fercache.backbone.network import load_backbone
 from fercache.cli import app
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks
@@ -543,7 +543,7 @@ def test_the_exported_student_is_the_extraction_contract(mpl_run):
 def test_extract_runs_on_the_exported_student_with_no_other_option(
     mpl_run, synthetic_tree, tmp_path
 ):
-    from fercache.extract import ExtractOptions, extract
+    from fercache.features.extract import ExtractOptions, extract
 
     run, _, _ = mpl_run
     options = ExtractOptions(checkpoint=run / "student.safetensors", progress=False, workers=0)

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from scipy.spatial.distance import jensenshannon
 
-from fercache.backbone import DataConfig, ViewPair, load_backbone
+from fercache.backbone.network import DataConfig, ViewPair, load_backbone
 from fercache.errors import FercacheError
-from fercache.extract import ExtractOptions, extract
-from fercache.metrics import concordance as numpy_concordance
+from fercache.features.extract import ExtractOptions, extract
+from fercache.framewise.metrics import concordance as numpy_concordance
 from fercache.pretrain import PretrainConfig, load_config, pretrain
 from fercache.pretrain.cotex import CoTex, js_divergence, keep_random_tokens, masked_logits
 from fercache.pretrain.emma import Emma, EmmaNet, ccc_loss, concordance

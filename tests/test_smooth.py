@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fercache.errors import FercacheError
-from fercache.predictions import Predictions, VideoPredictions
-from fercache.smooth import smooth_predictions
-from fercache.vote import majority_vote
+from fercache.framewise.predictions import Predictions, VideoPredictions
+from fercache.framewise.vote import majority_vote
+from fercache.predictions.smooth import smooth_predictions
 
 UNIT = 2**24
 

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
-from fercache.runs import runs_table
+from fercache.experiments.runs import runs_table
+from fercache.experiments.sweep import grid_points, parse_grid, sweep
 from fercache.settings import setting_key
-from fercache.sweep import grid_points, parse_grid, sweep
 from fercache.temporal.config import SECTIONS, TemporalConfig, load_config
 from fercache.temporal.loop import TrainRequest
 from tests.train_data import TreeSpec, write_cache, write_tree

@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
-from fercache.metrics import concordance
+from fercache.features.store import FeatureCache
+from fercache.framewise.metrics import concordance
 from fercache.runfolder import read_metrics
-from fercache.store import FeatureCache
 from fercache.temporal.clips import (
     ClipBatches,
     evaluation_starts,

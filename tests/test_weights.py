@@ -13,13 +13,13 @@ from huggingface_hub import constants
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from fercache.backbone import load_backbone
+from fercache.backbone.network import load_backbone
+from fercache.backbone.weights import convert_checkpoint, select_weights
 from fercache.cli import app
 from fercache.data.affwild2 import AffWild2
 from fercache.errors import FercacheError
+from fercache.features.store import read_store
 from fercache.pretrain.recipe import NUM_CLASSES, create_network
-from fercache.store import read_store
-from fercache.weights import convert_checkpoint, select_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()

@@ -17,7 +17,7 @@ import numpy as np
 
 from fercache.data.affwild2 import AffWild2, VideoLabels
 from fercache.data.tasks import AU_NAMES, EXPR, TASKS, VA_NAMES
-from fercache.store import Provenance, write_manifest, write_store
+from fercache.features.store import Provenance, write_manifest, write_store
 
 CLASSES = 8
 # the smallest temporal model the trainer builds: `--set` values for tests that train one

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.models import VisionTransformer
 from torch import nn
 
-from fercache.backbone import ViewPair
+from fercache.backbone.network import ViewPair
 from fercache.errors import FercacheError
 from fercache.pretrain.finetune import FineTune
 from fercache.pretrain.recipe import Autocast, ModelFactory

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fercache.backbone import Backbone, DataConfig, load_backbone, preprocess
+from fercache.backbone.network import Backbone, DataConfig, load_backbone, preprocess
 from fercache.data.tasks import AU_NAMES, VA_NAMES
 from fercache.errors import FercacheError
 from fercache.pretrain.finetune import (

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fercache.backbone import MODEL_METADATA_KEY, DataConfig
+from fercache.backbone.network import MODEL_METADATA_KEY, DataConfig
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.outputs import write_atomically, write_text_atomically
 
 
 def model_config(backbone: str, data_config: DataConfig, recipe: str, **extra: object) -> dict:
     """What extraction needs to rebuild the model; `extra` adds the keys some recipes need
-    (`views`, `model_kwargs`: see fercache.backbone)."""
+    (`views`, `model_kwargs`: see fercache.backbone.network)."""
     return {
         "backbone": backbone,
         "num_classes": len(EXPR_CLASSES),

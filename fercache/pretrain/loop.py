@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from fercache.backbone import DataConfig
+from fercache.backbone.network import DataConfig
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, Dataset, RandomSampler
 from torchvision import transforms as T
 
-from fercache.backbone import read_weights
+from fercache.backbone.network import read_weights
+from fercache.backbone.weights import expected_keys, pretrained_model, select_weights
 from fercache.damage import first_line
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks
@@ -35,7 +36,6 @@ from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.sampling import BalancedBatchSampler
 from fercache.pretrain.sources import LabelledImages, read_labelled
 from fercache.pretrain.views import LabelledDataset, Views
-from fercache.weights import expected_keys, pretrained_model, select_weights
 
 NUM_CLASSES = len(EXPR_CLASSES)
 Autocast = Callable[[], AbstractContextManager]
@@ -152,7 +152,8 @@ class Recipe(ABC):
         return {"student": self.final_student()}
 
     def export_keys(self) -> dict:
-        """Keys the exported model config needs beyond the common ones (see fercache.backbone)."""
+        """Keys the exported model config needs beyond the common ones (see
+        fercache.backbone.network)."""
         return {}
 
     @abstractmethod

@@ -19,7 +19,7 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from fercache.backbone import DataConfig
+from fercache.backbone.network import DataConfig
 from fercache.errors import FercacheError
 
 INTERPOLATION = "bilinear"

@@ -34,8 +34,8 @@ import h5py
 import numpy as np
 
 from fercache.errors import FercacheError
+from fercache.features.store import FeatureCache, missing_frames, open_store, store_handle
 from fercache.progress import progress_bar
-from fercache.store import FeatureCache, missing_frames, open_store, store_handle
 
 FEATURE_DTYPE = np.float16
 _LISTED = 5  # names or frames quoted in an error before "…"

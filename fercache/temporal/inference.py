@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from fercache.damage import first_line, read_json_object, unreadable
 from fercache.data.tasks import AU_NAMES
 from fercache.errors import FercacheError
+from fercache.framewise.predictions import AU_THRESHOLD
 from fercache.outputs import write_text_atomically
-from fercache.predictions import AU_THRESHOLD
 from fercache.temporal.clips import evaluation_starts
 from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
 from fercache.temporal.rundir import MODEL_JSON, THRESHOLDS_FILE, WEIGHTS

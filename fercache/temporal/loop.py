@@ -41,7 +41,8 @@ from fercache.data.labels import (
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
-from fercache.metrics import au_metrics, va_metrics
+from fercache.framewise.metrics import au_metrics, va_metrics
+from fercache.framewise.vote import majority_vote
 from fercache.progress import progress_bar, progress_line
 from fercache.runfolder import holds_run, read_checkpoint, write_checkpoint, write_metrics
 from fercache.temporal.clips import (
@@ -79,7 +80,6 @@ from fercache.temporal.step import (
     warmup_cosine,
 )
 from fercache.temporal.subsample import subsample_videos
-from fercache.vote import majority_vote
 
 # The epoch record's key of each validation score (`select` names the score).
 RECORD_KEY = {"expr_f1": "val_f1", "au_f1": "val_au_f1", "va_ccc": "val_va_ccc", "p": "val_p"}

@@ -81,8 +81,9 @@ def masked_binary_cross_entropy(
 def concordance_loss(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the dimensions (last axis) of 1 - CCC over the rows whose value is not -5.
 
-    CCC uses population moments, as `fercache.metrics.concordance`; 0 for a perfect prediction,
-    at most 2. A dimension with fewer than 2 valid rows is left out; none left gives 0."""
+    CCC uses population moments, as `fercache.framewise.metrics.concordance`; 0 for a perfect
+    prediction, at most 2. A dimension with fewer than 2 valid rows is left out; none left gives
+    0."""
     width = predicted.shape[-1]
     valid = (labels != VA.invalid).reshape(-1, width)
     zeros = torch.zeros(valid.shape, device=predicted.device)

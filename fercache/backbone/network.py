@@ -3,11 +3,11 @@
 Accepted checkpoints: fercache's own phase-1 files (`student.safetensors` with its model config
 in the safetensors metadata key `fercache_model` or in a sidecar `student.json`), a plain
 PyTorch state dict (`.pt`/`.pth`/`.bin`, read with `weights_only=True`, nested wrappers and
-`module.`/`encoder.`/`backbone.`/`visual.` prefixes handled: `fercache.weights`) and plain
+`module.`/`encoder.`/`backbone.`/`visual.` prefixes handled: `fercache.backbone.weights`) and plain
 safetensors. The classifier's width, when the checkpoint has one, sets `num_classes`; the
 weights must match the architecture exactly, or nothing is built. Weights without the head
 (MAE, DINO) load only with `allow_missing_head`, as a network without classifier.
-`pretrained` instead builds timm's pretrained weights by name (`fercache.weights`).
+`pretrained` instead builds timm's pretrained weights by name (`fercache.backbone.weights`).
 
 A model config may add `model_kwargs` (passed to `timm.create_model`, e.g. the `img_size` a ViT
 was trained at) and `views: 2`: two networks of the backbone's architecture (state keys
@@ -29,15 +29,15 @@ from safetensors import SafetensorError, safe_open
 from timm.data import resolve_data_config
 from torch import nn
 
-from fercache.damage import read_json_object
-from fercache.errors import FercacheError
-from fercache.weights import (
+from fercache.backbone.weights import (
     expected_keys,
     mismatch_report,
     pretrained_model,
     read_torch_state,
     select_weights,
 )
+from fercache.damage import read_json_object
+from fercache.errors import FercacheError
 
 DEFAULT_BACKBONE = "resnet50"
 MODEL_METADATA_KEY = "fercache_model"

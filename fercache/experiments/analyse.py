@@ -3,16 +3,16 @@ to see what the model says about them.
 
 Each step is the existing stage function, talking through files under `OUT/work/`:
 
-1. `fercache.crop.crop_videos`: faces detected and aligned into `OUT/work/data/cropped_aligned/
-   <video>/00001.jpg, ...` (frames without a face have no image);
-2. `fercache.extract.extract`: the student checkpoint over every cropped frame into
+1. `fercache.video.crop.crop_videos`: faces detected and aligned into
+   `OUT/work/data/cropped_aligned/<video>/00001.jpg, ...` (frames without a face have no image);
+2. `fercache.features.extract.extract`: the student checkpoint over every cropped frame into
    `OUT/work/cache`;
-3. `fercache.predict.predict`: the student's own softmax (`source="student"`) or a temporal run
-   (`options.run`, trained on a cache of the same checkpoint) for every frame of each video,
-   listed in the frame list `OUT/work/frames.txt` (split "test": no annotations needed); frames
-   without a face take the predictions of their nearest frames with one (see fercache.predict)
-   -> `OUT/work/predictions.h5`;
-4. `fercache.smooth.smooth_predictions`: the window vote -> `OUT/work/smoothed.h5`.
+3. `fercache.predictions.predict.predict`: the student's own softmax (`source="student"`) or a
+   temporal run (`options.run`, trained on a cache of the same checkpoint) for every frame of each
+   video, listed in the frame list `OUT/work/frames.txt` (split "test": no annotations needed);
+   frames without a face take the predictions of their nearest frames with one (see
+   fercache.predictions.predict) -> `OUT/work/predictions.h5`;
+4. `fercache.predictions.smooth.smooth_predictions`: the window vote -> `OUT/work/smoothed.h5`.
 
 Then, per detected subject (`<video>`, or `<video>_left`/`<video>_right` with two subjects):
 `OUT/<name>.csv` (frame, time_s, face_found, p_<class> for the 8 EXPR classes, label,
@@ -30,8 +30,8 @@ from pathlib import Path
 
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
+from fercache.framewise.predictions import Predictions, VideoPredictions
 from fercache.outputs import write_atomically, write_text_atomically
-from fercache.predictions import Predictions, VideoPredictions
 
 # One colour per EXPR class (matplotlib's tab10 without its grey), RGB 0-255.
 COLOURS = (
@@ -71,7 +71,7 @@ def analyse(
 ) -> AnalyseReport:
     """Crop, extract, predict and smooth `videos`, then write each one's CSV, timeline PNG and
     (with `options.annotate`) annotated MP4 into `out`."""
-    from fercache.crop import video_sources
+    from fercache.video.crop import video_sources
 
     _check(checkpoint, options)
     videos = video_sources(videos)
@@ -85,7 +85,7 @@ def analyse(
 def _crop(videos: list[Path], data: Path, options: AnalyseOptions):
     """The crop stage; videos cropped into `data` by an earlier call are read from their crop
     records. (A seam: the tests replace it to stay independent of face detection.)"""
-    from fercache.crop import CropOptions, crop_videos, read_crop_record
+    from fercache.video.crop import CropOptions, crop_videos, read_crop_record
 
     crop_options = CropOptions(
         size=options.size,
@@ -113,9 +113,9 @@ def analyse_cropped(
     videos: list[Path], crops, checkpoint: Path, out: Path, options: AnalyseOptions
 ) -> AnalyseReport:
     """Steps 2-4 and the outputs, after `crop_videos` wrote `out/work/data` (its CropReport)."""
-    from fercache.extract import ExtractOptions, extract
-    from fercache.predict import PredictOptions, predict
-    from fercache.smooth import smooth_predictions
+    from fercache.features.extract import ExtractOptions, extract
+    from fercache.predictions.predict import PredictOptions, predict
+    from fercache.predictions.smooth import smooth_predictions
 
     work = out / "work"
     report = AnalyseReport(failed=list(getattr(crops, "failed", [])))

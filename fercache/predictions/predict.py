@@ -5,7 +5,7 @@ Which frames: every annotated frame of every video of the split, for each task t
 predicts that the split annotates (line i of an annotation file is frame i, invalid frames
 included; a video annotated for several tasks gets the longest annotation's frames), or exactly
 the frames of a frame list (`--frames`, the organisers' list for the test split; format in
-`fercache.submit`).
+`fercache.predictions.submit`).
 
 Where the numbers come from (`source`):
 - `temporal`: a trained temporal run (`fercache.temporal.inference.TemporalPredictor`) over the
@@ -15,8 +15,8 @@ Where the numbers come from (`source`):
   EXPR baseline of the ablation.
 
 `tune_thresholds` (validation split, a run with an AU head): per AU, the threshold with the best
-F1 on the split's AU annotations (`fercache.metrics.tune_au_thresholds`) is stored in the run's
-`thresholds.json` for its weights file, and the PRED written carries it.
+F1 on the split's AU annotations (`fercache.framewise.metrics.tune_au_thresholds`) is stored in the
+run's `thresholds.json` for its weights file, and the PRED written carries it.
 
 Frames without features (no face found, image missing or undecodable, or recorded missing by
 an imported cache: `fercache.temporal.features`) take the predictions of the nearest frame that
@@ -35,10 +35,10 @@ from fercache.data.affwild2 import SPLITS, AffWild2
 from fercache.data.framelist import read_frame_list
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES
 from fercache.errors import FercacheError
-from fercache.metrics import pooled, tune_au_thresholds
-from fercache.predictions import AU_THRESHOLD, Predictions, VideoPredictions
+from fercache.features.store import FeatureCache, open_store
+from fercache.framewise.metrics import pooled, tune_au_thresholds
+from fercache.framewise.predictions import AU_THRESHOLD, Predictions, VideoPredictions
 from fercache.progress import progress_bar
-from fercache.store import FeatureCache, open_store
 
 SOURCES = ("temporal", "student")
 # Every row of a video without any features: None is uniform (EXPR probabilities).

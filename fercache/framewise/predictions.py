@@ -13,7 +13,7 @@ One HDF5 file (format 1), readable with plain h5py or `h5dump`:
 - one group `videos/<video>` per video, rows in increasing frame order:
   - `frames`        (N,) int32: 1-based frame numbers (row i is `<video>/{frames[i]:05d}.jpg`);
   - `has_image`     (N,) bool: False where the frame had no features and its predictions
-    came from its nearest frames (see `fercache.predict`);
+    came from its nearest frames (see `fercache.predictions.predict`);
   - `probabilities` (N, 8) float32: EXPR class probabilities;
   - `labels`        (N,) int16: the predicted EXPR class (the arg-max of `probabilities` until
     a vote replaces it);

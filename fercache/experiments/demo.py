@@ -23,15 +23,15 @@ from rich.console import Console
 from rich.table import Table
 
 from fercache.errors import FercacheError
-from fercache.evaluate import evaluate, write_report
-from fercache.extract import ExtractOptions, extract
+from fercache.experiments.references import SOURCES, hog_available, hog_references
+from fercache.features.extract import ExtractOptions, extract
 from fercache.outputs import write_atomically, write_text_atomically
-from fercache.predict import PredictOptions, predict
+from fercache.predictions.evaluate import evaluate, write_report
+from fercache.predictions.predict import PredictOptions, predict
+from fercache.predictions.smooth import smooth_predictions
 from fercache.pretrain import load_config, pretrain
 from fercache.pretrain.recipes import RECIPES
-from fercache.references import SOURCES, hog_available, hog_references
 from fercache.runfolder import read_metrics
-from fercache.smooth import smooth_predictions
 from fercache.synth import SynthConfig, generate
 from fercache.temporal.loop import TrainRequest, train
 from fercache.temporal.rundir import read_summary
@@ -224,8 +224,8 @@ class DemoResult:
     report: Path
     chart: Path
     seconds: dict[str, float]
-    # HOG + logistic regression on each labelled source (fercache.references); empty without
-    # scikit-image
+    # HOG + logistic regression on each labelled source (fercache.experiments.references); empty
+    # without scikit-image
     references: dict[str, float] = field(default_factory=dict)
 
 
@@ -317,7 +317,7 @@ def _references(stages: _Stages, data: Path) -> dict[str, float]:
         stages.console.print(REFERENCES_MISSING)
         return {}
     figures: dict[str, float] = {}
-    code = "from fercache.references import hog_references; "
+    code = "from fercache.experiments.references import hog_references; "
     code += f"print(hog_references({str(data)!r}, None))"
     command = f"python -c {shlex.quote(code)}"
     stages.run("reference learners", command, lambda: figures.update(hog_references(data, None)))

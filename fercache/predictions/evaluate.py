@@ -15,7 +15,8 @@ it; every frame with a valid label of an annotated video must have a prediction.
 - P = F1_EXPR + F1_AU + CCC_VA (Li et al.'s multi-task score, at most 3) when all three are
   scored.
 
-The metric functions themselves live in `fercache.metrics` (training scores with them too).
+The metric functions themselves live in `fercache.framewise.metrics` (training scores with them
+too).
 """
 
 import json
@@ -28,9 +29,9 @@ from fercache.data.affwild2 import AffWild2, VideoLabels
 from fercache.data.labels import row_valid
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.errors import FercacheError
-from fercache.metrics import au_metrics, expr_metrics, p_score, pooled, va_metrics
+from fercache.framewise.metrics import au_metrics, expr_metrics, p_score, pooled, va_metrics
+from fercache.framewise.predictions import Predictions
 from fercache.outputs import write_atomically, write_text_atomically
-from fercache.predictions import Predictions
 
 _SHOWN = 5  # video names quoted in an error
 

@@ -41,7 +41,7 @@ An Aff-Wild2 source named X whose tree has no video X but `X_left` / `X_right` (
 in one video) feeds both subjects, each aligned to its own N; the video file is looked up as X
 (then as the subject's name) in `--video-dir`.
 
-The cache is a normal one (`fercache.store`): one store per video, written atomically, and
+The cache is a normal one (`fercache.features.store`): one store per video, written atomically, and
 `manifest.json` last. Its provenance has backbone "imported" and names the source (path, kind,
 npz key, rate or time column, fps, alignment) and `source_sha256`, a hash of the source files'
 names and contents and of each video's N and fps: any change gives another fingerprint. A
@@ -57,13 +57,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fercache.crop import VIDEO_SUFFIXES
 from fercache.damage import first_line
 from fercache.data.affwild2 import AffWild2
 from fercache.data.tasks import TASKS
 from fercache.errors import FercacheError
-from fercache.progress import progress_bar
-from fercache.store import (
+from fercache.features.store import (
     IMPORTED_BACKBONE,
     TMP_MARK,
     Provenance,
@@ -76,6 +74,8 @@ from fercache.store import (
     write_manifest,
     write_store,
 )
+from fercache.progress import progress_bar
+from fercache.video.crop import VIDEO_SUFFIXES
 
 ALIGNMENTS = ("nearest", "linear")
 FRAME_ALIGN = "frame"  # `align` of a cache placed by a CSV frame column

@@ -15,13 +15,13 @@ fold its held-out videos, subjects and labelled frames. A later run on the same 
 videos back from it (K, seed and groups must be the same), so a fold always resumes with its
 own videos. Fold k trains into `FOLDS_DIR/fold-<k>` (a normal run folder) on the other folds'
 videos, and its validation set, which picks its best epoch, is its own held-out fold. Finished
-folds are reused and an interrupted one resumes (`fercache.sweep.train_or_reuse`).
+folds are reused and an interrupted one resumes (`fercache.experiments.sweep.train_or_reuse`).
 `FOLDS_DIR/folds-summary.json` holds every fold's best scores (the `best_*` of its summary.json)
 with their mean and sample standard deviation over the folds. Under torchrun every fold trains
 data-parallel over the ranks and rank 0 writes the files.
 
-`predict_folds` soft-votes the K fold models (`fercache.ensemble`): each predicts the split with
-its weights into `FOLDS_DIR/fold-<k>/<split>.h5`, and their mean is the output.
+`predict_folds` soft-votes the K fold models (`fercache.predictions.ensemble`): each predicts the
+split with its weights into `FOLDS_DIR/fold-<k>/<split>.h5`, and their mean is the output.
 """
 
 import csv
@@ -36,11 +36,11 @@ from fercache.damage import read_json_object, unreadable
 from fercache.data.affwild2 import AffWild2
 from fercache.data.labels import read_split, row_valid
 from fercache.distributed import torchrun_rank
-from fercache.ensemble import Ensemble, ensemble
 from fercache.errors import FercacheError
-from fercache.predict import PredictOptions, predict
-from fercache.runs import RUN, RunsTable, best_scores
-from fercache.sweep import train_or_reuse
+from fercache.experiments.runs import RUN, RunsTable, best_scores
+from fercache.experiments.sweep import train_or_reuse
+from fercache.predictions.ensemble import Ensemble, ensemble
+from fercache.predictions.predict import PredictOptions, predict
 from fercache.temporal.config import TemporalConfig, load_config
 from fercache.temporal.loop import TrainRequest, VideoSelection
 from fercache.temporal.rundir import read_summary, write_json

@@ -12,7 +12,7 @@ cannot be read is marked "unreadable: FILE" and its settings are left out of the
 Rows are sorted on one column: scores descending (best first), anything else ascending, empty
 cells last, ties by run name. The default is the first score column. Footer rows, when set, come
 last under a rule (for a `train --folds` folder: the folds' mean and sd, added by
-`fercache.folds.with_fold_means`).
+`fercache.experiments.folds.with_fold_means`).
 """
 
 import json

@@ -3,7 +3,7 @@
 Schema of `<video>.h5` (format 1), readable with plain h5py or `h5dump`:
 
 - `features`  (N, D) float16 or float32: pooled pre-logits of the frozen backbone (or the
-  readout the attributes `layer`, `pool`, `tta` name: `fercache.readout`), one row per
+  readout the attributes `layer`, `pool`, `tta` name: `fercache.backbone.readout`), one row per
   frame that has an image, in increasing frame order; chunked (64, D) so a 64-frame window
   costs one or two chunk reads.
 - `frames`    (N,) int32: the 1-based frame number of each row (row i is `{frames[i]:05d}.jpg`).
@@ -14,9 +14,10 @@ Schema of `<video>.h5` (format 1), readable with plain h5py or `h5dump`:
   `mean`, `std`, `interpolation`, `dtype`, `feature_dim`, `num_classes`, `fingerprint`
   (hash of what determines the numbers), `skipped_frames` (frame numbers whose image could not
   be decoded), `skipped_reasons` (JSON list of "file: reason"), and `complete` = 1, set last.
-- imported stores (`fercache import-features`, `fercache.importing`) carry the import fields of
-  the provenance and `missing_frames`: the video's frames the source does not cover (they have
-  no row); an extracted store has no `missing_frames` attribute (`missing_frames()` gives None).
+- imported stores (`fercache import-features`, `fercache.features.importing`) carry the import
+  fields of the provenance and `missing_frames`: the video's frames the source does not cover (they
+  have no row); an extracted store has no `missing_frames` attribute (`missing_frames()` gives
+  None).
 
 A store is written under `.<video>.h5.tmp-<pid>` and renamed when complete
 (`fercache.outputs.write_atomically`, as every file fercache writes), so a file under a final
@@ -70,8 +71,9 @@ class Provenance:
     layer: int = -1  # the block the features come from; -1: the network's pooled output
     pool: str = ""  # how a token model's tokens are pooled; "": the network's own head pooling
     tta: str = ""  # test-time augmentation averaged into each frame's features ("flip")
-    # Imported caches (`fercache.importing`): where the features came from and how they were
-    # aligned to the frames. `source` (a path) is left out of the fingerprint like `checkpoint`.
+    # Imported caches (`fercache.features.importing`): where the features came from and how they
+    # were aligned to the frames. `source` (a path) is left out of the fingerprint like
+    # `checkpoint`.
     source: str = ""  # the imported file or folder
     source_kind: str = ""  # npy, npz, hdf5 or csv
     source_key: str = ""  # the array read from each .npz

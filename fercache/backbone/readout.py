@@ -2,7 +2,7 @@
 
 The default readout (`Readout()`: layer -1, pool "", no TTA) is the network's own pooled
 pre-logits, `forward_head(forward_features(x), pre_logits=True)`, computed by
-`fercache.extract.forward_backbone` on its unchanged path. Otherwise:
+`fercache.features.extract.forward_backbone` on its unchanged path. Otherwise:
 
 - `layer K` (0 <= K < the number of timm's intermediates, `len(model.feature_info)`): the output
   of intermediate K of `forward_intermediates(x, indices=[K], stop_early=True)`, i.e. the
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from timm.layers import global_pool_nlc
 
-from fercache.backbone import ViewPair
+from fercache.backbone.network import ViewPair
 from fercache.errors import FercacheError
 
 POOLS = ("avg", "cls", "tokens-mean")

@@ -1,9 +1,9 @@
-"""`fercache smooth`: the sliding-window majority vote (`fercache.vote`) on a PRED file.
+"""`fercache smooth`: the sliding-window majority vote (`fercache.framewise.vote`) on a PRED file.
 
 `smooth_predictions` votes each video's EXPR `labels` (the arg-max class, or an earlier vote)
-of a PRED file (`fercache.predictions`) and keeps its probabilities; AU and VA predictions are
-copied unchanged. A PRED without EXPR predictions is refused. The vote's rules (windows, ties)
-are in `fercache.vote`.
+of a PRED file (`fercache.framewise.predictions`) and keeps its probabilities; AU and VA predictions
+are copied unchanged. A PRED without EXPR predictions is refused. The vote's rules (windows, ties)
+are in `fercache.framewise.vote`.
 """
 
 from pathlib import Path
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from fercache.errors import FercacheError
-from fercache.predictions import Predictions
-from fercache.vote import majority_vote
+from fercache.framewise.predictions import Predictions
+from fercache.framewise.vote import majority_vote
 
 
 def smooth_predictions(

@@ -4,11 +4,11 @@ Data flow: DataLoader workers read and decode JPEGs at native size as uint8 (bat
 video boundaries, so short videos never starve the device) -> pinned, non-blocking copy ->
 resize + normalise on the device -> `forward_features` + `forward_head(pre_logits=True)` (and
 the classifier, when the checkpoint has one) under autocast on CUDA -> a writer thread that
-assembles each video's rows and writes its store atomically (`fercache.store`) while the next
-batches compute. Under torchrun each rank takes a frame-count-balanced share of the videos.
+assembles each video's rows and writes its store atomically (`fercache.features.store`) while the
+next batches compute. Under torchrun each rank takes a frame-count-balanced share of the videos.
 
 Several `extract` processes on one cache (started at once, on one host or on several hosts
-sharing the folder) share the work through per-video claims (`fercache.claims`):
+sharing the folder) share the work through per-video claims (`fercache.features.claims`):
 
 1. The batch sampler runs in the main process and walks the videos in order; before it hands
    out the first frame of a video it claims it (`CACHE/.<video>.claim`, O_CREAT|O_EXCL, with
@@ -23,7 +23,7 @@ sharing the folder) share the work through per-video claims (`fercache.claims`):
 3. When the pass ends, the process waits for the videos it left out, polling and printing
    "waiting for N videos being extracted by pid P": a video whose store appears is done; a
    claim that disappears without a store (its holder failed) or is abandoned (the pid is dead
-   on this host, or the claim has gone untouched for `fercache.claims.STALE_SECONDS` on any
+   on this host, or the claim has gone untouched for `fercache.features.claims.STALE_SECONDS` on any
    host) is taken over in another pass. So no video is computed twice unless its holder dies,
    and no process waits forever on a dead one.
 4. Every process then writes `manifest.json` atomically from the complete stores it finds
@@ -44,14 +44,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fercache.backbone import Backbone, load_backbone, preprocess, resize_mode
-from fercache.claims import CLAIM_SUFFIX, Claims, Holder
+from fercache.backbone.network import Backbone, load_backbone, preprocess, resize_mode
+from fercache.backbone.readout import DEFAULT_READOUT, Readout, check_readout, forward_readout
 from fercache.data.affwild2 import AffWild2, frame_filename
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
-from fercache.progress import progress_counters, progress_line
-from fercache.readout import DEFAULT_READOUT, Readout, check_readout, forward_readout
-from fercache.store import (
+from fercache.features.claims import CLAIM_SUFFIX, Claims, Holder
+from fercache.features.store import (
     TMP_MARK,
     Provenance,
     check_manifest,
@@ -62,6 +61,7 @@ from fercache.store import (
     write_manifest,
     write_store,
 )
+from fercache.progress import progress_counters, progress_line
 
 WRITE_QUEUE_BATCHES = 8
 WAIT_POLL_SECONDS = 1.0  # how often a process checks on videos other processes are extracting
@@ -423,7 +423,7 @@ def forward_backbone(
     readout: Readout = DEFAULT_READOUT,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pooled pre-logit features and, when the model has a head, its logits; or, for another
-    readout (`--layer`, `--pool`, `--tta`), what `fercache.readout` defines."""
+    readout (`--layer`, `--pool`, `--tta`), what `fercache.backbone.readout` defines."""
     with torch.autocast(
         batch.device.type, dtype=torch.float16, enabled=batch.device.type == "cuda"
     ):

@@ -1,8 +1,8 @@
 """Sliding-window majority vote over per-frame labels: Yu et al.'s post-processing.
 
 `majority_vote(labels, probabilities, window, mode, lengths)` is a plain function on numpy
-arrays, used by the `smooth` stage (`fercache.smooth`, on PRED files) and by training (to score
-the voted validation labels).
+arrays, used by the `smooth` stage (`fercache.predictions.smooth`, on PRED files) and by training
+(to score the voted validation labels).
 
 Rules (rows are consecutive frames of one video; `lengths` splits a concatenation into videos
 and no window ever crosses from one video into the next; a PRED file's rows are the frames that

@@ -5,11 +5,11 @@ Bag k trains into `OUT/bag-<k>` with seed `base + k` (base: `--seed`, else the c
 `subsample` fraction, so both its videos and its initial weights differ from the other bags'.
 Then each bag predicts the validation split with its best weights into `OUT/bag-<k>/val.h5`
 (evaluated into `val.json`; names follow the config's `val_split`), the K predictions are
-averaged (`fercache.ensemble`) into `OUT/ensemble-val.h5`, and that is evaluated into
+averaged (`fercache.predictions.ensemble`) into `OUT/ensemble-val.h5`, and that is evaluated into
 `OUT/ensemble-val.json`. `OUT/bagging.json` sums it up: every bag's seed, training videos and
 scores beside the ensemble's. Finished bags are reused and interrupted ones resume
-(`fercache.sweep.train_or_reuse`). Under torchrun each bag trains data-parallel over the ranks
-and rank 0 alone predicts, votes and evaluates.
+(`fercache.experiments.sweep.train_or_reuse`). Under torchrun each bag trains data-parallel over the
+ranks and rank 0 alone predicts, votes and evaluates.
 """
 
 from dataclasses import replace
@@ -18,12 +18,12 @@ from pathlib import Path
 from rich.table import Table
 
 from fercache.distributed import resolve_device, torchrun_rank
-from fercache.ensemble import ensemble
 from fercache.errors import FercacheError
-from fercache.evaluate import evaluate, write_report
-from fercache.predict import PredictOptions, predict
-from fercache.runs import best_scores
-from fercache.sweep import train_or_reuse
+from fercache.experiments.runs import best_scores
+from fercache.experiments.sweep import train_or_reuse
+from fercache.predictions.ensemble import ensemble
+from fercache.predictions.evaluate import evaluate, write_report
+from fercache.predictions.predict import PredictOptions, predict
 from fercache.temporal.config import load_config
 from fercache.temporal.loop import TrainRequest
 from fercache.temporal.rundir import write_json

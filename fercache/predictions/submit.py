@@ -21,8 +21,8 @@ from fercache.damage import read_text
 from fercache.data.framelist import LOCATION, listed_rows, read_frame_list
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
+from fercache.framewise.predictions import Predictions, VideoPredictions
 from fercache.outputs import write_text_atomically
-from fercache.predictions import Predictions, VideoPredictions
 
 HEADER = ",".join(["image_location", *EXPR_CLASSES])
 HEADERS = {
