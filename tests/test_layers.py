@@ -1,18 +1,22 @@
 """Imports point down the pipeline: every module of fercache/ lies in a layer, and imports only
-from its own layer or an earlier one.
+from its own layer or an earlier one; and no chain of imports leads a module back to itself.
 
 A layer is a folder of fercache/, or the base: the flat modules of fercache/ (errors, readers,
 atomic outputs, settings, ...) that every layer may import. `LAYERS` ranks them, lowest first;
 a new module needs no line here, its folder gives its layer. Imports inside functions (the CLI
 imports lazily) count like any other. A helper two layers share goes down to the lowest layer
 both can import, never up.
+
+docs/development.md shows the layers in a table, checked here against `LAYERS`.
 """
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fercache"
+DEVELOPMENT_MD = ROOT / "docs" / "development.md"
 
 BASE = "base"
 # Lowest first: the base, then the folders of fercache/ in pipeline order.
@@ -30,6 +34,7 @@ LAYERS = [
     "experiments",  # compositions of stages
     "cli",  # the Typer commands
 ]
+MAX_FLAT = 10  # modules directly in fercache/, __init__ and __main__ included
 RANK = {layer: index for index, layer in enumerate(LAYERS)}
 
 
@@ -99,6 +104,29 @@ def upward(pairs: list[tuple[str, str, str]]) -> list[str]:
     return problems
 
 
+def cycles(pairs: list[tuple[str, str, str]]) -> list[list[str]]:
+    """The import cycles among modules, each as the chain that leads back to its start."""
+    graph: dict[str, set[str]] = {}
+    for _, importer, target in pairs:
+        if importer != target:
+            graph.setdefault(importer, set()).add(target)
+    found, done = [], set()
+
+    def visit(module: str, chain: list[str]) -> None:
+        if module in chain:
+            found.append([*chain[chain.index(module) :], module])
+            return
+        if module in done:
+            return
+        for target in sorted(graph.get(module, ())):
+            visit(target, [*chain, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    return found
+
+
 def test_every_module_has_a_layer():
     missing = [
         f"{path.relative_to(ROOT)} ({name}) lies in no layer: put it in a folder of LAYERS "
@@ -109,9 +137,19 @@ def test_every_module_has_a_layer():
     assert not missing, "\n".join(missing)
 
 
+def test_few_modules_lie_flat_in_the_package():
+    flat = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert len(flat) <= MAX_FLAT, f"{len(flat)} flat modules in fercache/: {', '.join(flat)}"
+
+
 def test_no_import_points_up():
     problems = upward(edges())
     assert not problems, "imports that point up (move the helper down):\n" + "\n".join(problems)
+
+
+def test_no_import_cycle():
+    found = cycles(edges())
+    assert not found, "import cycles:\n" + "\n".join(" → ".join(chain) for chain in found)
 
 
 def test_the_checker_catches_an_upward_import():
@@ -132,6 +170,13 @@ def test_the_checker_catches_an_upward_import():
         ("fercache/data/affwild2.py", "fercache.data.affwild2", "fercache.errors"),
     ]
     assert upward(down) == []
+
+
+def test_the_checker_catches_a_cycle():
+    pairs = [("a", "fercache.a", "fercache.b"), ("b", "fercache.b", "fercache.c")]
+    assert cycles(pairs) == []
+    looped = cycles([*pairs, ("c", "fercache.c", "fercache.a")])
+    assert looped == [["fercache.a", "fercache.b", "fercache.c", "fercache.a"]]
 
 
 def test_imports_inside_functions_and_relative_imports_are_seen():
@@ -158,3 +203,30 @@ def test_imports_inside_functions_and_relative_imports_are_seen():
         "fercache.predictions.submit",
         "fercache.temporal.clips",
     ]
+
+
+def documented_layers() -> list[tuple[str, list[str]]]:
+    """(layer, the names in its modules cell) of each row of docs/development.md's table."""
+    text = DEVELOPMENT_MD.read_text()
+    table = text.split("| layer | modules | what |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.strip().splitlines()[1:]]
+    return [(layer.strip(), sorted(re.findall(r"`([^`]+)`", cell))) for layer, cell in rows]
+
+
+def layer_contents(layer: str) -> list[str]:
+    """What the table names in the layer's row, sorted: its folder (`name/`), its flat modules."""
+    folder = [f"{layer}/"] if (PACKAGE / layer).is_dir() and layer != BASE else []
+    flat = [
+        path.stem
+        for path in sorted(PACKAGE.glob("*.py"))
+        if path.stem != "__init__" and layer_of(module_name(path)) == layer
+    ]
+    return sorted(folder + flat)
+
+
+def test_the_development_guide_shows_the_layers_in_this_order():
+    expected = [(layer, layer_contents(layer)) for layer in LAYERS]
+    assert documented_layers() == expected, (
+        "docs/development.md's layer table must list, in this order, each layer and its "
+        "folder or modules:\n" + "\n".join(f"{layer}: {names}" for layer, names in expected)
+    )
