@@ -72,9 +72,8 @@ def predict(
     progress: ProgressOption = True,
 ) -> None:
     """Per-frame predictions (EXPR, AU, VA: the run's tasks) for every frame that needs one."""
-    from fercache.experiments.folds import is_folds_dir, predict_folds
+    from fercache.experiments.training import predict_with
     from fercache.predictions.predict import PredictOptions
-    from fercache.predictions.predict import predict as run_predict
 
     options = PredictOptions(
         split=split,
@@ -87,13 +86,10 @@ def predict(
         tune_thresholds=tune_thresholds,
         progress=progress,
     )
-    if run_dir is not None and source == "temporal" and is_folds_dir(run_dir):
-        voted = predict_folds(run_dir, cache, out, options)
-        for note in voted.notes:
-            error_console.print(f"[yellow]warning:[/] {note}", highlight=False)
-        predictions = voted.predictions
-    else:
-        predictions = run_predict(run_dir, cache, out, options)
+    predicted = predict_with(run_dir, cache, out, options)
+    for note in predicted.notes:
+        error_console.print(f"[yellow]warning:[/] {note}", highlight=False)
+    predictions = predicted.predictions
     filled = sum(int((~rows.has_image).sum()) for rows in predictions.videos.values())
     tasks = "/".join(task.upper() for task in predictions.tasks)
     console.print(

@@ -6,28 +6,8 @@ from typing import Annotated
 import typer
 
 from fercache.cli.shared import PrintConfigOption, ProgressOption, console, error_console
-from fercache.errors import FercacheError
 
 commands = typer.Typer()
-
-
-def _pretrained_backbone(pretrained: str, backbone: str | None, init: Path | None) -> str:
-    """The architecture `--pretrained` names, which --backbone may repeat but not contradict."""
-    from fercache.backbone.weights import pretrained_architecture
-
-    if init is not None:
-        raise FercacheError(
-            f"{init}: --init-checkpoint and --pretrained both name the initial weights; give one"
-        )
-    architecture = pretrained_architecture(
-        pretrained, "--init-checkpoint FILE instead of --pretrained"
-    )
-    if backbone and backbone != architecture:
-        raise FercacheError(
-            f"--pretrained '{pretrained}' is a '{architecture}' but --backbone says '{backbone}'; "
-            "drop --backbone or give the matching name"
-        )
-    return architecture
 
 
 @commands.command()
@@ -120,17 +100,21 @@ def pretrain(
     progress: ProgressOption = True,
 ) -> None:
     """Phase 1: semi-supervised (Meta Pseudo Labels) pretraining of the frozen student."""
-    from fercache.pretrain import load_config, resumed_config, settings_text
     from fercache.pretrain import pretrain as run_pretrain
+    from fercache.pretrain import requested_config, settings_text
 
-    if pretrained:
-        backbone = _pretrained_backbone(pretrained, backbone, init_checkpoint)
-    given = {"backbone": backbone, "steps": steps, "recipe": recipe}
-    given["per_class_cap"] = per_class_cap
-    if resume:
-        settings = resumed_config(out, config, set_values, **given)
-    else:
-        settings = load_config(config, set_values, **given)
+    settings = requested_config(
+        out,
+        config,
+        set_values,
+        resume=resume,
+        pretrained=pretrained,
+        init_checkpoint=init_checkpoint,
+        backbone=backbone,
+        steps=steps,
+        recipe=recipe,
+        per_class_cap=per_class_cap,
+    )
     if print_config:
         typer.echo(settings_text(settings), nl=False)
         return

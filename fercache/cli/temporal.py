@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from fercache.cli.shared import PrintConfigOption, ProgressOption, console
-from fercache.errors import FercacheError
 from fercache.outputs import write_text_atomically
 
 commands = typer.Typer()
@@ -123,8 +122,8 @@ def train(
     progress: ProgressOption = True,
 ) -> None:
     """Train the temporal transformer on 64-frame clips of cached features (phase 2)."""
-    from fercache.temporal.loop import TrainRequest, best_scores_text, resolved_config
-    from fercache.temporal.loop import train as run_train
+    from fercache.experiments.training import Models, train_into
+    from fercache.temporal.loop import TrainRequest, resolved_config
 
     subsampled = () if subsample is None else (f"subsample={subsample}",)
     request = TrainRequest(
@@ -142,30 +141,8 @@ def train(
 
         typer.echo(settings_text(resolved_config(out, request)), nl=False)
         return
-    if folds is None and (fold_seed is not None or groups is not None):
-        raise FercacheError("--fold-seed and --groups go with --folds K")
-    if folds is not None:
-        if bagging is not None:
-            raise FercacheError(
-                "--folds and --bagging: choose one (one model per fold, or K bagged models)"
-            )
-        from fercache.experiments.folds import render as render_folds
-        from fercache.experiments.folds import train_folds
-
-        crossed = train_folds(caches, data, out, request, folds, fold_seed, groups)
-        if crossed is not None:
-            console.print(render_folds(crossed))
-            console.print(f"compare the folds: fercache runs {out}")
-        return
-    if bagging is not None:
-        from fercache.experiments.bagging import render, train_bagged
-
-        bagged = train_bagged(caches, data, out, request, bagging)
-        if bagged is not None:
-            console.print(render(bagged))
-        return
-    summary = run_train(caches, data, out, request)
-    console.print(f"{best_scores_text(summary)}; run in {out}")
+    for shown in train_into(caches, data, out, request, Models(bagging, folds, fold_seed, groups)):
+        console.print(shown)
 
 
 @commands.command()
@@ -225,10 +202,10 @@ def runs(
     ] = None,
 ) -> None:
     """One table of all runs: the settings that differ, epochs and best validation scores."""
-    from fercache.experiments.folds import with_fold_means
-    from fercache.experiments.runs import render, runs_table
+    from fercache.experiments.runs import render
+    from fercache.experiments.training import compare_runs
 
-    table = with_fold_means(runs_table(folder, sort), folder)
+    table = compare_runs(folder, sort)
     console.print(render(table, f"{len(table.rows)} runs in {folder}"))
     if json_out:
         write_text_atomically(json_out, json.dumps(table.to_json(), indent=2), "the table")

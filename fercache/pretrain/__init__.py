@@ -1,6 +1,12 @@
 """Phase 1: semi-supervised spatial pretraining (Meta Pseudo Labels with debiased feedback)."""
 
-from fercache.pretrain.config import PretrainConfig, load_config, resumed_config, settings_text
+from fercache.pretrain.config import (
+    PretrainConfig,
+    load_config,
+    requested_config,
+    resumed_config,
+    settings_text,
+)
 from fercache.pretrain.loop import PretrainReport, pretrain
 
 __all__ = [
@@ -8,6 +14,7 @@ __all__ = [
     "PretrainReport",
     "load_config",
     "pretrain",
+    "requested_config",
     "resumed_config",
     "settings_text",
 ]

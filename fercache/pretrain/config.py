@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from fercache.backbone.weights import pretrained_architecture
 from fercache.errors import FercacheError
 from fercache.runfolder import CONFIG_FILE, config_text, read_config, resumed_settings
 from fercache.settings import given_values, typed_values
@@ -180,6 +181,45 @@ def resumed_config(
         saved.to_json(), given.to_json(), PretrainConfig.MAY_CHANGE_ON_RESUME, saved_path
     )
     return PretrainConfig(**settings)
+
+
+def requested_config(
+    run_dir: Path,
+    path: Path | None,
+    overrides: list[str] | None = None,
+    *,
+    resume: bool = False,
+    pretrained: str | None = None,
+    init_checkpoint: Path | None = None,
+    **options: Any,
+) -> PretrainConfig:
+    """The settings `fercache pretrain` runs with: `load_config`'s, or with `resume` the saved
+    ones of the run in `run_dir` (`resumed_config`). `pretrained` (timm's weights by name) sets
+    the backbone, which `options["backbone"]` may repeat but not contradict."""
+    if pretrained:
+        options["backbone"] = _pretrained_backbone(
+            pretrained, options.get("backbone"), init_checkpoint
+        )
+    if resume:
+        return resumed_config(run_dir, path, overrides, **options)
+    return load_config(path, overrides, **options)
+
+
+def _pretrained_backbone(pretrained: str, backbone: str | None, init: Path | None) -> str:
+    """The architecture `--pretrained` names, which --backbone may repeat but not contradict."""
+    if init is not None:
+        raise FercacheError(
+            f"{init}: --init-checkpoint and --pretrained both name the initial weights; give one"
+        )
+    architecture = pretrained_architecture(
+        pretrained, "--init-checkpoint FILE instead of --pretrained"
+    )
+    if backbone and backbone != architecture:
+        raise FercacheError(
+            f"--pretrained '{pretrained}' is a '{architecture}' but --backbone says '{backbone}'; "
+            "drop --backbone or give the matching name"
+        )
+    return architecture
 
 
 def settings_text(config: PretrainConfig) -> str:
