@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from fercache.damage import read_text
 from fercache.errors import FercacheError
+from fercache.readers import read_text
 
 Sections = Mapping[str, Collection[str]]  # section name -> the setting names it groups
 

@@ -19,7 +19,7 @@ from fercache.data.tasks import AU_NAMES, EXPR, EXPR_CLASSES
 from fercache.experiments import analyse as analyse_module
 from fercache.experiments.analyse import AnalyseOptions, analyse
 from fercache.features.extract import ExtractOptions, extract
-from fercache.framewise.predictions import Predictions, VideoPredictions
+from fercache.framewise.pred_file import Predictions, VideoPredictions
 from fercache.predictions.smooth import smooth_predictions
 from fercache.pretrain.export import export_model, model_config
 from fercache.temporal.loop import TrainRequest, train

@@ -21,7 +21,7 @@ from fercache.experiments.demo import (
     run_demo,
 )
 from fercache.experiments.references import hog_logistic, labelled_source, validation_sample
-from fercache.experiments.runs import runs_table
+from fercache.experiments.runs_table import runs_table
 
 runner = CliRunner()
 TINY = DemoSettings.small()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
-from fercache.framewise.predictions import Predictions, VideoPredictions
+from fercache.framewise.pred_file import Predictions, VideoPredictions
 from fercache.predictions.ensemble import ensemble, parse_weights
 from fercache.predictions.evaluate import evaluate
 from fercache.temporal.config import load_config

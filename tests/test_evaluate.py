@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from fercache.cli import app
 from fercache.errors import FercacheError
 from fercache.framewise.metrics import au_metrics, concordance, expr_metrics, tune_au_thresholds
-from fercache.framewise.predictions import Predictions, VideoPredictions
+from fercache.framewise.pred_file import Predictions, VideoPredictions
 from fercache.predictions.evaluate import evaluate, render
 from tests.test_affwild2 import AU_HEADER, EXPR_HEADER, write_annotation, write_images
 

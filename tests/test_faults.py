@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 from fercache.cli import app
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.features.store import MANIFEST_NAME, read_manifest, read_store
-from fercache.runfolder import CONFIG_FILE, METRICS_FILE
+from fercache.resume import CONFIG_FILE, METRICS_FILE
 from fercache.temporal.inference import write_thresholds
-from fercache.temporal.rundir import SUMMARY_FILE
+from fercache.temporal.run_files import SUMMARY_FILE
 from tests.train_data import ANNOTATIONS, SPLIT_FOLDERS, TINY_TEMPORAL, TreeSpec, write_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from fercache.distributed import Ranks
 from fercache.errors import FercacheError
 from fercache.pretrain import PretrainConfig, load_config, pretrain
-from fercache.pretrain.recipe import StepBatch, optimizer_for
-from fercache.pretrain.recipes import recipe_for
+from fercache.pretrain.recipe_base import StepBatch, optimizer_for
+from fercache.pretrain.registry import recipe_for
 from fercache.pretrain.supervised import supervised_step
 from fercache.synth import SynthConfig, generate
 

@@ -14,8 +14,8 @@ from fercache.cli import app
 from fercache.data.tasks import TASKS
 from fercache.errors import FercacheError
 from fercache.experiments import folds
-from fercache.experiments.runs import runs_table
-from fercache.framewise.predictions import Predictions
+from fercache.experiments.runs_table import runs_table
+from fercache.framewise.pred_file import Predictions
 from fercache.predictions.predict import PredictOptions, predict
 from fercache.temporal.config import load_config
 from fercache.temporal.loop import TrainRequest, train

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
-from fercache.experiments.runs import runs_table
+from fercache.experiments.runs_table import runs_table
 from fercache.features.importing import ImportOptions, import_features
 from fercache.features.store import FeatureCache, read_manifest
 from fercache.predictions.predict import PredictOptions, predict
@@ -79,7 +79,7 @@ def test_a_50_hz_signal_on_30_fps_frames_equals_the_reference_rule(tree, tmp_pat
     assert np.array_equal(stored.features, reference[covered].astype(np.float32))
     assert stored.missing_frames is not None and len(stored.missing_frames) == 0
     provenance = cache.provenance
-    assert (provenance["backbone"], provenance["source_kind"]) == ("imported", "npy")
+    assert (provenance["backbone"], provenance["source_kind"]) == ("", "npy")
     assert (provenance["rate"], provenance["fps"], provenance["align"]) == (RATE, FPS, align)
 
 
@@ -351,7 +351,8 @@ def test_training_on_a_visual_and_an_imported_cache_runs_and_predicts(tree, audi
     summary = train([tree["visual"], audio], tree["data"], run, _request(1, memory_budget="0M"))
     assert summary["feature_dim"] == 16 and not summary["features_in_memory"]
     model = json.loads((run / "model.json").read_text())
-    assert [cache["backbone"] for cache in model["caches"]] == ["synthetic-prototypes", "imported"]
+    caches = [(cache["backbone"], cache["source_kind"]) for cache in model["caches"]]
+    assert caches == [("synthetic-prototypes", ""), ("", "npy")]
     assert [row["run"] for row in runs_table(run).rows] == ["."]
 
     options = PredictOptions(split="val", data=tree["data"], progress=False)

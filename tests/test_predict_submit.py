@@ -17,11 +17,11 @@ from fercache.data.affwild2 import AffWild2
 from fercache.data.framelist import read_frame_list
 from fercache.errors import FercacheError
 from fercache.features.store import write_manifest, write_store
-from fercache.framewise.predictions import Predictions
+from fercache.framewise.pred_file import Predictions
 from fercache.predictions.evaluate import evaluate
 from fercache.predictions.predict import PredictOptions, fill_from_nearest, predict, softmax
 from fercache.predictions.submit import HEADER, read_submission, write_submission
-from fercache.runfolder import read_metrics
+from fercache.resume import read_metrics
 from fercache.temporal.features import load_fused_features
 from fercache.temporal.inference import TemporalPredictor
 from fercache.temporal.loop import TrainRequest, train

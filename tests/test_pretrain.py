@@ -42,7 +42,7 @@ from fercache.pretrain.mpl import (
     labelled_loss,
     mpl_step,
 )
-from fercache.pretrain.recipes import recipe_for
+from fercache.pretrain.registry import recipe_for
 from fercache.pretrain.sampling import BalancedBatchSampler, holdout_split
 from fercache.pretrain.sources import other_from_videos_only, read_labelled, read_unlabelled
 from fercache.pretrain.views import LabelledDataset, build_views, data_config_of, strong_augment

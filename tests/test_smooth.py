@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fercache.errors import FercacheError
-from fercache.framewise.predictions import Predictions, VideoPredictions
+from fercache.framewise.pred_file import Predictions, VideoPredictions
 from fercache.framewise.vote import majority_vote
 from fercache.predictions.smooth import smooth_predictions
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
-from fercache.experiments.runs import runs_table
+from fercache.experiments.runs_table import runs_table
 from fercache.experiments.sweep import grid_points, parse_grid, sweep
 from fercache.settings import setting_key
 from fercache.temporal.config import SECTIONS, TemporalConfig, load_config

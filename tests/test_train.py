@@ -24,7 +24,7 @@ from fercache.cli import app
 from fercache.errors import FercacheError
 from fercache.features.store import FeatureCache
 from fercache.framewise.metrics import concordance
-from fercache.runfolder import read_metrics
+from fercache.resume import read_metrics
 from fercache.temporal.clips import (
     ClipBatches,
     evaluation_starts,

@@ -19,7 +19,7 @@ from fercache.cli import app
 from fercache.data.affwild2 import AffWild2
 from fercache.errors import FercacheError
 from fercache.features.store import read_store
-from fercache.pretrain.recipe import NUM_CLASSES, create_network
+from fercache.pretrain.recipe_base import NUM_CLASSES, create_network
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()

@@ -36,8 +36,8 @@ from fercache.backbone.weights import (
     read_torch_state,
     select_weights,
 )
-from fercache.damage import read_json_object
 from fercache.errors import FercacheError
+from fercache.readers import read_json_object
 
 DEFAULT_BACKBONE = "resnet50"
 MODEL_METADATA_KEY = "fercache_model"

@@ -166,7 +166,7 @@ def sweep(
     progress: ProgressOption = True,
 ) -> None:
     """Train one run per grid point (finished ones skipped, so a killed sweep resumes)."""
-    from fercache.experiments.runs import best_scores
+    from fercache.experiments.runs_table import best_scores
     from fercache.experiments.sweep import sweep as run_sweep
     from fercache.temporal.loop import TrainRequest
 
@@ -202,7 +202,7 @@ def runs(
     ] = None,
 ) -> None:
     """One table of all runs: the settings that differ, epochs and best validation scores."""
-    from fercache.experiments.runs import render
+    from fercache.experiments.runs_table import render
     from fercache.experiments.training import compare_runs
 
     table = compare_runs(folder, sort)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.damage import read_text
 from fercache.errors import FercacheError
+from fercache.readers import read_text
 
 LOCATION = re.compile(r"^(?P<video>[^/\s]+)/(?P<frame>\d+)\.jpg$")  # `<video>/<frame>.jpg`
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
-from fercache.framewise.predictions import Predictions, VideoPredictions
+from fercache.framewise.pred_file import Predictions, VideoPredictions
 from fercache.outputs import write_atomically, write_text_atomically
 
 # One colour per EXPR class (matplotlib's tab10 without its grey), RGB 0-255.

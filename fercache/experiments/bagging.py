@@ -19,14 +19,14 @@ from rich.table import Table
 
 from fercache.distributed import resolve_device, torchrun_rank
 from fercache.errors import FercacheError
-from fercache.experiments.runs import best_scores
+from fercache.experiments.runs_table import best_scores
 from fercache.experiments.sweep import train_or_reuse
 from fercache.predictions.ensemble import ensemble
 from fercache.predictions.evaluate import evaluate, write_report
 from fercache.predictions.predict import PredictOptions, predict
 from fercache.temporal.config import load_config
 from fercache.temporal.loop import TrainRequest
-from fercache.temporal.rundir import write_json
+from fercache.temporal.run_files import write_json
 
 SUMMARY = "bagging.json"
 

@@ -30,11 +30,11 @@ from fercache.predictions.evaluate import evaluate, write_report
 from fercache.predictions.predict import PredictOptions, predict
 from fercache.predictions.smooth import smooth_predictions
 from fercache.pretrain import load_config, pretrain
-from fercache.pretrain.recipes import RECIPES
-from fercache.runfolder import read_metrics
+from fercache.pretrain.registry import RECIPES
+from fercache.resume import read_metrics
 from fercache.synth import SynthConfig, generate
 from fercache.temporal.loop import TrainRequest, train
-from fercache.temporal.rundir import read_summary
+from fercache.temporal.run_files import read_summary
 
 MARKER = "demo.json"
 REFERENCES_FILE = "references.json"  # HOG + logistic regression per labelled source ({} without)

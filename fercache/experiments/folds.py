@@ -32,18 +32,18 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from fercache.damage import read_json_object, unreadable
 from fercache.data.affwild2 import AffWild2
 from fercache.data.labels import read_split, row_valid
 from fercache.distributed import torchrun_rank
 from fercache.errors import FercacheError
-from fercache.experiments.runs import RUN, RunsTable, best_scores
+from fercache.experiments.runs_table import RUN, RunsTable, best_scores
 from fercache.experiments.sweep import train_or_reuse
 from fercache.predictions.ensemble import Ensemble, ensemble
 from fercache.predictions.predict import PredictOptions, predict
+from fercache.readers import read_json_object, unreadable
 from fercache.temporal.config import TemporalConfig, load_config
 from fercache.temporal.loop import TrainRequest, VideoSelection
-from fercache.temporal.rundir import read_summary, write_json
+from fercache.temporal.run_files import read_summary, write_json
 
 PLAN = "folds.json"
 SUMMARY = "folds-summary.json"

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from fercache.distributed import torchrun_rank
 from fercache.errors import FercacheError
-from fercache.runfolder import holds_run
+from fercache.resume import holds_run
 from fercache.settings import setting_key
 from fercache.temporal.config import SECTIONS, load_config, resumed_config
 from fercache.temporal.loop import TrainRequest, train
-from fercache.temporal.rundir import read_summary
+from fercache.temporal.run_files import read_summary
 
 TORCHRUN_WORLD = ("RANK", "WORLD_SIZE")
 

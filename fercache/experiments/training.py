@@ -20,8 +20,8 @@ from fercache.experiments.folds import (
     with_fold_means,
 )
 from fercache.experiments.folds import render as render_folds
-from fercache.experiments.runs import RunsTable, runs_table
-from fercache.framewise.predictions import Predictions
+from fercache.experiments.runs_table import RunsTable, runs_table
+from fercache.framewise.pred_file import Predictions
 from fercache.predictions.predict import PredictOptions, predict
 from fercache.temporal.loop import TrainRequest, best_scores_text, train
 

@@ -42,7 +42,7 @@ in one video) feeds both subjects, each aligned to its own N; the video file is 
 (then as the subject's name) in `--video-dir`.
 
 The cache is a normal one (`fercache.features.store`): one store per video, written atomically, and
-`manifest.json` last. Its provenance has backbone "imported" and names the source (path, kind,
+`manifest.json` last. Its provenance has no backbone ("") and names the source (path, kind,
 npz key, rate or time column, fps, alignment) and `source_sha256`, a hash of the source files'
 names and contents and of each video's N and fps: any change gives another fingerprint. A
 rerun skips the stores already written with the same fingerprint.
@@ -57,12 +57,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fercache.damage import first_line
 from fercache.data.affwild2 import AffWild2
 from fercache.data.tasks import TASKS
 from fercache.errors import FercacheError
 from fercache.features.store import (
-    IMPORTED_BACKBONE,
     TMP_MARK,
     Provenance,
     check_manifest,
@@ -75,6 +73,7 @@ from fercache.features.store import (
     write_store,
 )
 from fercache.progress import progress_bar
+from fercache.readers import first_line
 from fercache.video.crop import VIDEO_SUFFIXES
 
 ALIGNMENTS = ("nearest", "linear")
@@ -656,7 +655,7 @@ def _provenance(
     source: Source, targets: list[Target], first: Samples, options: ImportOptions
 ) -> Provenance:
     return Provenance(
-        backbone=IMPORTED_BACKBONE,
+        backbone="",  # no backbone of fercache's: the source names the features
         checkpoint="",
         checkpoint_sha256="",
         init_seed=0,

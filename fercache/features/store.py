@@ -36,10 +36,10 @@ import h5py
 import numpy as np
 
 from fercache import __version__
-from fercache.damage import first_line, read_json_object, unreadable
 from fercache.errors import FercacheError
 from fercache.outputs import TMP_MARK as TEMPORARY
 from fercache.outputs import write_atomically, write_text_atomically
+from fercache.readers import first_line, read_json_object, unreadable
 
 FORMAT_VERSION = 1
 CHUNK_FRAMES = 64
@@ -53,7 +53,7 @@ MISSING_FRAMES = "missing_frames"  # imported stores: the attribute of frames wi
 class Provenance:
     """What produced the numbers in a store. Equal fingerprints mean interchangeable stores."""
 
-    backbone: str
+    backbone: str  # the timm model that computed the features; "" for an imported cache
     checkpoint: str
     checkpoint_sha256: str
     init_seed: int
@@ -316,12 +316,9 @@ def read_manifest(cache_dir: Path) -> dict:
     return manifest
 
 
-IMPORTED_BACKBONE = "imported"  # the `backbone` of a cache made by `fercache import-features`
-
-
 def describe(provenance: dict) -> str:
     """What made a cache, in a few words, for errors that compare two caches."""
-    if provenance.get("backbone") == IMPORTED_BACKBONE:
+    if provenance.get("source_kind"):  # made by `fercache import-features`
         place = f"rate {provenance['rate']:g}" if provenance["rate"] else provenance["time_column"]
         return (
             f"imported {provenance['source_kind']} from {provenance['source']} [{place}, "

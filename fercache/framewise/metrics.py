@@ -28,7 +28,7 @@ from fercache.data.affwild2 import VideoLabels
 from fercache.data.labels import row_valid
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
-from fercache.framewise.predictions import AU_THRESHOLD, Predictions
+from fercache.framewise.pred_file import AU_THRESHOLD, Predictions
 
 CLASS_RANGE = list(range(len(EXPR_CLASSES)))
 _PREDICTED = {"expr": "labels", "au": "au", "va": "va"}  # the PRED array scored per task

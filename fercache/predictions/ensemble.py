@@ -2,7 +2,7 @@
 
 Every array a PRED file carries per video besides `frames`, `labels` and `has_image` (EXPR
 `probabilities`, AU probabilities `au`, VA values `va`, and any later addition of
-`fercache.framewise.predictions`) is averaged over the inputs that all carry it for that video; an
+`fercache.framewise.pred_file`) is averaged over the inputs that all carry it for that video; an
 array only some inputs carry is left out (and named, so the caller can warn). The EXPR label of each
 frame is the arg-max of the mean probabilities; `has_image` holds where every input had the
 frame's own features. The inputs must be raw predictions (vote after ensembling, not before) of
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fercache.errors import FercacheError
-from fercache.framewise.predictions import Predictions, VideoPredictions
+from fercache.framewise.pred_file import Predictions, VideoPredictions
 
 ROW_FIELDS = ("frames", "labels", "has_image")  # the row index and what is derived per row
 AVERAGED = tuple(

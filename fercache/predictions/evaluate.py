@@ -30,7 +30,7 @@ from fercache.data.labels import row_valid
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.errors import FercacheError
 from fercache.framewise.metrics import au_metrics, expr_metrics, p_score, pooled, va_metrics
-from fercache.framewise.predictions import Predictions
+from fercache.framewise.pred_file import Predictions
 from fercache.outputs import write_atomically, write_text_atomically
 
 _SHOWN = 5  # video names quoted in an error

@@ -37,7 +37,7 @@ from fercache.data.tasks import AU_NAMES, EXPR_CLASSES
 from fercache.errors import FercacheError
 from fercache.features.store import FeatureCache, open_store
 from fercache.framewise.metrics import pooled, tune_au_thresholds
-from fercache.framewise.predictions import AU_THRESHOLD, Predictions, VideoPredictions
+from fercache.framewise.pred_file import AU_THRESHOLD, Predictions, VideoPredictions
 from fercache.progress import progress_bar
 
 SOURCES = ("temporal", "student")

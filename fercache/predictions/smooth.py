@@ -1,7 +1,7 @@
 """`fercache smooth`: the sliding-window majority vote (`fercache.framewise.vote`) on a PRED file.
 
 `smooth_predictions` votes each video's EXPR `labels` (the arg-max class, or an earlier vote)
-of a PRED file (`fercache.framewise.predictions`) and keeps its probabilities; AU and VA predictions
+of a PRED file (`fercache.framewise.pred_file`) and keeps its probabilities; AU and VA predictions
 are copied unchanged. A PRED without EXPR predictions is refused. The vote's rules (windows, ties)
 are in `fercache.framewise.vote`.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fercache.errors import FercacheError
-from fercache.framewise.predictions import Predictions
+from fercache.framewise.pred_file import Predictions
 from fercache.framewise.vote import majority_vote
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.damage import read_text
 from fercache.data.framelist import LOCATION, listed_rows, read_frame_list
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
-from fercache.framewise.predictions import Predictions, VideoPredictions
+from fercache.framewise.pred_file import Predictions, VideoPredictions
 from fercache.outputs import write_text_atomically
+from fercache.readers import read_text
 
 HEADER = ",".join(["image_location", *EXPR_CLASSES])
 HEADERS = {

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from fercache.backbone.weights import pretrained_architecture
 from fercache.errors import FercacheError
-from fercache.runfolder import CONFIG_FILE, config_text, read_config, resumed_settings
+from fercache.resume import CONFIG_FILE, config_text, read_config, resumed_settings
 from fercache.settings import given_values, typed_values
 
 COTEX_EXPORTS = ("both", "first")
@@ -165,7 +165,7 @@ def resumed_config(
     run_dir: Path, path: Path | None, overrides: list[str] | None = None, **options: Any
 ) -> PretrainConfig:
     """The settings of the run in `run_dir` (its `config.yaml`), with what is given now; only
-    the keys of `PretrainConfig.MAY_CHANGE_ON_RESUME` may differ (`runfolder.resumed_settings`)."""
+    the keys of `PretrainConfig.MAY_CHANGE_ON_RESUME` may differ (`resume.resumed_settings`)."""
     saved_path = Path(run_dir) / CONFIG_FILE
     values = read_config(run_dir)
     try:

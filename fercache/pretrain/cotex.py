@@ -14,7 +14,7 @@ from torch import nn
 from fercache.backbone.network import ViewPair
 from fercache.errors import FercacheError
 from fercache.pretrain.finetune import FineTune
-from fercache.pretrain.recipe import Autocast, ModelFactory
+from fercache.pretrain.recipe_base import Autocast, ModelFactory
 
 
 def keep_random_tokens(tokens: torch.Tensor, mask_ratio: float, prefix_tokens: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from fercache.pretrain.finetune import (
     masked_mean,
     pooled_and_logits,
 )
-from fercache.pretrain.recipe import NUM_CLASSES, Autocast, ModelFactory
+from fercache.pretrain.recipe_base import NUM_CLASSES, Autocast, ModelFactory
 from fercache.pretrain.sources import LabelledImages, read_multitask
 from fercache.pretrain.views import data_config_of
 

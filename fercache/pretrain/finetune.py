@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from fercache.pretrain.recipe import Autocast, Metrics, OneNetwork, StepBatch
+from fercache.pretrain.recipe_base import Autocast, Metrics, OneNetwork, StepBatch
 from fercache.pretrain.views import LabelledDataset
 
 _MAE_BATCH = 256  # MAE's rule: lr = base lr * global batch / 256

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fercache.distributed import Ranks
 from fercache.pretrain.mpl import DistributionAlignment, pseudo_log_probabilities
-from fercache.pretrain.recipe import NUM_CLASSES, Autocast, Metrics, ModelFactory, StepBatch
+from fercache.pretrain.recipe_base import NUM_CLASSES, Autocast, Metrics, ModelFactory, StepBatch
 from fercache.pretrain.supervised import Supervised
 
 

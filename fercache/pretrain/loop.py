@@ -24,8 +24,8 @@ from fercache.errors import FercacheError
 from fercache.outputs import write_text_atomically
 from fercache.pretrain.config import CONFIG_HEADER, PretrainConfig, resumed_config
 from fercache.pretrain.export import export_model, model_config
-from fercache.pretrain.recipe import Autocast, Recipe, StepBatch, create_network
-from fercache.pretrain.recipes import recipe_for
+from fercache.pretrain.recipe_base import Autocast, Recipe, StepBatch, create_network
+from fercache.pretrain.registry import recipe_for
 from fercache.pretrain.sampling import holdout_split
 from fercache.pretrain.sources import (
     LabelledImages,
@@ -45,7 +45,7 @@ from fercache.pretrain.views import (
     data_config_of,
 )
 from fercache.progress import progress_bar, progress_line
-from fercache.runfolder import (
+from fercache.resume import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     holds_run,

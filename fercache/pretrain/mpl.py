@@ -13,7 +13,7 @@ from torch import nn
 
 from fercache.distributed import Ranks
 from fercache.pretrain.config import PretrainConfig
-from fercache.pretrain.recipe import (
+from fercache.pretrain.recipe_base import (
     NUM_CLASSES,
     Autocast,
     Metrics,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fercache.pretrain.config import PretrainConfig
-from fercache.pretrain.recipe import (
+from fercache.pretrain.recipe_base import (
     Autocast,
     Metrics,
     ModelFactory,

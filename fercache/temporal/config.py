@@ -2,7 +2,7 @@
 
 `configs/temporal.yaml` documents every key and why its default was chosen, in sections
 (`SECTIONS`): on the command line `model.layers` means `layers`. The resolved settings are
-written to the run folder as `config.yaml` (`fercache.runfolder`), and `--resume` reads them
+written to the run folder as `config.yaml` (`fercache.resume`), and `--resume` reads them
 back from there, so a resumed run can never silently change its own recipe.
 """
 
@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 
 from fercache.data.tasks import TASKS
 from fercache.errors import FercacheError
-from fercache.runfolder import CONFIG_FILE, config_text, read_config, resumed_settings
-from fercache.runfolder import write_config as write_run_config
+from fercache.resume import CONFIG_FILE, config_text, read_config, resumed_settings
+from fercache.resume import write_config as write_run_config
 from fercache.settings import given_values, typed_values
 
 CONFIG_HEADER = "resolved settings of this run (fercache train); --resume reads them back"
@@ -178,7 +178,7 @@ def resumed_config(
     run_dir: Path, path: Path | None, overrides: list[str] | None = None, **options: Any
 ) -> TemporalConfig:
     """The run's saved settings; anything given now that would change them is an error,
-    except for the keys of `TemporalConfig.MAY_CHANGE_ON_RESUME` (`runfolder.resumed_settings`)."""
+    except for the keys of `TemporalConfig.MAY_CHANGE_ON_RESUME` (`resume.resumed_settings`)."""
     saved_path = Path(run_dir) / CONFIG_FILE
     values = read_config(run_dir)
     try:

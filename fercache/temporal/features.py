@@ -108,6 +108,7 @@ class CacheSet:
                 "path": str(cache.root),
                 "fingerprint": str(cache.provenance["fingerprint"]),
                 "backbone": cache.provenance.get("backbone"),
+                "source_kind": cache.provenance.get("source_kind", ""),  # imported: npy, csv, ...
                 "feature_dim": cache.feature_dim,
             }
             for cache in self.caches

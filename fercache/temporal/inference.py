@@ -19,14 +19,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fercache.damage import first_line, read_json_object, unreadable
 from fercache.data.tasks import AU_NAMES
 from fercache.errors import FercacheError
-from fercache.framewise.predictions import AU_THRESHOLD
+from fercache.framewise.pred_file import AU_THRESHOLD
 from fercache.outputs import write_text_atomically
+from fercache.readers import first_line, read_json_object, unreadable
 from fercache.temporal.clips import evaluation_starts
 from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
-from fercache.temporal.rundir import MODEL_JSON, THRESHOLDS_FILE, WEIGHTS
+from fercache.temporal.run_files import MODEL_JSON, THRESHOLDS_FILE, WEIGHTS
 from fercache.temporal.step import autocast_for
 
 # What rewrites a run's model.json and weights: nothing repairs a finished run in place.

@@ -28,7 +28,6 @@ from sklearn.metrics import f1_score
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from fercache.damage import read_json_object, unreadable
 from fercache.data.affwild2 import AffWild2
 from fercache.data.labels import (
     SplitLabels,
@@ -44,7 +43,8 @@ from fercache.errors import FercacheError
 from fercache.framewise.metrics import au_metrics, va_metrics
 from fercache.framewise.vote import majority_vote
 from fercache.progress import progress_bar, progress_line
-from fercache.runfolder import holds_run, read_checkpoint, write_checkpoint, write_metrics
+from fercache.readers import read_json_object, unreadable
+from fercache.resume import holds_run, read_checkpoint, write_checkpoint, write_metrics
 from fercache.temporal.clips import (
     ClipBatches,
     RowTargets,
@@ -63,7 +63,7 @@ from fercache.temporal.config import (
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures, open_features
 from fercache.temporal.inference import to_predictions, window_outputs
 from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
-from fercache.temporal.rundir import (
+from fercache.temporal.run_files import (
     FINAL_WEIGHTS,
     SUMMARY_FILE,
     VIDEOS_FILE,

@@ -1,6 +1,6 @@
 """The files of a temporal run folder; each is written whole (temporary name, then rename).
 
-The files every training phase keeps (`fercache.runfolder`):
+The files every training phase keeps (`fercache.resume`):
 
 - `config.yaml`       resolved settings (`config.write_config`)
 - `last.pt`           what `--resume` needs: weights, optimizer state, epochs done, history
@@ -22,8 +22,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from safetensors.torch import save_file
 
-from fercache.damage import read_json_object, unreadable
 from fercache.outputs import write_atomically, write_text_atomically
+from fercache.readers import read_json_object, unreadable
 
 BEST_WEIGHTS = "best.safetensors"
 FINAL_WEIGHTS = "final.safetensors"

@@ -12,7 +12,7 @@ import torch
 
 from fercache.errors import FercacheError
 from fercache.outputs import temporary_name, write_atomically, write_text_atomically
-from fercache.runfolder import (
+from fercache.resume import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     METRICS_FILE,

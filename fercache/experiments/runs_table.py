@@ -24,10 +24,10 @@ from rich.table import Table
 
 from fercache.errors import FercacheError
 from fercache.pretrain.loop import SOURCES_FILE as PRETRAIN_SOURCES
-from fercache.runfolder import CONFIG_FILE, METRICS_FILE, read_config, read_metrics
+from fercache.resume import CONFIG_FILE, METRICS_FILE, read_config, read_metrics
 from fercache.settings import typed_values
 from fercache.temporal.config import TemporalConfig
-from fercache.temporal.rundir import SUMMARY_FILE, read_summary
+from fercache.temporal.run_files import SUMMARY_FILE, read_summary
 
 RUN = "run"
 EPOCHS = "epochs"

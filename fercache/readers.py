@@ -1,10 +1,11 @@
-"""How fercache says it cannot read a file: one line naming the file, what it is, what is wrong
-with it and the command that writes it again.
+"""The safe readers: how fercache reads a file that may be damaged, and says it cannot: one line
+naming the file, what it is, what is wrong with it and the command that writes it again.
 
 `unreadable` is that line; `read_text` and `read_json` read a text or JSON file through it, so a
 missing, empty, non-UTF-8 or malformed file never ends in a traceback. Each kind of file keeps
-its own reader in its own module (the feature store in `store`, the PRED file in `predictions`,
-the run folder in `runfolder`, ...); those readers word their failures with this module.
+its own reader in its own module (the feature store in `features.store`, the PRED file in
+`framewise.pred_file`, a run's resume files in `resume`, ...); those readers word their
+failures with this module.
 """
 
 import json

@@ -1,5 +1,5 @@
-"""The run folder of a training phase (`fercache pretrain`, `fercache train`): one convention for
-the files a run is resumed from.
+"""What a training run is resumed from: the files every run folder of a training phase
+(`fercache pretrain`, `fercache train`) keeps, one convention for both.
 
 - `config.yaml`    the resolved settings, flat YAML (one key per setting) under a comment
                    header; `--resume` reads them back, and `--config` accepts the file as is
@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import yaml
 
-from fercache.damage import first_line, read_text
 from fercache.errors import FercacheError
 from fercache.outputs import write_atomically, write_text_atomically
+from fercache.readers import first_line, read_text
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "last.pt"

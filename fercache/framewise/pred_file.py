@@ -34,11 +34,11 @@ import h5py
 import numpy as np
 
 from fercache import __version__
-from fercache.damage import first_line
 from fercache.data.affwild2 import SPLITS
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
 from fercache.outputs import write_atomically
+from fercache.readers import first_line
 
 FORMAT = "fercache-predictions"
 FORMAT_VERSION = 1

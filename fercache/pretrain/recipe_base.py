@@ -3,7 +3,7 @@ networks with their optimizers and learning-rate schedules, takes one training s
 the networks that are scored, exported and checkpointed. The run keeps everything else:
 loaders, the held-out split, logging, evaluation, checkpoint files, resume, DDP set-up, export.
 
-A new recipe is one module with a `Recipe` subclass and one line in `recipes.RECIPES`.
+A new recipe is one module with a `Recipe` subclass and one line in `registry.RECIPES`.
 `OneNetwork` is the common case: one trained network, one optimizer, warm-up + cosine over the
 run's steps, and the exponential moving average of its weights when `ema_decay` > 0.
 """
@@ -28,7 +28,6 @@ from torchvision import transforms as T
 
 from fercache.backbone.network import read_weights
 from fercache.backbone.weights import expected_keys, pretrained_model, select_weights
-from fercache.damage import first_line
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks
 from fercache.errors import FercacheError
@@ -36,6 +35,7 @@ from fercache.pretrain.config import PretrainConfig
 from fercache.pretrain.sampling import BalancedBatchSampler
 from fercache.pretrain.sources import LabelledImages, read_labelled
 from fercache.pretrain.views import LabelledDataset, Views
+from fercache.readers import first_line
 
 NUM_CLASSES = len(EXPR_CLASSES)
 Autocast = Callable[[], AbstractContextManager]

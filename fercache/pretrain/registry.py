@@ -1,5 +1,6 @@
 """The registry of pretraining recipes: `fercache pretrain --recipe NAME` builds `RECIPES[NAME]`.
-A new recipe is a module with a `Recipe` subclass (fercache.pretrain.recipe) and a line here."""
+A new recipe is a module with a `Recipe` subclass (fercache.pretrain.recipe_base) and a line
+here."""
 
 from fercache.errors import FercacheError
 from fercache.pretrain.config import PretrainConfig
@@ -8,7 +9,7 @@ from fercache.pretrain.emma import Emma
 from fercache.pretrain.fixmatch import FixMatch, PseudoLabel
 from fercache.pretrain.landmarks import MultitaskLandmarks
 from fercache.pretrain.mpl import Mpl
-from fercache.pretrain.recipe import Recipe
+from fercache.pretrain.recipe_base import Recipe
 from fercache.pretrain.supervised import Supervised
 
 RECIPES: dict[str, type[Recipe]] = {
