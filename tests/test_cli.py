@@ -7,6 +7,7 @@ import typer
 from typer.testing import CliRunner
 
 from fercache.cli import app
+from fercache.cli.shared import REGISTRIES
 from tests.test_affwild2 import EXPR_HEADER, write_annotation, write_images
 
 runner = CliRunner()
@@ -30,6 +31,8 @@ def test_every_option_and_argument_has_help(name):
     # options (`extract --allow-missing-head`); the flags are documented all the same
     result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "100"})
     assert result.exit_code == 0
+    # a help text that names a registry ({recipes}, ...) shows its entries
+    assert not [placeholder for placeholder in REGISTRIES if placeholder in result.output]
     for param in command.params:
         for flag in getattr(param, "opts", []):
             if flag.startswith("--"):

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fercache.cli import app
-from fercache.data.numbering import NUMBERINGS, split_declaration
+from fercache.data.numbering import NUMBERINGS, Numbering, split_declaration
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.errors import FercacheError
 from fercache.pretrain.loop import _unlabelled_pool
@@ -230,3 +230,17 @@ def test_a_run_prints_and_writes_the_mapping_and_the_counts(synthetic_tree, tmp_
     assert len(printed) == 3 and "1→Happiness" in printed[1] and "7→left out" in printed[1]
     assert printed[2].startswith("labels used: Neutral 6, Anger 6")
     assert "joined the unlabelled images" in (run / "problems.txt").read_text()
+
+
+def test_a_toy_numbering_registered_from_a_test_reads_and_is_listed(tmp_path, monkeypatch):
+    toy = Numbering("toy", "A toy data set", {1: "Happy", 2: "Angry", 3: "Contempt"})
+    monkeypatch.setitem(NUMBERINGS, "toy", toy)
+    path = _csv(tmp_path, ["1", "2", "3"])
+
+    images = read_labelled([f"toy:{path}"])
+    shown = runner.invoke(app, ["pretrain", "--help"]).output
+    listed = " ".join(shown.replace("│", " ").split())  # the help, unwrapped
+
+    assert _by_image(images) == {"img0.jpg": "Happiness", "img1.jpg": "Anger"}
+    assert images.sources[0].numbering == "toy" and images.sources[0].left_out == {"Contempt": 1}
+    assert "NUMBERING one of abaw, affectnet, expw, rafdb, fer2013, toy" in listed

@@ -13,8 +13,10 @@ import timm
 import torch
 from PIL import Image
 from scipy.spatial.distance import jensenshannon
+from typer.testing import CliRunner
 
 from fercache.backbone.network import DataConfig, ViewPair, load_backbone
+from fercache.cli import app
 from fercache.errors import FercacheError
 from fercache.features.extract import ExtractOptions, extract
 from fercache.framewise.metrics import concordance as numpy_concordance
@@ -34,6 +36,7 @@ TREE = SynthConfig(videos=4, frames=64, seed=7, labelled_pool=48, unlabelled_poo
 RUN = {"batch_size": 16, "workers": 0, "steps": 4, "eval_every": 4, "log_every": 2}
 RUN |= {"checkpoint_every": 4, "finetune_lr": 0.05}
 pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -392,6 +395,8 @@ def test_each_recipe_trains_exports_extracts_and_feeds_the_temporal_trainer(reci
 class LabelSmoothing(OneNetwork):
     """A toy recipe: the supervised baseline with label smoothing, from outside the package."""
 
+    description = "the supervised baseline with label smoothing 0.1"
+
     def network(self, create: ModelFactory) -> torch.nn.Module:
         return create(self.config.seed)
 
@@ -428,6 +433,33 @@ def test_a_toy_recipe_registered_from_a_test_trains_checkpoints_resumes_and_expo
     exported = json.loads((run / "student.json").read_text())
     assert exported["recipe"] == "label-smoothing"
     assert load_backbone(None, run / "student.safetensors").name == "resnet10t"
+
+
+def test_the_command_line_lists_and_runs_a_toy_recipe_registered_from_a_test(
+    tree, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(RECIPES, "label-smoothing", LabelSmoothing)
+    sets = [f"--set={key}={value}" for key, value in {**RUN, "image_size": 32}.items()]
+    run = tmp_path / "run"
+
+    shown = runner.invoke(app, ["pretrain", "--help"]).output
+    listed = " ".join(shown.replace("│", " ").split())  # the help, unwrapped
+    result = runner.invoke(
+        app,
+        [
+            "pretrain",
+            f"--labelled={tree / 'pools' / 'labelled.csv'}",
+            f"--out={run}",
+            "--recipe=label-smoothing",
+            "--backbone=resnet10t",
+            "--no-progress",
+            *sets,
+        ],
+    )
+
+    assert "label-smoothing (the supervised baseline with label smoothing 0.1)" in listed
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "student.json").read_text())["recipe"] == "label-smoothing"
 
 
 def test_an_unknown_recipe_is_refused_with_the_registered_names():

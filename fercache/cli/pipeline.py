@@ -6,12 +6,12 @@ from typing import Annotated
 
 import typer
 
-from fercache.cli.shared import ProgressOption, console
+from fercache.cli.shared import ProgressOption, RegistryHelp, console
 
 commands = typer.Typer()
 
 
-@commands.command()
+@commands.command(cls=RegistryHelp)
 def demo(
     out: Annotated[
         Path,
@@ -46,8 +46,8 @@ def demo(
         str | None,
         typer.Option(
             help="The semi-supervised recipe of rows 2 and 3, one of the recipes that read "
-            "unlabelled images (see `fercache pretrain --help`); default: the one that scored "
-            "best on held-out training videos (results/demo.md).",
+            "unlabelled images: {ssl-recipes} (see `fercache pretrain --help`); default: the one "
+            "that scored best on held-out training videos (results/demo.md).",
             show_default=False,
         ),
     ] = None,

@@ -5,12 +5,18 @@ from typing import Annotated
 
 import typer
 
-from fercache.cli.shared import PrintConfigOption, ProgressOption, console, error_console
+from fercache.cli.shared import (
+    PrintConfigOption,
+    ProgressOption,
+    RegistryHelp,
+    console,
+    error_console,
+)
 
 commands = typer.Typer()
 
 
-@commands.command()
+@commands.command(cls=RegistryHelp)
 def pretrain(
     labelled: Annotated[
         list[Path],
@@ -18,7 +24,7 @@ def pretrain(
             help="Labelled images (repeat to combine): an Aff-Wild2 root (EXPR train frames), "
             "a CSV with columns path,label, or a folder with one sub-folder per class. Numeric "
             "labels need their data set's numbering as a prefix, NUMBERING:SOURCE, NUMBERING one "
-            "of abaw, affectnet, expw, rafdb, fer2013 (e.g. affectnet:train.csv); class names "
+            "of {numberings} (e.g. affectnet:train.csv); class names "
             "(any case) need none. See docs/pretrain.md."
         ),
     ],
@@ -34,7 +40,7 @@ def pretrain(
         typer.Option(
             help="Unlabelled face images (repeat to combine): a folder (searched recursively) "
             "or a list (.txt, one path a line; .csv with a path column). Read by recipes that "
-            "learn from unlabelled images (mpl)."
+            "learn from unlabelled images ({ssl-recipes})."
         ),
     ] = None,
     backbone: Annotated[
@@ -55,15 +61,7 @@ def pretrain(
     ] = None,
     recipe: Annotated[
         str | None,
-        typer.Option(
-            help="mpl (teacher/student with feedback, the default); supervised (the baseline: "
-            "labelled data only, same schedule); fixmatch and pseudo-label (one network "
-            "fitting its own confident predictions on the unlabelled images, strong or weak "
-            "view); cotex (two masked ViTs + JS consistency, "
-            "Li et al.); emma (EXPR + AU heads, VA head on their scores; --labelled must be "
-            "Aff-Wild2 roots); multitask-landmarks (expression + landmark heads, the LSD "
-            "paper; needs --set landmarks=CSV)."
-        ),
+        typer.Option(help="How the network is trained, one of the registered recipes: {recipes}."),
     ] = None,
     resume: Annotated[
         bool,

@@ -42,8 +42,6 @@ REFERENCES_MISSING = (
     "reference learners skipped: HOG needs scikit-image (pip install scikit-image; make "
     "installs it)"
 )
-# the recipes that learn from the unlabelled faces, any of which can be row 2's
-SSL_RECIPES = tuple(name for name, recipe in RECIPES.items() if recipe.uses_unlabelled)
 OWN_FOLDERS = ("runs", "cache", "pred")  # what an earlier demo wrote besides data/ (synth --force)
 
 # Yu et al., Table 1: Aff-Wild2 validation macro-F1 % of each row
@@ -59,6 +57,11 @@ PAPER_ROWS = (
 def paper_rows(ssl_recipe: str) -> tuple[tuple[str, float], ...]:
     """PAPER_ROWS with row 2 naming the semi-supervised recipe that made it."""
     return tuple((name.format(ssl_recipe=ssl_recipe), f1) for name, f1 in PAPER_ROWS)
+
+
+def ssl_recipes() -> list[str]:
+    """The registered recipes that learn from the unlabelled faces: any of them can be row 2's."""
+    return [name for name, recipe in RECIPES.items() if recipe.uses_unlabelled]
 
 
 @dataclass(frozen=True)
@@ -133,9 +136,9 @@ class DemoSettings:
     workers: int = 1  # DataLoader processes: one beside the main process on 2 cores
 
     def __post_init__(self) -> None:
-        if self.ssl_recipe not in SSL_RECIPES:
+        if self.ssl_recipe not in ssl_recipes():
             raise FercacheError(
-                f"the demo's SSL recipe '{self.ssl_recipe}' is none of {', '.join(SSL_RECIPES)}"
+                f"the demo's SSL recipe '{self.ssl_recipe}' is none of {', '.join(ssl_recipes())}"
             )
         if self.ssl_finetune_steps and self.ssl_recipe != "mpl":
             raise FercacheError(

@@ -64,6 +64,8 @@ class MaskedCoTex(ViewPair):
 
 
 class CoTex(FineTune):
+    description = "two masked ViTs + JS consistency, Li et al."
+
     def network(self, create: ModelFactory) -> nn.Module:
         views = [create(self.config.seed + index, **self.timm_options()) for index in range(2)]
         if not isinstance(views[0], VisionTransformer):

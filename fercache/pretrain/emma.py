@@ -95,6 +95,7 @@ class EmmaNet(nn.Module):
 
 
 class Emma(FineTune):
+    description = "EXPR + AU heads, VA head on their scores; --labelled must be Aff-Wild2 roots"
     balanced = False  # frames without an EXPR label (AU or VA only) must be drawn too
 
     def read(self, sources: list[Path]) -> LabelledImages:

@@ -23,6 +23,9 @@ class FixMatch(Supervised):
     """The supervised baseline's network and optimizer, plus the unlabelled term."""
 
     uses_unlabelled = True
+    description = (
+        "one network fitting its own confident predictions on the unlabelled images' strong view"
+    )
     fits_strong_view: ClassVar[bool] = True  # False: the weak view (plain pseudo-labelling)
     alignment: DistributionAlignment | None = None
 
@@ -69,4 +72,5 @@ class FixMatch(Supervised):
 
 
 class PseudoLabel(FixMatch):
+    description = "the same on the weak view"
     fits_strong_view = False

@@ -47,6 +47,7 @@ class LandmarkNet(nn.Module):
 
 
 class MultitaskLandmarks(FineTune):
+    description = "expression + landmark heads, the LSD paper; needs --set landmarks=CSV"
     balanced = False  # the class weights of the cross-entropy correct the imbalance instead
 
     def __init__(self, config: PretrainConfig) -> None:

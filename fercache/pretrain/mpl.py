@@ -173,6 +173,7 @@ def labelled_loss(student: nn.Module, batch: MplBatch, autocast: Autocast) -> to
 
 class Mpl(Recipe):
     uses_unlabelled = True
+    description = "teacher/student with feedback, the default"
 
     teacher: nn.Module  # as placed: DDP-wrapped under torchrun
     model: nn.Module  # the student, as placed

@@ -60,6 +60,9 @@ class Recipe(ABC):
 
     balanced: ClassVar[bool] = True  # class-balanced batches; False: uniform with replacement
     uses_unlabelled: ClassVar[bool] = False  # the run reads the unlabelled sources for it
+    description: ClassVar[str] = (
+        ""  # what it trains, in a few words, for `fercache pretrain --help`
+    )
 
     def __init__(self, config: PretrainConfig) -> None:
         self.config = config

@@ -17,6 +17,8 @@ from fercache.pretrain.recipe_base import (
 
 
 class Supervised(OneNetwork):
+    description = "the baseline: labelled data only, same schedule"
+
     def network(self, create: ModelFactory) -> nn.Module:
         return create(self.config.seed)
 
