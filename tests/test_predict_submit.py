@@ -15,12 +15,14 @@ from typer.testing import CliRunner
 from fercache.cli import app
 from fercache.data.affwild2 import AffWild2
 from fercache.data.framelist import read_frame_list
+from fercache.data.tasks import EXPR_CLASSES
 from fercache.errors import FercacheError
 from fercache.features.store import write_manifest, write_store
-from fercache.framewise.pred_file import Predictions
+from fercache.framewise.pred_file import Predictions, VideoPredictions
 from fercache.predictions.evaluate import evaluate
 from fercache.predictions.predict import PredictOptions, fill_from_nearest, predict, softmax
-from fercache.predictions.submit import HEADER, read_submission, write_submission
+from fercache.predictions.submission_formats import SUBMISSION_FORMATS, SubmissionFormat
+from fercache.predictions.submit import read_submission, write_submission
 from fercache.resume import read_metrics
 from fercache.temporal.features import load_fused_features
 from fercache.temporal.inference import TemporalPredictor
@@ -72,7 +74,7 @@ def val_frame_list(tree: Path, path: Path, drop: int = 0) -> Path:
         for video in AffWild2(tree).load("expr", "val")
         for frame in range(1, len(video.labels) + 1 - drop)
     ]
-    path.write_text("\n".join([HEADER, *rows]) + "\n")
+    path.write_text("\n".join([SUBMISSION_FORMATS["expr"].header, *rows]) + "\n")
     return path
 
 
@@ -145,7 +147,7 @@ def test_predict_smooth_evaluate_submit_chain(synthetic_tree, student_cache, tmp
     result = runner.invoke(app, ["submit", str(smooth), "--out", str(submission)])
     assert result.exit_code == 0, result.output
     lines = submission.read_text().splitlines()
-    assert lines[0] == HEADER
+    assert lines[0] == SUBMISSION_FORMATS["expr"].header
     smoothed = Predictions.read(smooth)
     assert len(lines) == 1 + smoothed.frame_count
     for video, (frames, labels) in read_submission(submission).items():
@@ -430,3 +432,51 @@ def test_an_unreadable_thresholds_file_is_named(temporal_run, tmp_path, text):
     (run / "thresholds.json").write_text(text)
     with pytest.raises(FercacheError, match=r"thresholds.json: unreadable AU thresholds.*delete"):
         TemporalPredictor.load(run)
+
+
+# --- a new submission format is an object and a registry line -----------------------------------
+
+
+def _probabilities(entry: VideoPredictions, index: np.ndarray, thresholds: np.ndarray) -> list[str]:
+    return [",".join(f"{p:.4f}" for p in row) for row in entry.probabilities[index]]
+
+
+def _probability_row(text: str) -> list[float] | None:
+    values = [float(field) for field in text.split(",")]
+    return values if len(values) == len(EXPR_CLASSES) else None
+
+
+# A toy format from outside the package: the 8 EXPR probabilities of each frame.
+EXPR_PROBABILITIES = SubmissionFormat(
+    "expr", EXPR_CLASSES, "the 8 EXPR probabilities", "<8 probabilities>", _probabilities,
+    _probability_row,
+)  # fmt: skip
+
+
+def test_a_toy_submission_format_registered_from_a_test_is_written_and_read_back(
+    synthetic_tree, student_cache, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(SUBMISSION_FORMATS, "expr-probabilities", EXPR_PROBABILITIES)
+    options = PredictOptions(split="val", data=synthetic_tree, source="student", progress=False)
+    predictions = predict(None, [student_cache], tmp_path / "val.h5", options)
+    out = tmp_path / "probabilities.txt"
+
+    shown = runner.invoke(app, ["submit", "--help"]).output
+    listed = " ".join(shown.replace("│", " ").split())  # the help, unwrapped
+    result = runner.invoke(
+        app, ["submit", str(tmp_path / "val.h5"), "--out", str(out), "--task", "expr-probabilities"]
+    )
+
+    assert "expr-probabilities (the 8 EXPR probabilities)" in listed
+    assert result.exit_code == 0, result.output
+    assert out.read_text().splitlines()[0] == "image_location," + ",".join(EXPR_CLASSES)
+    submitted = read_submission(out, "expr-probabilities")
+    assert list(submitted) == list(predictions.videos)
+    for video, (frames, values) in submitted.items():
+        np.testing.assert_array_equal(frames, predictions.videos[video].frames)
+        np.testing.assert_allclose(values, predictions.videos[video].probabilities, atol=5e-5)
+
+
+def test_an_unknown_submission_format_is_refused_with_the_registered_names(tmp_path):
+    with pytest.raises(FercacheError, match="unknown task 'csv': choose one of expr, au, va"):
+        write_submission(tmp_path / "val.h5", tmp_path / "out.txt", task="csv")

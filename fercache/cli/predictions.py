@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fercache.cli.shared import ProgressOption, console, error_console
+from fercache.cli.shared import ProgressOption, RegistryHelp, console, error_console
 
 commands = typer.Typer()
 
@@ -158,7 +158,7 @@ def evaluate(
         console.print(f"report written to {write_report(report, json_out)}")
 
 
-@commands.command()
+@commands.command(cls=RegistryHelp)
 def submit(
     pred: Annotated[Path, typer.Argument(help="PRED file (usually smoothed) to submit.")],
     out: Annotated[Path, typer.Option(help="Submission text file to write.")],
@@ -172,8 +172,8 @@ def submit(
     task: Annotated[
         str,
         typer.Option(
-            help="expr (label 0-7), au (12 decisions at the PRED's thresholds) or va "
-            "(valence,arousal): the ABAW format of that challenge."
+            help="The submission format, one of the registered ones: {submission-formats}; "
+            "expr, au and va are the ABAW formats of those challenges."
         ),
     ] = "expr",
 ) -> None:

@@ -1,5 +1,5 @@
 """What the areas of the command line share: the consoles, options of several areas, and help
-texts that name the entries of the registries (recipes, numberings)."""
+texts that name the entries of the registries (recipes, numberings, submission formats)."""
 
 from collections.abc import Callable
 from typing import Annotated
@@ -46,11 +46,18 @@ def _numberings() -> str:
     return ", ".join(NUMBERINGS)
 
 
+def _submission_formats() -> str:
+    from fercache.predictions.submission_formats import SUBMISSION_FORMATS
+
+    return _described({name: kind.description for name, kind in SUBMISSION_FORMATS.items()})
+
+
 # What an option's help names in braces -> the registered entries, as the help shows them.
 REGISTRIES: dict[str, Callable[[], str]] = {
     "{recipes}": _recipes,
     "{ssl-recipes}": _ssl_recipes,
     "{numberings}": _numberings,
+    "{submission-formats}": _submission_formats,
 }
 
 
