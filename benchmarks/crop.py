@@ -25,6 +25,7 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from fercache.video.crop import CropOptions, crop_videos
+from fercache.video.pyav import open_video
 
 
 def make_video(path: Path, frames: int, height: int, width: int) -> Path:
@@ -48,8 +49,8 @@ def make_video(path: Path, frames: int, height: int, width: int) -> Path:
 
 
 def decode(path: Path) -> list[np.ndarray]:
-    with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    with open_video(path) as video:  # as crop decodes
+        return list(video.rgb_frames())
 
 
 def main() -> None:

@@ -254,40 +254,26 @@ def timeline(rows: VideoPredictions, voted: VideoPredictions, fps: float, path: 
 
 def annotate(video: Path, crops: list, smoothed: Predictions, path: Path) -> Path:
     """A copy of `video` with each subject's face box and smoothed label drawn on its frames."""
-    import av
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
+
+    from fercache.video.pyav import write_drawn_copy
 
     labels = {crop.name: _labels_by_frame(smoothed.videos[crop.name]) for crop in crops}
 
-    def write(tmp: Path) -> None:
-        with av.open(str(video)) as source, av.open(str(tmp), "w", format="mp4") as target:
-            stream = source.streams.video[0]
-            rate = stream.average_rate or 25
-            encoded = target.add_stream("libx264", rate=rate)
-            encoded.width = stream.codec_context.width // 2 * 2
-            encoded.height = stream.codec_context.height // 2 * 2
-            encoded.pix_fmt = "yuv420p"
-            for number, frame in enumerate(source.decode(stream), start=1):
-                image = frame.to_image().convert("RGB")
-                draw = ImageDraw.Draw(image)
-                for crop in crops:
-                    box = crop.boxes.get(number)
-                    label = labels[crop.name].get(number)
-                    if box is None or label is None:
-                        continue
-                    colour = COLOURS[label]
-                    draw.rectangle(box, outline=colour, width=2)
-                    draw.text((box[0] + 2, max(0, box[1] - 12)), EXPR_CLASSES[label], fill=colour)
-                image = image.crop((0, 0, encoded.width, encoded.height))
-                for packet in encoded.encode(av.VideoFrame.from_image(image)):
-                    target.mux(packet)
-            for packet in encoded.encode():
-                target.mux(packet)
+    def draw_faces(number: int, image: Image.Image) -> None:
+        draw = ImageDraw.Draw(image)
+        for crop in crops:
+            box = crop.boxes.get(number)
+            label = labels[crop.name].get(number)
+            if box is None or label is None:
+                continue
+            colour = COLOURS[label]
+            draw.rectangle(box, outline=colour, width=2)
+            draw.text((box[0] + 2, max(0, box[1] - 12)), EXPR_CLASSES[label], fill=colour)
 
-    try:
-        return write_atomically(path, write, "the annotated video")
-    except av.error.FFmpegError as error:
-        raise FercacheError(f"{path}: could not write the annotated video ({error})") from error
+    return write_atomically(
+        path, lambda tmp: write_drawn_copy(video, tmp, draw_faces), "the annotated video"
+    )
 
 
 def _labels_by_frame(rows: VideoPredictions) -> dict[int, int]:

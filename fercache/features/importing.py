@@ -75,6 +75,7 @@ from fercache.features.store import (
 from fercache.progress import progress_bar
 from fercache.readers import first_line
 from fercache.video.crop import VIDEO_SUFFIXES
+from fercache.video.pyav import frame_rate
 
 ALIGNMENTS = ("nearest", "linear")
 FRAME_ALIGN = "frame"  # `align` of a cache placed by a CSV frame column
@@ -88,7 +89,6 @@ SUBJECTS = ("_left", "_right")
 SPAN_TOLERANCE = 0.1  # share of the video's length the source's length may differ by
 GAP_PERIODS = 1.5  # a step between two samples longer than this many periods is a gap
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-INSTALL_HINT = "reading fps from video files needs PyAV: pip install 'fercache[video]'"
 _HASH_BLOCK = 1 << 20
 
 
@@ -522,22 +522,11 @@ def video_file_fps(folder: Path, names: list[str]) -> float:
             f"video '{names[-1]}': no video file {names[0]}.<{suffixes}> in {folder}; add it "
             "or give --fps"
         )
-    try:
-        import av
-    except ImportError as error:
-        raise FercacheError(INSTALL_HINT) from error
     path = candidates[0]
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise FercacheError(f"video '{names[-1]}' ({path}): no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-    except av.error.FFmpegError as error:
-        raise FercacheError(f"video '{names[-1]}' ({path}): unreadable video ({error})") from error
+    rate = frame_rate(path)
     if not rate:
         raise FercacheError(f"video '{names[-1]}' ({path}): no frame rate recorded; give --fps")
-    return float(rate)
+    return rate
 
 
 # --- alignment -------------------------------------------------------------------------------

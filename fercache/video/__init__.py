@@ -1,2 +1,3 @@
-"""Video files -> the Aff-Wild2 layout: faces detected, tracked and aligned into
-`cropped_aligned/<video>/` (`fercache crop`)."""
+"""Video files: faces detected, tracked and aligned into the Aff-Wild2 layout
+(`cropped_aligned/<video>/`, `fercache crop`), and `pyav`, the one module that reads and
+writes video files (with PyAV)."""

@@ -1,8 +1,8 @@
 """`fercache crop`: videos -> `DATA/cropped_aligned/<video>/%05d.jpg`, the organisers' layout.
 
-Every video is decoded with PyAV, its frames go through facenet-pytorch's MTCNN in batches
-(boxes, confidences, five landmarks), one face per subject is followed through the video by
-tracking, and each found face is aligned onto a five-point template by a least-squares
+Every video is decoded with PyAV (`fercache.video.pyav`), its frames go through facenet-pytorch's
+MTCNN in batches (boxes, confidences, five landmarks), one face per subject is followed through the
+video by tracking, and each found face is aligned onto a five-point template by a least-squares
 similarity transform (Umeyama) and written as a JPEG under its 1-based frame number. Frames
 without the subject's face are left out and listed, with the reason, in the video's record
 `DATA/crop_records/<video>.json`, which is also the completion marker: a video with a record
@@ -25,6 +25,7 @@ from fercache.data.affwild2 import IMAGES_DIRNAME, frame_filename
 from fercache.errors import FercacheError
 from fercache.outputs import write_text_atomically
 from fercache.progress import progress_bar
+from fercache.video.pyav import open_video, require
 
 RECORDS_DIRNAME = "crop_records"
 PARTIAL_DIRNAME = ".crop-partial"  # folders of videos being cropped, renamed into place
@@ -183,13 +184,14 @@ def read_crop_record(out: Path, video: str) -> list[VideoCrop]:
     ]
 
 
-def _import_video():
+def _detector_class():
+    """facenet-pytorch's MTCNN, once the video extra (PyAV too) is known to be installed."""
+    require(INSTALL_HINT)
     try:
-        import av
         from facenet_pytorch import MTCNN
     except ImportError as error:
         raise FercacheError(INSTALL_HINT) from error
-    return av, MTCNN
+    return MTCNN
 
 
 def _device(name: str):
@@ -310,7 +312,7 @@ def _clear_partial(out: Path, names: list[str]) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def crop_video(video: Path, out: Path, options: CropOptions, detector, av) -> list[VideoCrop]:
+def crop_video(video: Path, out: Path, options: CropOptions, detector) -> list[VideoCrop]:
     """Crop one source video into `out`; its record is written last, as the completion mark."""
     started = time.monotonic()
     stem = video.stem
@@ -326,13 +328,9 @@ def crop_video(video: Path, out: Path, options: CropOptions, detector, av) -> li
     count = 0
     fps = 0.0
     try:
-        with av.open(str(video)) as container:
-            if not container.streams.video:
-                raise FercacheError(f"{video}: no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-            total = stream.frames or None
-            with progress_bar(stem, total, options.progress) as advance:
+        with open_video(video, INSTALL_HINT) as opened:
+            fps = opened.fps
+            with progress_bar(stem, opened.frames, options.progress) as advance:
                 batch: list[np.ndarray] = []
 
                 def flush() -> None:
@@ -367,8 +365,8 @@ def crop_video(video: Path, out: Path, options: CropOptions, detector, av) -> li
                     advance(len(batch))
                     batch.clear()
 
-                for frame in container.decode(stream):
-                    batch.append(frame.to_ndarray(format="rgb24"))
+                for frame in opened.rgb_frames():
+                    batch.append(frame)
                     if len(batch) >= options.batch:
                         flush()
                 flush()
@@ -431,7 +429,7 @@ def crop_videos(sources: list[Path], out: Path, options: CropOptions) -> CropRep
     if options.batch < 1:
         raise FercacheError(f"--batch {options.batch}: give at least 1")
     videos = video_sources(sources)
-    av, MTCNN = _import_video()
+    MTCNN = _detector_class()
     out = Path(out)
     report = CropReport(videos=[], skipped=[], failed=[])
     todo = []
@@ -445,11 +443,9 @@ def crop_videos(sources: list[Path], out: Path, options: CropOptions) -> CropRep
     detector = MTCNN(keep_all=True, device=_device(options.device))
     for video in todo:
         try:
-            report.videos += crop_video(video, out, options, detector, av)
-        except FercacheError as error:
+            report.videos += crop_video(video, out, options, detector)
+        except FercacheError as error:  # a video PyAV cannot open or decode, too
             report.failed.append((str(video), str(error)))
-        except (av.error.FFmpegError, ValueError) as error:
-            report.failed.append((str(video), f"could not decode: {error}"))
         except OSError as error:
             report.failed.append((str(video), f"could not read or write: {error}"))
     with suppress(OSError):  # left when another crop is writing into `out` at the same time

@@ -1,0 +1,117 @@
+"""Video files, read and written with PyAV: the one module of fercache that calls it.
+
+`crop` decodes frames (`open_video`), `import-features` reads frame rates (`frame_rate`) and
+`analyse` writes annotated copies (`write_drawn_copy`). PyAV comes with the `video` extra
+(pip install 'fercache[video]') and is imported only when a video is opened: without it, each
+function raises a FercacheError saying how to install it (`INSTALL_HINT`, or the caller's
+`hint`). A file
+PyAV cannot open, decode or encode is a FercacheError naming it.
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fercache.errors import FercacheError
+from fercache.readers import first_line
+
+INSTALL_HINT = "reading and writing video files needs PyAV: pip install 'fercache[video]'"
+
+
+def _pyav(hint: str = INSTALL_HINT):
+    try:
+        import av
+    except ImportError as error:
+        raise FercacheError(hint) from error
+    return av
+
+
+def require(hint: str = INSTALL_HINT) -> None:
+    """A FercacheError saying `hint` unless PyAV can be imported."""
+    _pyav(hint)
+
+
+class Video:
+    """The first video stream of an opened file."""
+
+    def __init__(self, path: Path, container, av) -> None:
+        if not container.streams.video:
+            raise FercacheError(f"{path}: no video stream")
+        self.path, self._container, self._av = path, container, av
+        self._stream = container.streams.video[0]
+
+    @property
+    def fps(self) -> float:
+        """Frames per second as the file records them; 0.0 when it records none."""
+        return float(self._stream.average_rate or self._stream.guessed_rate or 0.0)
+
+    @property
+    def rate(self):
+        """The exact average frame rate (a Fraction), None when the file records none."""
+        return self._stream.average_rate
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Width and height of the frames, in pixels."""
+        return self._stream.codec_context.width, self._stream.codec_context.height
+
+    @property
+    def frames(self) -> int | None:
+        """The number of frames the file records; None when it records none."""
+        return self._stream.frames or None
+
+    def rgb_frames(self) -> Iterator[np.ndarray]:
+        """Every frame in order, as (H, W, 3) uint8 RGB."""
+        decoded = self._container.decode(self._stream)
+        while True:
+            try:
+                frame = next(decoded)
+                yield frame.to_ndarray(format="rgb24")
+            except StopIteration:
+                return
+            except (self._av.error.FFmpegError, ValueError) as error:
+                raise FercacheError(f"{self.path}: could not decode ({error})") from error
+
+
+@contextmanager
+def open_video(path: Path, hint: str = INSTALL_HINT) -> Iterator[Video]:
+    """The video stream of the file `path`, open while the context lasts."""
+    av = _pyav(hint)
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, ValueError) as error:
+        raise FercacheError(f"{path}: unreadable video ({first_line(error)})") from error
+    with container:
+        yield Video(Path(path), container, av)
+
+
+def frame_rate(path: Path) -> float:
+    """Frames per second of the video file `path`; 0.0 when it records none."""
+    with open_video(path) as video:
+        return video.fps
+
+
+def write_drawn_copy(source: Path, target: Path, draw: Callable[[int, Image.Image], None]) -> None:
+    """Write to `target` an MP4 (H.264) of `source`'s frames, each drawn on by
+    `draw(frame number from 1, RGB image)`; width and height are cut to even numbers."""
+    av = _pyav()
+    try:
+        with open_video(source) as video, av.open(str(target), "w", format="mp4") as out:
+            encoded = out.add_stream("libx264", rate=video.rate or 25)
+            width, height = video.size
+            encoded.width, encoded.height = width // 2 * 2, height // 2 * 2
+            encoded.pix_fmt = "yuv420p"
+            for number, frame in enumerate(video.rgb_frames(), start=1):
+                image = Image.fromarray(frame)
+                draw(number, image)
+                image = image.crop((0, 0, encoded.width, encoded.height))
+                for packet in encoded.encode(av.VideoFrame.from_image(image)):
+                    out.mux(packet)
+            for packet in encoded.encode():
+                out.mux(packet)
+    except av.error.FFmpegError as error:
+        why = first_line(error)
+        raise FercacheError(f"could not write a drawn copy of {source} ({why})") from error
