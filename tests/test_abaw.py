@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from fercache import folds
 from fercache.cli import app
-from tests.audio_data import ENCODER_RATE, save_tiny_encoder, write_video
+from fercache.synth.sound import ENCODER_RATE, save_speech_encoder, write_video
 from tests.train_data import ANNOTATIONS, TINY_TEMPORAL, TreeSpec, write_cache, write_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,7 +63,7 @@ def run(tmp_path_factory) -> dict:
     rng = np.random.default_rng(0)
     for video, frames in labels.items():
         write_video(root / "videos" / f"{video}.mov", FPS, len(frames), _sound(frames, rng))
-    encoder = save_tiny_encoder(root / "encoder")
+    encoder = save_speech_encoder(root / "encoder")
 
     audio = root / "audio"
     _invoke(

@@ -23,7 +23,14 @@ from fercache.audio import AudioOptions, compute_audio, model_files_sha256
 from fercache.cli import app
 from fercache.errors import FercacheError
 from fercache.store import FeatureCache, read_manifest
-from tests.audio_data import ENCODER_RATE, ROW_RATE, save_tiny_encoder, tone, write_video
+from fercache.synth.sound import (
+    ENCODER_RATE,
+    ROW_RATE,
+    save_speech_encoder,
+    tone,
+    write_frame_tree,
+    write_video,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -32,24 +39,13 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> dict:
     """The tiny encoder's folder, and the model and feature extractor the test reads from it."""
-    folder = save_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny-wav2vec2")
+    folder = save_speech_encoder(tmp_path_factory.mktemp("encoder") / "tiny-wav2vec2")
     model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     return {
         "folder": folder,
         "model": model,
         "extractor": AutoFeatureExtractor.from_pretrained(folder),
     }
-
-
-def _tree(root: Path, frames: dict[str, int]) -> Path:
-    """An Aff-Wild2 tree whose video X has an EXPR annotation of `frames[X]` frames."""
-    folder = root / "Annotations" / "EXPR_Recognition_Challenge" / "Train_Set"
-    folder.mkdir(parents=True)
-    for video, count in frames.items():
-        (folder / f"{video}.txt").write_text("Neutral\n" + "0\n" * count)
-        (root / "cropped_aligned" / video).mkdir(parents=True)
-        (root / "cropped_aligned" / video / "00001.jpg").touch()
-    return root
 
 
 def _options(encoder: dict, **overrides) -> AudioOptions:
@@ -95,7 +91,7 @@ def test_rows_equal_a_forward_pass_of_the_encoder_on_the_resampled_sound(encoder
     video = write_video(
         tmp_path / "videos" / "clip.mov", fps, frames, np.stack([left, right]), 48000
     )
-    data = _tree(tmp_path / "data", {"clip": frames})
+    data = write_frame_tree(tmp_path / "data", {"clip": frames})
 
     cache = tmp_path / "cache"
     report = compute_audio([video.parent], cache, data, _options(encoder))
@@ -133,7 +129,7 @@ def test_chunks_keep_their_centre_rows_of_a_pass_with_overlap(encoder, tmp_path)
     rng = np.random.default_rng(0)
     sound = tone(seconds, 300, ENCODER_RATE) + 0.1 * rng.normal(size=int(seconds * ENCODER_RATE))
     video = write_video(tmp_path / "clip.mov", fps, frames, sound)
-    data = _tree(tmp_path / "data", {"clip": frames})
+    data = write_frame_tree(tmp_path / "data", {"clip": frames})
 
     options = _options(encoder, layer=1, chunk=0.5, overlap=0.2)
     compute_audio([video], tmp_path / "cache", data, options)
@@ -164,7 +160,7 @@ def test_frames_are_aligned_by_time_at_25_30_and_29_97_fps(encoder, tmp_path):
     for index, (name, fps) in enumerate(rates.items()):
         sound = tone(frames[name] / fps, 200 + 150 * index, ENCODER_RATE)
         write_video(tmp_path / "videos" / f"{name}.mov", fps, frames[name], sound)
-    data = _tree(tmp_path / "data", frames)
+    data = write_frame_tree(tmp_path / "data", frames)
 
     for align in ("nearest", "linear"):
         cache = tmp_path / align
@@ -203,7 +199,7 @@ def test_silent_truncated_and_short_tracks_are_reported_or_missing_never_zero(en
         )
         content = whole.read_bytes()
         (videos / whole.name).write_bytes(content[: len(content) // 2])  # cut mid-file
-    data = _tree(
+    data = write_frame_tree(
         tmp_path / "data", dict.fromkeys(["whole", "silent", "short", "cutmov", "cutmkv"], frames)
     )
 
@@ -256,7 +252,7 @@ def _three_videos(root: Path) -> tuple[Path, Path]:
         write_video(
             root / "videos" / f"{name}.mov", 30, 36, tone(1.2, 250 + 100 * index, ENCODER_RATE)
         )
-    return root / "videos", _tree(root / "data", dict.fromkeys(["a", "b", "c"], 36))
+    return root / "videos", write_frame_tree(root / "data", dict.fromkeys(["a", "b", "c"], 36))
 
 
 def _killed_before_the_second_rename(
@@ -325,7 +321,7 @@ def test_a_killed_run_resumes_to_the_same_cache_and_a_rerun_skips_finished_video
 
 def test_two_subjects_get_the_same_sound_each_on_its_own_frames(encoder, tmp_path):
     video = write_video(tmp_path / "duo.mov", 30, 45, tone(1.5, 400, ENCODER_RATE))
-    data = _tree(tmp_path / "data", {"duo_left": 45, "duo_right": 30})
+    data = write_frame_tree(tmp_path / "data", {"duo_left": 45, "duo_right": 30})
     compute_audio([video], tmp_path / "cache", data, _options(encoder))
     cache = FeatureCache.open(tmp_path / "cache")
     left, right = cache.load("duo_left"), cache.load("duo_right")
