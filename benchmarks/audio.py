@@ -8,7 +8,12 @@ the same chunks (the limit) and a naive whole-file pass, side by side in one run
                     the manifest);
 (c) naive:          one forward pass over each whole track, decoded and in memory (what a
                     script without chunks does; its attention grows with the square of the
-                    track's length).
+                    track's length);
+(d) decode only:    PyAV decoding and resampling each track (`read_sound_track`).
+
+Beside the speeds, the forward pass's operations per second of sound, counted by torch's
+FlopCounterMode on the meta device: over fercache's chunks, and in one pass over a whole track
+of the benchmark's length and of an hour.
 
     python benchmarks/audio.py                           # wav2vec2-base size, 2 videos of 90 s
     python benchmarks/audio.py --size tiny --seconds 600 --videos 3
@@ -33,10 +38,19 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from fercache.audio import AudioOptions, compute_audio, load_encoder, read_sound_track
 from fercache.distributed import resolve_device
-from fercache.synth.sound import save_speech_encoder, write_frame_tree, write_video
+from fercache.synth.sound import (
+    ENCODER_RATE,
+    ENCODER_SIZES,
+    save_speech_encoder,
+    write_frame_tree,
+    write_video,
+)
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "audio.md"
 FPS = 30
@@ -55,6 +69,20 @@ def make_videos(folder: Path, count: int, seconds: float, seed: int) -> list[Pat
         path = folder / "videos" / f"bench{index:02d}.mov"
         videos.append(write_video(path, FPS, int(seconds * FPS), stereo, SOURCE_RATE))
     return videos
+
+
+def forward_flops(size: str, seconds: float) -> float:
+    """Operations of one forward pass of the wav2vec 2.0 of `size` over `seconds` of sound,
+    every hidden state out, counted on the meta device (no memory, no time)."""
+    model = Wav2Vec2Model(Wav2Vec2Config(**ENCODER_SIZES[size])).eval()
+    conv = model.encoder.pos_conv_embed.conv
+    if parametrize.is_parametrized(conv):  # the weight norm cannot move to the meta device
+        parametrize.remove_parametrizations(conv, "weight")
+    model = model.to("meta")
+    samples = torch.empty(1, int(seconds * ENCODER_RATE), device="meta")
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(samples, output_hidden_states=True)
+    return float(counter.get_total_flops())
 
 
 def best_rate(seconds_of_sound: float, runs: list[float]) -> float:
@@ -85,7 +113,7 @@ def main() -> None:
         sound = sum(len(samples) for samples in tracks) / encoder.sample_rate
         encoder.forward(tracks[0][: 5 * encoder.sample_rate], None)  # warm-up
 
-        runs: dict[str, list[float]] = {"forward": [], "audio": [], "naive": []}
+        runs: dict[str, list[float]] = {"forward": [], "audio": [], "naive": [], "decode": []}
         for repeat in range(args.repeats):  # interleaved, best of each: the machine is shared
             started = time.perf_counter()
             for samples in tracks:
@@ -102,17 +130,37 @@ def main() -> None:
                 encoder.forward(samples, None)
             runs["naive"].append(time.perf_counter() - started)
 
-    forward, audio, naive = (best_rate(sound, runs[key]) for key in ("forward", "audio", "naive"))
+            started = time.perf_counter()
+            for video in videos:
+                read_sound_track(av, video, encoder.sample_rate)
+            runs["decode"].append(time.perf_counter() - started)
+
+    forward, audio, naive, decode = (
+        best_rate(sound, runs[key]) for key in ("forward", "audio", "naive", "decode")
+    )
+    span = options.chunk + 2 * options.overlap
+    operations = [
+        (f"fercache's chunks ({span:g} s passes, {options.chunk:g} s kept)",
+         forward_flops(args.size, span) / options.chunk),
+        (f"one pass over a whole track of {args.seconds:g} s",
+         forward_flops(args.size, args.seconds) / args.seconds),
+        ("one pass over a whole track of an hour", forward_flops(args.size, 3600) / 3600),
+    ]  # fmt: skip
     passes = sum(len(encoder.spans(len(s), options.chunk, options.overlap)) for s in tracks)
     rows = [
         ("(a) forward only, on fercache's chunks (the limit)", forward, ""),
         ("(b) `fercache audio` end to end", audio, f"b/a = {audio / forward:.2f}"),
         ("(c) naive: one pass over each whole track", naive, f"c/a = {naive / forward:.2f}"),
+        ("(d) decode and resample only (PyAV)", decode, f"b/d = {audio / decode:.3f}"),
     ]
     table = [
         "| | seconds of sound per second | |",
         "|---|---|---|",
         *(f"| {name} | {rate:,.1f} | {ratio} |" for name, rate, ratio in rows),
+        "",
+        "| forward pass over | GFLOP per second of sound |",
+        "|---|---|",
+        *(f"| {name} | {flops / 1e9:,.2f} |" for name, flops in operations),
     ]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
