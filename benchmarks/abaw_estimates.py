@@ -40,6 +40,16 @@ from fercache.temporal.config import load_config
 from fercache.temporal.model import ModelConfig, TemporalTransformer
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "abaw-estimates.md"
+SETTINGS = {  # option: (default, meaning): the work on Aff-Wild2 and the assumed throughputs
+    "frames": (2.7e6, "Aff-Wild2's frames"),
+    "sound-hours": (25.0, "its hours of sound"),
+    "folds-frames": (0.87e6, "labelled EXPR frames of train + val"),
+    "test-frames": (1.0e6, "frames to predict"),
+    "epochs": (20, "epochs of each fold"),
+    "large-tflops": (30.0, "ResNet-50's and wav2vec 2.0's"),
+    "small-tflops": (3.0, "the temporal model's"),
+    "mtcnn-tflops": (0.5, "MTCNN's"),
+}
 
 
 def counted(run) -> float:
@@ -95,16 +105,8 @@ def hours(seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=float, default=2.7e6, help="Aff-Wild2's frames")
-    parser.add_argument("--sound-hours", type=float, default=25.0, help="its hours of sound")
-    parser.add_argument(
-        "--folds-frames", type=float, default=0.87e6, help="labelled EXPR frames of train + val"
-    )
-    parser.add_argument("--test-frames", type=float, default=1.0e6, help="frames to predict")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--large-tflops", type=float, default=30.0)
-    parser.add_argument("--small-tflops", type=float, default=3.0)
-    parser.add_argument("--mtcnn-tflops", type=float, default=0.5)
+    for name, (default, meaning) in SETTINGS.items():
+        parser.add_argument(f"--{name}", type=float, default=default, help=meaning)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -148,7 +150,7 @@ def main() -> None:
             "| `smooth`, `submit` | no network | | seconds |",
             "",
             f"- Work: {args.frames / 1e6:g} M frames, {args.sound_hours:g} h of sound, "
-            f"{args.folds_frames / 1e6:g} M labelled frames in the folds ({args.epochs} epochs "
+            f"{args.folds_frames / 1e6:g} M labelled frames in the folds ({args.epochs:g} epochs "
             f"of 64-frame windows over 4/5 of them, 5 folds), {args.test_frames / 1e6:g} M test "
             "frames (windows at stride 32, 5 fold models).",
             f"- Assumed throughput: {args.large_tflops:g} TFLOP/s for ResNet-50 and wav2vec 2.0 "
