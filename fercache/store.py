@@ -17,6 +17,7 @@ Schema of `<video>.h5` (format 1), readable with plain h5py or `h5dump`:
 - imported stores (`fercache import-features`, `fercache.importing`) carry the import fields of
   the provenance and `missing_frames`: the video's frames the source does not cover (they have
   no row); an extracted store has no `missing_frames` attribute (`missing_frames()` gives None).
+  Audio stores (`fercache audio`, `fercache.audio`) are laid out as imported ones.
 
 A store is written under `.<video>.h5.tmp-<pid>` and renamed when complete
 (`fercache.outputs.write_atomically`, as every file fercache writes), so a file under a final
