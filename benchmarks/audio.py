@@ -173,9 +173,9 @@ def main() -> None:
         [
             "# Audio feature speed",
             "",
-            "`fercache audio` against the encoder's forward pass alone on the same chunks and a "
-            "naive whole-file pass, in one run ([docs/abaw.md](../docs/abaw.md) uses these "
-            "figures for its time estimates).",
+            "`fercache audio` against the encoder's forward pass alone on the same chunks, a "
+            "naive whole-file pass and decoding alone, in one run. See "
+            "[docs/audio.md](../docs/audio.md) for what the command does.",
             "",
             *table,
             "",
