@@ -17,6 +17,7 @@ Schema of `<video>.h5` (format 1), readable with plain h5py or `h5dump`:
 - imported stores (`fercache import-features`, `fercache.importing`) carry the import fields of
   the provenance and `missing_frames`: the video's frames the source does not cover (they have
   no row); an extracted store has no `missing_frames` attribute (`missing_frames()` gives None).
+  Audio stores (`fercache audio`, `fercache.audio`) are laid out as imported ones.
 
 A store is written under `.<video>.h5.tmp-<pid>` and renamed when complete
 (`fercache.outputs.write_atomically`, as every file fercache writes), so a file under a final
@@ -80,6 +81,12 @@ class Provenance:
     time_column: str = ""  # the CSV column placing each row: seconds, or 1-based frames
     fps: float = 0.0  # frames per second given; 0: each video's own (store attribute video_fps)
     align: str = ""  # nearest, linear, or frame (a CSV frame column)
+    # Audio caches (`fercache.audio`): the speech encoder's input rate and how a sound track is
+    # cut into forward passes; `pretrained`, `weights_source`, `checkpoint_sha256`, `layer`,
+    # `pool`, `rate` and `align` name the encoder and the readout.
+    sample_rate: int = 0  # samples per second the encoder reads
+    chunk: float = 0.0  # seconds of rows kept from each forward pass
+    overlap: float = 0.0  # seconds of context on each side of a chunk, computed and dropped
 
     @property
     def fingerprint(self) -> str:
@@ -315,6 +322,7 @@ def read_manifest(cache_dir: Path) -> dict:
 
 
 IMPORTED_BACKBONE = "imported"  # the `backbone` of a cache made by `fercache import-features`
+AUDIO_BACKBONE = "audio"  # the `backbone` of a cache made by `fercache audio`
 
 
 def describe(provenance: dict) -> str:
@@ -324,6 +332,13 @@ def describe(provenance: dict) -> str:
         return (
             f"imported {provenance['source_kind']} from {provenance['source']} [{place}, "
             f"align {provenance['align']}, fingerprint {provenance['fingerprint']}]"
+        )
+    if provenance.get("backbone") == AUDIO_BACKBONE:
+        readout = "mean of layers" if provenance["layer"] < 0 else f"layer {provenance['layer']}"
+        return (
+            f"audio by {provenance['pretrained'] or provenance['checkpoint']} [{readout}, "
+            f"chunk {provenance['chunk']:g} s, align {provenance['align']}, "
+            f"fingerprint {provenance['fingerprint']}]"
         )
     weights = (
         " ".join(filter(None, [provenance.get("pretrained"), provenance["checkpoint"]]))

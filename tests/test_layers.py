@@ -77,6 +77,7 @@ RANKS: dict[str, str] = {
     "fercache.crop": "crop",  # videos -> cropped_aligned/, runs before extract
     "fercache.extract": "extract",
     "fercache.importing": "extract",  # features made by other tools -> a cache, beside extract
+    "fercache.audio": "extract",  # speech-encoder features of the videos' sound -> a cache
     "fercache.temporal.features": "temporal: blocks",
     "fercache.temporal.clips": "temporal: blocks",
     "fercache.temporal.subsample": "temporal: blocks",
