@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# --no-compile: byte-compiling every module of torch and its peers at install time cost about
 	# a minute of make demo's ten (results/demo.md); Python compiles what it imports, once
-	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev,video]'
+	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev,video,audio]'
 	touch $(STAMP)
 
 # The whole pipeline on a synthetic Aff-Wild2 tree; writes $(DEMO_DIR)/report.md and report.png.

@@ -23,8 +23,8 @@ BASE = "base"
 LAYERS = [
     BASE,
     "data",  # reading Aff-Wild2-shaped trees
-    "synth",  # the synthetic tree generator
-    "video",  # video files -> cropped faces
+    "video",  # video files: cropped faces, sound tracks (the one caller of PyAV)
+    "synth",  # the synthetic tree generator (and test videos with sound)
     "backbone",  # frozen timm backbones and their weights
     "features",  # the feature store, extract and import
     "framewise",  # the PRED file, the ABAW metrics, the majority vote

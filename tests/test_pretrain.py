@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from fercache.backbone.network import load_backbone
+from fercache.backbone.network import DataConfig, load_backbone
 from fercache.cli import app
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks
@@ -426,6 +426,24 @@ def test_an_unreadable_image_is_replaced_by_one_of_its_class_and_named(tmp_path)
 
     assert image.shape == (3, 32, 32) and label == 2 and failed == str(broken)
     assert dataset[0][2] == ""
+
+
+def test_grayscale_prob_greys_the_weak_view_only_and_is_checked(tmp_path):
+    with Image.open(_image(tmp_path / "face.jpg", 40)) as opened:
+        image = opened.convert("RGB")
+    image.putpixel((0, 0), (255, 0, 0))  # a red pixel: grey only if the view made it so
+    config = DataConfig((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    coloured = build_views(config, 1.0, "rand-m9-mstd0.5-inc1-mmax9", 0.0)
+    grey = build_views(config, 1.0, "rand-m9-mstd0.5-inc1-mmax9", 0.0, grayscale_prob=1.0)
+
+    def channels_equal(tensor: torch.Tensor) -> bool:
+        return bool(torch.allclose(tensor[0], tensor[1]) and torch.allclose(tensor[1], tensor[2]))
+
+    assert all(channels_equal(grey.weak(image)) for _ in range(4))
+    assert not all(channels_equal(coloured.weak(image)) for _ in range(4))
+    assert not channels_equal(grey.evaluation(image))
+    with pytest.raises(FercacheError, match="grayscale_prob must lie in"):
+        load_config(None, ["grayscale_prob=1.5"])
 
 
 def test_randaugment_settings_that_would_crash_pillow_are_refused_up_front():

@@ -1,15 +1,35 @@
-"""`fercache extract`, `import-features` and `convert`: feature caches and the weights they are
-extracted with (fercache.features, fercache.backbone)."""
+"""`fercache extract`, `import-features`, `audio` and `convert`: feature caches and the weights
+they are extracted with (fercache.features, fercache.backbone)."""
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from fercache.cli.shared import ProgressOption, console, error_console
 from fercache.errors import FercacheError
 
 commands = typer.Typer()
+
+
+# the options `import-features` and `audio` share: a cache of features aligned to frames
+ALIGN_HELP = (
+    "nearest: each frame takes the nearest sample; linear: interpolates between the two around "
+    "it. Frames not covered are recorded missing, never zero-filled."
+)
+FORCE_STORES_HELP = (
+    "Rewrite every store, replacing stores of any provenance. Without it finished stores of the "
+    "same provenance are skipped and other ones are an error."
+)
+CACHE_OUT_HELP = "Cache folder to write: one <video>.h5 per video + manifest.json."
+DTYPE_HELP = "Stored feature type: float16 (half the disk) or float32."
+FRAMES_DATA_HELP = "Aff-Wild2 root: its annotations and image folders give each video's frames."
+CacheOutOption = Annotated[Path, typer.Option("--out", help=CACHE_OUT_HELP)]
+FramesDataOption = Annotated[Path, typer.Option("--data", help=FRAMES_DATA_HELP)]
+AlignOption = Annotated[str, typer.Option("--align", help=ALIGN_HELP)]
+DtypeOption = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
+ForceStoresOption = Annotated[bool, typer.Option("--force", help=FORCE_STORES_HELP)]
 
 
 LISTED_SKIPS = 20  # unreadable images named on the terminal; the stores record all of them
@@ -186,15 +206,8 @@ def import_features(
             "or <video>.csv files, or one HDF5 file with a (T, D) dataset per video."
         ),
     ],
-    out: Annotated[
-        Path, typer.Option(help="Cache folder to write: one <video>.h5 per video + manifest.json.")
-    ],
-    data: Annotated[
-        Path,
-        typer.Option(
-            help="Aff-Wild2 root: its annotations and image folders give each video's frames."
-        ),
-    ],
+    out: CacheOutOption,
+    data: FramesDataOption,
     rate: Annotated[
         float | None,
         typer.Option(help="Samples per second of an array source (sample i at i/rate seconds)."),
@@ -209,13 +222,7 @@ def import_features(
             "with PyAV (pip install 'fercache[video]'). Instead of --fps."
         ),
     ] = None,
-    align: Annotated[
-        str,
-        typer.Option(
-            help="nearest: each frame takes the nearest sample; linear: interpolates between "
-            "the two around it. Frames not covered are recorded missing, never zero-filled."
-        ),
-    ] = "nearest",
+    align: AlignOption = "nearest",
     key: Annotated[
         str | None, typer.Option(help="The array to read from each .npz (when it holds several).")
     ] = None,
@@ -227,16 +234,8 @@ def import_features(
         str | None,
         typer.Option(help="CSV column of each row's 1-based frame number. Default: frame."),
     ] = None,
-    dtype: Annotated[
-        str, typer.Option(help="Stored feature type: float16 (half the disk) or float32.")
-    ] = "float16",
-    force: Annotated[
-        bool,
-        typer.Option(
-            help="Rewrite every store, replacing stores of any provenance. Without it finished "
-            "stores of the same import are skipped and other ones are an error."
-        ),
-    ] = False,
+    dtype: DtypeOption = "float16",
+    force: ForceStoresOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Align per-frame features made by another tool (audio embeddings, OpenFace CSVs) to the
@@ -261,6 +260,76 @@ def import_features(
         f"imported {len(report.imported)} videos ({report.rows:,} rows, {report.missing:,} "
         f"frames missing), {len(report.resumed)} already done; manifest: {report.manifest}"
     )
+
+
+AUDIO_VIDEOS_HELP = (
+    "Video files, or folders of videos, whose sound tracks to encode (X.mp4 feeds the tree's "
+    "video X, or X_left and X_right)."
+)
+AUDIO_MODEL_HELP = (
+    "Speech encoder of transformers: a hub name (facebook/wav2vec2-base-960h, "
+    "microsoft/wavlm-base-plus, facebook/hubert-base-ls960) or a save_pretrained folder holding "
+    "the model and its feature extractor."
+)
+AUDIO_LAYER_HELP = (
+    "Hidden state K (0: the encoder's input, K: transformer layer K's output). Default: the mean "
+    "of all hidden states."
+)
+
+
+@commands.command()
+def audio(
+    videos: Annotated[list[Path], typer.Argument(help=AUDIO_VIDEOS_HELP)],
+    out: CacheOutOption,
+    data: FramesDataOption,
+    model: Annotated[str, typer.Option(help=AUDIO_MODEL_HELP)],
+    revision: Annotated[
+        str | None, typer.Option(help="Hub branch, tag or commit of a hub --model.")
+    ] = None,
+    layer: Annotated[int | None, typer.Option(help=AUDIO_LAYER_HELP)] = None,
+    chunk: Annotated[
+        float,
+        typer.Option(help="Seconds of rows kept from each pass (memory grows with its square)."),
+    ] = 30.0,
+    overlap: Annotated[
+        float,
+        typer.Option(help="Seconds of context each side of a chunk, computed and dropped."),
+    ] = 1.0,
+    align: AlignOption = "nearest",
+    dtype: DtypeOption = "float16",
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present), cpu or cuda. AMP on CUDA.")
+    ] = "auto",
+    force: ForceStoresOption = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Encode each video's own sound track with a speech encoder (wav2vec 2.0, HuBERT, WavLM),
+    align the rows to the video's frames and write them as a feature cache to fuse in train."""
+    from fercache.features.audio import AudioOptions, compute_audio
+
+    options = AudioOptions(
+        model=model, revision=revision, layer=layer, chunk=chunk, overlap=overlap,
+        align=align, dtype=dtype, device=device, force=force, progress=progress,
+    )  # fmt: skip
+    report = compute_audio(videos, out, data, options)
+    for path in report.silent:
+        error_console.print(
+            f"[yellow]warning:[/] {escape(path)}: no audio stream; its frames are recorded missing",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for path, why in report.failed:
+        error_console.print(
+            f"[bold red]failed:[/] {escape(f'{path}: {why}')}", highlight=False, soft_wrap=True
+        )
+    console.print(
+        f"encoded {len(report.computed)} videos ({report.audio_seconds:,.0f} s of sound in "
+        f"{report.seconds:,.1f} s), {len(report.resumed)} already done, "
+        f"{len(report.failed)} failed; cache: {report.rows:,} rows, {report.missing:,} frames "
+        f"missing; manifest: {report.manifest}"
+    )
+    if report.failed:
+        raise typer.Exit(code=1)
 
 
 @commands.command()

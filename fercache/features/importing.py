@@ -92,20 +92,32 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 _HASH_BLOCK = 1 << 20
 
 
-@dataclass(frozen=True)
-class ImportOptions:
+@dataclass(frozen=True, kw_only=True)
+class CacheOptions:
+    """How a cache of features aligned to frames is written (`import-features`, `audio`)."""
+
+    align: str = "nearest"
+    dtype: str = "float16"
+    force: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.align not in ALIGNMENTS:
+            raise FercacheError(f"--align must be {' or '.join(ALIGNMENTS)}, not '{self.align}'")
+        if self.dtype not in ("float16", "float32"):
+            raise FercacheError(f"--dtype must be float16 or float32, not '{self.dtype}'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportOptions(CacheOptions):
     """What `fercache import-features` takes besides SRC, --out and --data."""
 
     rate: float | None = None
     fps: float | None = None
     video_dir: Path | None = None
-    align: str = "nearest"
     key: str | None = None
     time_column: str | None = None
     frame_column: str | None = None
-    dtype: str = "float16"
-    force: bool = False
-    progress: bool = True
 
 
 @dataclass
@@ -174,51 +186,30 @@ def import_features(
     out.mkdir(parents=True, exist_ok=True)
     report = ImportReport()
     entries: dict[str, dict] = {}
-    todo = [target for target in targets if _needs_work(out, target, provenance, options.force)]
+    todo = [
+        target for target in targets if needs_work(out, target.video, provenance, options.force)
+    ]
     for target in targets:
         if target not in todo:
             report.resumed.append(target.video)
-            entries[target.video] = _stored_entry(store_path(out, target.video), target)
+            entries[target.video] = stored_entry(store_path(out, target.video))
     with progress_bar("importing videos", len(todo), enabled=options.progress) as advance:
         last: dict[str, Samples] = {}  # X_left and X_right read X once
         for target in todo:
             if target.source not in last:
                 last = {target.source: opened.read(target.source, options.key)}
             samples = last[target.source]
-            for leftover in out.glob(f".{target.video}{TMP_MARK}*"):  # of a killed run
-                leftover.unlink(missing_ok=True)
             _check_same_features(samples, first, target, opened.root)
             covered, values = align_to_frames(samples, target, options.align)
-            missing = np.flatnonzero(~covered).astype(np.int32) + 1
-            _check_range(values, options.dtype, target)
-            write_store(
-                out,
-                target.video,
-                frames=np.flatnonzero(covered).astype(np.int32) + 1,
-                features=values,
-                logits=None,
-                provenance=provenance,
-                missing=missing,
-                details={
-                    "video_fps": target.fps,
-                    "video_frames": target.frames,
-                    "source_video": target.source,
-                },
-            )
-            entries[target.video] = _entry(int(covered.sum()), len(missing), target)
+            entries[target.video] = write_aligned(out, target, covered, values, provenance)
             report.imported.append(target.video)
             advance()
-    report.rows = sum(entry["rows"] for entry in entries.values())
-    report.missing = sum(entry["missing"] for entry in entries.values())
-    report.manifest = write_manifest(out, provenance, entries)
+    report.rows, report.missing, report.manifest = finish_cache(out, provenance, entries)
     return report
 
 
 def _check_options(options: ImportOptions) -> None:
-    if options.align not in ALIGNMENTS:
-        raise FercacheError(f"--align must be {' or '.join(ALIGNMENTS)}, not '{options.align}'")
-    if options.dtype not in ("float16", "float32"):
-        raise FercacheError(f"--dtype must be float16 or float32, not '{options.dtype}'")
+    options.check()
     for name, value in (("--rate", options.rate), ("--fps", options.fps)):
         if value is not None and not value > 0:
             raise FercacheError(f"{name} {value}: give a positive number of samples per second")
@@ -455,28 +446,40 @@ def _numeric_table(path: Path, name: str, header: list[str], numeric: list[int])
 
 def _targets(tree: AffWild2, source: Source, options: ImportOptions) -> list[Target]:
     """The stores to write, in source order; every source video must name a video of DATA."""
-    wanted = {f"{name}{suffix}" for name in source.files for suffix in ("", *SUBJECTS)}
-    lengths = video_lengths(tree, wanted)
+    lengths = video_lengths(tree, subject_names(source.files))
     targets = []
     for name in source.files:
-        videos = [name] if name in lengths else [f"{name}{s}" for s in SUBJECTS]
-        videos = [video for video in videos if video in lengths]
-        if not videos:
-            raise FercacheError(
-                f"video '{name}' ({source.files[name]}): not a video of {tree.root} (no image "
-                f"folder or annotation named {name}, {name}_left or {name}_right); check the "
-                "file name or --data"
-            )
-        for video in videos:
-            if lengths[video] == 0:
-                raise FercacheError(
-                    f"video '{video}': no frames in {tree.root} (empty image folder and no "
-                    "annotation); nothing to align its features to"
-                )
+        for video in tree_videos(tree, lengths, name, source.files[name]):
             fps = _fps(name, video, source, options)
             rate = float(options.rate or 0.0)
             targets.append(Target(video, name, lengths[video], fps, rate))
     return targets
+
+
+def tree_videos(tree: AffWild2, lengths: dict[str, int], name: str, path: Path) -> list[str]:
+    """The videos of the tree the source `name` (the file `path`) feeds: `name`, else
+    `name_left` and `name_right`; an error when there is none or one has no frames. `lengths`
+    are `video_lengths` of (at least) those names."""
+    videos = [name] if name in lengths else [f"{name}{s}" for s in SUBJECTS]
+    videos = [video for video in videos if video in lengths]
+    if not videos:
+        raise FercacheError(
+            f"video '{name}' ({path}): not a video of {tree.root} (no image folder or "
+            f"annotation named {name}, {name}_left or {name}_right); check the file name or "
+            "--data"
+        )
+    for video in videos:
+        if lengths[video] == 0:
+            raise FercacheError(
+                f"video '{video}': no frames in {tree.root} (empty image folder and no "
+                "annotation); nothing to align its features to"
+            )
+    return videos
+
+
+def subject_names(names: Iterable[str]) -> set[str]:
+    """Every tree video the sources `names` may feed: each name, and its `_left` / `_right`."""
+    return {f"{name}{suffix}" for name in names for suffix in ("", *SUBJECTS)}
 
 
 def video_lengths(tree: AffWild2, wanted: Iterable[str]) -> dict[str, int]:
@@ -532,14 +535,19 @@ def video_file_fps(folder: Path, names: list[str]) -> float:
 # --- alignment -------------------------------------------------------------------------------
 
 
-def align_to_frames(samples: Samples, target: Target, align: str) -> tuple[np.ndarray, np.ndarray]:
+def align_to_frames(
+    samples: Samples, target: Target, align: str, check_span: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(covered (N,) bool per frame 1..N, the covered frames' features (rows, D) float64), after
-    the span check. The rules are the module's."""
+    the span check (left out with `check_span` False: a sound track read from the video itself
+    may be shorter than the video). The rules are the module's."""
     if samples.frames is not None:
-        _check_span(float(samples.frames[-1]), target.frames, "frames", target)
+        if check_span:
+            _check_span(float(samples.frames[-1]), target.frames, "frames", target)
         return _by_frame(samples, target.frames)
     times, period = _times_and_period(samples, target)
-    _check_span(times[-1] + period, target.frames / target.fps, "seconds", target)
+    if check_span:
+        _check_span(times[-1] + period, target.frames / target.fps, "seconds", target)
     frame_times = np.arange(target.frames) / target.fps
     if align == "nearest":
         return _nearest(samples, times, period, frame_times)
@@ -643,18 +651,9 @@ def _check_range(values: np.ndarray, dtype: str, target: Target) -> None:
 def _provenance(
     source: Source, targets: list[Target], first: Samples, options: ImportOptions
 ) -> Provenance:
-    return Provenance(
-        backbone="",  # no backbone of fercache's: the source names the features
-        checkpoint="",
-        checkpoint_sha256="",
-        init_seed=0,
-        input_size=(0, 0, 0),
-        mean=(),
-        std=(),
-        interpolation="",
-        dtype=options.dtype,
-        feature_dim=int(first.values.shape[1]),
-        num_classes=0,
+    return imageless_provenance(
+        options.dtype,
+        int(first.values.shape[1]),
         source=str(source.root.resolve()),
         source_kind=source.kind,
         source_key=options.key or "",
@@ -664,6 +663,23 @@ def _provenance(
         fps=float(options.fps or 0.0),
         align=FRAME_ALIGN if source.by_frame else options.align,
     )
+
+
+def imageless_provenance(dtype: str, feature_dim: int, **fields) -> Provenance:
+    """The provenance of features not made from the face images (imported, audio): no backbone
+    of fercache's (`source_kind` tells what made them), no image size, normalisation or
+    classifier; `fields` sets the others (or a checkpoint and its hash)."""
+    unused = {
+        "checkpoint": "",
+        "checkpoint_sha256": "",
+        "init_seed": 0,
+        "input_size": (0, 0, 0),
+        "mean": (),
+        "std": (),
+        "interpolation": "",
+        "num_classes": 0,
+    }
+    return Provenance("", dtype=dtype, feature_dim=feature_dim, **{**unused, **fields})
 
 
 def _inputs_hash(source: Source, targets: list[Target]) -> str:
@@ -678,8 +694,10 @@ def _inputs_hash(source: Source, targets: list[Target]) -> str:
     return digest.hexdigest()
 
 
-def _needs_work(out: Path, target: Target, provenance: Provenance, force: bool) -> bool:
-    path = store_path(out, target.video)
+def needs_work(out: Path, video: str, provenance: Provenance, force: bool) -> bool:
+    """Whether `video`'s store in OUT is to be written: missing, incomplete or --force; a
+    complete store of other features is an error."""
+    path = store_path(out, video)
     state, found = store_state(path)
     if state != "complete" or force:
         return True
@@ -688,20 +706,57 @@ def _needs_work(out: Path, target: Target, provenance: Provenance, force: bool) 
     raise other_store(path, found, provenance)
 
 
-def _stored_entry(path: Path, target: Target) -> dict:
-    """The manifest's line of a store an earlier run wrote."""
+def write_aligned(
+    out: Path,
+    target: Target,
+    covered: np.ndarray,
+    values: np.ndarray,
+    provenance: Provenance,
+    details: dict | None = None,
+) -> dict:
+    """Write `target`'s store of the covered frames' rows (`align_to_frames`), the others
+    recorded missing; return its manifest line. A killed run's temporary file goes first."""
+    for leftover in Path(out).glob(f".{target.video}{TMP_MARK}*"):
+        leftover.unlink(missing_ok=True)
+    missing = np.flatnonzero(~covered).astype(np.int32) + 1
+    _check_range(values, provenance.dtype, target)
+    write_store(
+        out,
+        target.video,
+        frames=np.flatnonzero(covered).astype(np.int32) + 1,
+        features=values,
+        logits=None,
+        provenance=provenance,
+        missing=missing,
+        details={
+            "video_fps": target.fps,
+            "video_frames": target.frames,
+            "source_video": target.source,
+            **(details or {}),
+        },
+    )
+    return _entry(int(covered.sum()), len(missing), target.frames, target.fps)
+
+
+def finish_cache(
+    out: Path, provenance: Provenance, entries: dict[str, dict]
+) -> tuple[int, int, Path]:
+    """Write the manifest of the stores `entries` lists (their `write_aligned` lines); return
+    their rows, their missing frames and the manifest's path."""
+    rows = sum(entry["rows"] for entry in entries.values())
+    missing = sum(entry["missing"] for entry in entries.values())
+    return rows, missing, write_manifest(out, provenance, entries)
+
+
+def stored_entry(path: Path) -> dict:
+    """The manifest's line of a store an earlier run wrote (`write_aligned`)."""
     with open_store(path) as store:
         rows = int(store["frames"].shape[0])
         missing = missing_frames(store)
-    return _entry(rows, 0 if missing is None else len(missing), target)
+        frames, fps = int(store.attrs["video_frames"]), float(store.attrs["video_fps"])
+    return _entry(rows, 0 if missing is None else len(missing), frames, fps)
 
 
-def _entry(rows: int, missing: int, target: Target) -> dict:
+def _entry(rows: int, missing: int, frames: int, fps: float) -> dict:
     """The manifest's line of one store: rows, missing frames, N and fps."""
-    return {
-        "rows": rows,
-        "skipped": 0,
-        "missing": missing,
-        "frames": target.frames,
-        "fps": target.fps,
-    }
+    return {"rows": rows, "skipped": 0, "missing": missing, "frames": frames, "fps": fps}

@@ -18,6 +18,7 @@ Schema of `<video>.h5` (format 1), readable with plain h5py or `h5dump`:
   fields of the provenance and `missing_frames`: the video's frames the source does not cover (they
   have no row); an extracted store has no `missing_frames` attribute (`missing_frames()` gives
   None).
+  Audio stores (`fercache audio`, `fercache.features.audio`) are laid out as imported ones.
 
 A store is written under `.<video>.h5.tmp-<pid>` and renamed when complete
 (`fercache.outputs.write_atomically`, as every file fercache writes), so a file under a final
@@ -82,6 +83,12 @@ class Provenance:
     time_column: str = ""  # the CSV column placing each row: seconds, or 1-based frames
     fps: float = 0.0  # frames per second given; 0: each video's own (store attribute video_fps)
     align: str = ""  # nearest, linear, or frame (a CSV frame column)
+    # Audio caches (`fercache.audio`): the speech encoder's input rate and how a sound track is
+    # cut into forward passes; `pretrained`, `weights_source`, `checkpoint_sha256`, `layer`,
+    # `pool`, `rate` and `align` name the encoder and the readout.
+    sample_rate: int = 0  # samples per second the encoder reads
+    chunk: float = 0.0  # seconds of rows kept from each forward pass
+    overlap: float = 0.0  # seconds of context on each side of a chunk, computed and dropped
 
     @property
     def fingerprint(self) -> str:
@@ -318,6 +325,13 @@ def read_manifest(cache_dir: Path) -> dict:
 
 def describe(provenance: dict) -> str:
     """What made a cache, in a few words, for errors that compare two caches."""
+    if provenance.get("source_kind") == "audio":  # made by `fercache audio`
+        readout = "mean of layers" if provenance["layer"] < 0 else f"layer {provenance['layer']}"
+        return (
+            f"audio by {provenance['pretrained'] or provenance['checkpoint']} [{readout}, "
+            f"chunk {provenance['chunk']:g} s, align {provenance['align']}, "
+            f"fingerprint {provenance['fingerprint']}]"
+        )
     if provenance.get("source_kind"):  # made by `fercache import-features`
         place = f"rate {provenance['rate']:g}" if provenance["rate"] else provenance["time_column"]
         return (

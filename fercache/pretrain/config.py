@@ -60,6 +60,7 @@ class PretrainConfig:
     per_class_cap: int = 0  # still images per class kept labelled, the rest unlabelled; 0: all
     randaugment: str = "rand-m9-mstd0.5-inc1-mmax9"
     erasing_prob: float = 0.25
+    grayscale_prob: float = 0.0  # weak view: share of images turned grey (kept as 3 channels)
     holdout_fraction: float = 0.1
     eval_every: int = 1000
     log_every: int = 50
@@ -106,6 +107,7 @@ class PretrainConfig:
             ),
             (0 <= self.threshold <= 1, "threshold must lie in [0, 1]"),
             (self.temperature > 0, "temperature must be positive"),
+            (0 <= self.grayscale_prob <= 1, "grayscale_prob must lie in [0, 1]"),
             (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1) (0 turns EMA off)"),
             (0 < self.holdout_fraction < 1, "holdout_fraction must lie in (0, 1)"),
             (self.per_class_cap >= 0, "per_class_cap must be >= 0 (0 keeps every image)"),

@@ -170,7 +170,13 @@ def _run(
         partial(create_network, config.backbone, init_checkpoint, pretrained=pretrained), ranks
     )
     data_config = data_config_of(recipe.student(), config.image_size)
-    views = build_views(data_config, config.resize_ratio, config.randaugment, config.erasing_prob)
+    views = build_views(
+        data_config,
+        config.resize_ratio,
+        config.randaugment,
+        config.erasing_prob,
+        grayscale_prob=config.grayscale_prob,
+    )
     if resume:
         state = _load_state(out, recipe)
     else:

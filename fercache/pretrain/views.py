@@ -46,10 +46,16 @@ class Views:
 
 
 def build_views(
-    config: DataConfig, resize_ratio: float, randaugment: str, erasing_prob: float
+    config: DataConfig,
+    resize_ratio: float,
+    randaugment: str,
+    erasing_prob: float,
+    *,
+    grayscale_prob: float = 0.0,
 ) -> Views:
-    """Weak: resize, random crop, flip, colour jitter. Strong: resize, random crop, flip, timm
-    RandAugment, random erasing. Evaluation: resize to the input size, as extraction does."""
+    """Weak: resize, random crop, flip, colour jitter, grey with `grayscale_prob`. Strong:
+    resize, random crop, flip, timm RandAugment, random erasing. Evaluation: resize to the
+    input size, as extraction does."""
     size = config.input_size[-1]
     bilinear = T.InterpolationMode.BILINEAR
     resized = T.Resize(round(size * resize_ratio), interpolation=bilinear)
@@ -61,8 +67,10 @@ def build_views(
         *to_tensor,
         RandomErasing(probability=erasing_prob, mode="pixel", device="cpu"),
     ]
+    # grey only when asked: RandomGrayscale draws from torch's generator even at p = 0
+    grey = [T.RandomGrayscale(grayscale_prob)] if grayscale_prob > 0 else []
     return Views(
-        weak=T.Compose([*geometry, T.ColorJitter(0.4, 0.4, 0.4), *to_tensor]),
+        weak=T.Compose([*geometry, T.ColorJitter(0.4, 0.4, 0.4), *grey, *to_tensor]),
         strong=T.Compose(strong),
         evaluation=T.Compose([T.Resize((size, size), interpolation=bilinear), *to_tensor]),
     )

@@ -25,7 +25,8 @@ segments), `timeline` (one video frame by frame: expression, motion, labels), `s
 lighting, occluders), `pools` (the still-image pools), `write` (the tree on disk, `generate`);
 the faces: `face` (expression geometry, identities, nuisance), `shapes` (where the parts of a
 face lie), `render` (drawing it), `landmarks` (its 68 landmarks); `streams` (seeds and random
-processes).
+processes). `sound` (not imported here) writes video files with a sound track and small
+speech encoders, for `fercache audio`'s tests and benchmark.
 """
 
 from fercache.synth.face import (

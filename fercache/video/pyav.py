@@ -1,15 +1,18 @@
 """Video files, read and written with PyAV: the one module of fercache that calls it.
 
-`crop` decodes frames (`open_video`), `import-features` reads frame rates (`frame_rate`) and
-`analyse` writes annotated copies (`write_drawn_copy`). PyAV comes with the `video` extra
+`crop` decodes frames (`open_video`), `import-features` reads frame rates (`frame_rate`),
+`audio` decodes sound tracks (`Video.sound`), `analyse` writes annotated copies
+(`write_drawn_copy`) and the synthetic media for `audio`'s tests are written by
+`write_video_with_sound`. PyAV comes with the `video` extra
 (pip install 'fercache[video]') and is imported only when a video is opened: without it, each
 function raises a FercacheError saying how to install it (`INSTALL_HINT`, or the caller's
 `hint`). A file
 PyAV cannot open, decode or encode is a FercacheError naming it.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +78,29 @@ class Video:
             except (self._av.error.FFmpegError, ValueError) as error:
                 raise FercacheError(f"{self.path}: could not decode ({error})") from error
 
+    def sound(self, sample_rate: int) -> tuple[np.ndarray, float] | None:
+        """The first audio stream, down-mixed and resampled by FFmpeg's resampler to mono
+        float32 at `sample_rate`, and the seconds from the video stream's start to its first
+        sample; None when the file has no audio stream."""
+        if not self._container.streams.audio:
+            return None
+        av = self._av
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        pieces, first = [], None
+        try:
+            for frame in self._container.decode(self._container.streams.audio[0]):
+                if first is None:
+                    first = frame.time or 0.0
+                pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+            pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+        except (av.error.FFmpegError, ValueError) as error:
+            why = first_line(error)
+            raise FercacheError(f"{self.path}: unreadable ({why}); check or replace it") from error
+        start = self._stream.start_time
+        video_start = float(start * self._stream.time_base) if start else 0.0
+        samples = np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
+        return samples, (first or 0.0) - video_start
+
 
 @contextmanager
 def open_video(path: Path, hint: str = INSTALL_HINT) -> Iterator[Video]:
@@ -115,3 +141,43 @@ def write_drawn_copy(source: Path, target: Path, draw: Callable[[int, Image.Imag
     except av.error.FFmpegError as error:
         why = first_line(error)
         raise FercacheError(f"could not write a drawn copy of {source} ({why})") from error
+
+
+def write_video_with_sound(
+    path: Path,
+    fps: float | Fraction,
+    frames: Iterable[np.ndarray],
+    sound: np.ndarray | None,
+    sample_rate: int,
+) -> None:
+    """Write `frames` ((H, W, 3) uint8 RGB, H and W even) at `fps` as H.264 and `sound`
+    (channels, samples) in [-1, 1] at `sample_rate` as 16-bit PCM (None: no audio stream;
+    mono for one channel, stereo for two). In a MOV or MKV file the decoded sound is the
+    written one to the last bit."""
+    av = _pyav()
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.pix_fmt = "yuv420p"
+        video.options = {"preset": "ultrafast"}
+        if sound is not None:  # every stream is added before the first packet is written
+            sound = np.atleast_2d(sound)
+            layout = "mono" if len(sound) == 1 else "stereo"
+            audio = container.add_stream("pcm_s16le", rate=sample_rate)
+            audio.layout = layout
+        for number, frame in enumerate(frames):
+            if number == 0:
+                video.height, video.width = frame.shape[:2]
+            for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if sound is not None:
+            pcm = np.round(np.clip(sound, -1, 1) * 32767).astype(np.int16)
+            for start in range(0, pcm.shape[1], 1024):
+                block = np.ascontiguousarray(pcm[:, start : start + 1024].T).reshape(1, -1)
+                frame = av.AudioFrame.from_ndarray(block, format="s16", layout=layout)
+                frame.sample_rate, frame.pts = sample_rate, start
+                for packet in audio.encode(frame):
+                    container.mux(packet)
+            for packet in audio.encode():
+                container.mux(packet)
