@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from fercache.features.audio import read_sound_track
 from fercache.synth.sound import write_video
 from fercache.temporal.config import load_config
-from fercache.temporal.model import ModelConfig, TemporalTransformer
+from fercache.temporal.model import ModelConfig
+from fercache.temporal.transformer import TemporalTransformer
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "abaw-estimates.md"
 SETTINGS = {  # option: (default, meaning): the work on Aff-Wild2 and the assumed throughputs

@@ -30,8 +30,9 @@ from fercache.features.store import Provenance, write_manifest, write_store
 from fercache.temporal.clips import ClipBatches, training_windows
 from fercache.temporal.config import TemporalConfig
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures
-from fercache.temporal.model import ModelConfig, TemporalTransformer
+from fercache.temporal.model import ModelConfig
 from fercache.temporal.step import Objective, train_step
+from fercache.temporal.transformer import TemporalTransformer
 
 CLIP = 64
 BATCH = 32

@@ -35,13 +35,15 @@ from fercache.temporal.config import TemporalConfig, load_config, resumed_config
 from fercache.temporal.features import FusedVideo, MemoryFeatures, load_fused_features
 from fercache.temporal.inference import TemporalPredictor
 from fercache.temporal.loop import TrainRequest, epoch_line, train
-from fercache.temporal.model import ModelConfig, TemporalTransformer
+from fercache.temporal.model import ModelConfig
+from fercache.temporal.registry import TEMPORAL_MODELS
 from fercache.temporal.step import (
     Objective,
     concordance_loss,
     masked_binary_cross_entropy,
     masked_cross_entropy,
 )
+from fercache.temporal.transformer import TemporalTransformer
 from tests.train_data import TreeSpec, write_cache, write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,12 +276,17 @@ def test_mismatched_frame_sets_name_the_video_and_caches(small, tmp_path):
 # --- training -------------------------------------------------------------------------------
 
 
-def test_temporal_model_beats_a_per_frame_linear_classifier(tmp_path):
+# segments last 20 to 120 frames: the tcn's receptive field is 7 frames at 2 layers, 31 at 4
+DEPTH = {"tcn": ("layers=4",)}
+
+
+@pytest.mark.parametrize("model", sorted(TEMPORAL_MODELS))
+def test_temporal_model_beats_a_per_frame_linear_classifier(model, tmp_path):
     labels = write_tree(tmp_path / "data", TreeSpec(train_videos=8, val_videos=4, seed=1))
     cache = write_cache(tmp_path / "cache", tmp_path / "data", labels, signal=1.0, occluded=0.5)
     request = TrainRequest(
         overrides=("width=32", "layers=2", "heads=4", "ff_width=64", "batch_size=8", "lr=2e-3",
-                   "dropout=0", "input_dropout=0"),
+                   "dropout=0", "input_dropout=0", f"model={model}", *DEPTH.get(model, ())),
         epochs=25,
         device="cpu",
         progress=False,

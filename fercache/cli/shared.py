@@ -1,5 +1,6 @@
 """What the areas of the command line share: the consoles, options of several areas, and help
-texts that name the entries of the registries (recipes, numberings, submission formats)."""
+texts that name the entries of the registries (recipes, numberings, submission formats,
+temporal models)."""
 
 from collections.abc import Callable
 from typing import Annotated
@@ -52,12 +53,19 @@ def _submission_formats() -> str:
     return _described({name: kind.description for name, kind in SUBMISSION_FORMATS.items()})
 
 
+def _temporal_models() -> str:
+    from fercache.temporal.registry import TEMPORAL_MODELS
+
+    return _described({name: model.description for name, model in TEMPORAL_MODELS.items()})
+
+
 # What an option's help names in braces -> the registered entries, as the help shows them.
 REGISTRIES: dict[str, Callable[[], str]] = {
     "{recipes}": _recipes,
     "{ssl-recipes}": _ssl_recipes,
     "{numberings}": _numberings,
     "{submission-formats}": _submission_formats,
+    "{temporal-models}": _temporal_models,
 }
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fercache.cli.shared import PrintConfigOption, ProgressOption, console
+from fercache.cli.shared import PrintConfigOption, ProgressOption, RegistryHelp, console
 from fercache.outputs import write_text_atomically
 
 commands = typer.Typer()
@@ -35,7 +35,8 @@ SetOption = Annotated[
     typer.Option(
         "--set",
         help="Override one setting, key=value (repeatable), e.g. layers=2 or, with its section "
-        "of configs/temporal.yaml, model.layers=2.",
+        "of configs/temporal.yaml, model.layers=2. model=NAME chooses the temporal model, one "
+        "of the registered ones: {temporal-models}.",
     ),
 ]
 EpochsOption = Annotated[
@@ -58,7 +59,7 @@ MemoryBudgetOption = Annotated[
 ]
 
 
-@commands.command()
+@commands.command(cls=RegistryHelp)
 def train(
     caches: CachesArgument,
     data: TrainDataOption,
@@ -145,7 +146,7 @@ def train(
         console.print(shown)
 
 
-@commands.command()
+@commands.command(cls=RegistryHelp)
 def sweep(
     caches: CachesArgument,
     data: TrainDataOption,

@@ -18,6 +18,8 @@ from fercache.errors import FercacheError
 from fercache.resume import CONFIG_FILE, config_text, read_config, resumed_settings
 from fercache.resume import write_config as write_run_config
 from fercache.settings import given_values, typed_values
+from fercache.temporal.model import DEFAULT_MODEL
+from fercache.temporal.registry import TEMPORAL_MODELS
 
 CONFIG_HEADER = "resolved settings of this run (fercache train); --resume reads them back"
 BALANCE_MODES = ("weights", "sampling", "none")
@@ -33,7 +35,7 @@ _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 SECTIONS = {
     "data": ("tasks", "train_split", "val_split", "select", "subsample"),
     "clips": ("clip_frames", "eval_stride", "smooth_window"),
-    "model": ("width", "layers", "heads", "ff_width", "dropout", "input_dropout"),
+    "model": ("model", "width", "layers", "heads", "ff_width", "dropout", "input_dropout"),
     "optim": (
         *("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "grad_clip"),
         *("balance", "loss_weights", "au_pos_weight", "amp"),
@@ -59,6 +61,7 @@ class TemporalConfig:
     clip_frames: int = 64
     eval_stride: int = 32
     smooth_window: int = 30
+    model: str = DEFAULT_MODEL  # a registered temporal model (fercache.temporal.registry)
     width: int = 256
     layers: int = 4
     heads: int = 4
@@ -84,12 +87,12 @@ class TemporalConfig:
     def validate(self) -> None:
         checks = [
             *self._task_checks(),
+            *self._model_checks(),
             (0 < self.subsample <= 1, "subsample must lie in (0, 1]"),
             (self.clip_frames >= 2, "clip_frames must be at least 2"),
             (1 <= self.eval_stride <= self.clip_frames, "eval_stride must lie in [1, clip_frames]"),
             (self.smooth_window >= 1, "smooth_window must be at least 1"),
             (min(self.width, self.layers, self.heads, self.ff_width) >= 1, "sizes must be >= 1"),
-            (self.width % self.heads == 0, "width must be a multiple of heads"),
             (0 <= self.dropout < 1 and 0 <= self.input_dropout < 1, "dropouts lie in [0, 1)"),
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1"),
             (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0, weight_decay >= 0"),
@@ -109,6 +112,14 @@ class TemporalConfig:
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise FercacheError("temporal settings: " + "; ".join(problems))
+
+    def _model_checks(self) -> list[tuple[bool, str]]:
+        known = self.model in TEMPORAL_MODELS
+        problems = TEMPORAL_MODELS[self.model].setting_problems(self) if known else []
+        return [
+            (known, f"model must be one of {', '.join(TEMPORAL_MODELS)}"),
+            *((False, problem) for problem in problems),
+        ]
 
     def _task_checks(self) -> list[tuple[bool, str]]:
         known = ", ".join(TASKS)

@@ -25,7 +25,8 @@ from fercache.framewise.pred_file import AU_THRESHOLD
 from fercache.outputs import write_text_atomically
 from fercache.readers import first_line, read_json_object, unreadable
 from fercache.temporal.clips import evaluation_starts
-from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
+from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalModel
+from fercache.temporal.registry import build_model
 from fercache.temporal.run_files import MODEL_JSON, THRESHOLDS_FILE, WEIGHTS
 from fercache.temporal.step import autocast_for
 
@@ -110,7 +111,14 @@ def _stored_thresholds(path: Path) -> dict[str, np.ndarray]:
         raise unreadable(path, "AU thresholds", repr(error), remedy) from error
 
 
-def _load_weights(model: TemporalTransformer, path: Path) -> None:
+def _built(config: ModelConfig, json_path: Path) -> TemporalModel:
+    try:
+        return build_model(config)
+    except FercacheError as error:  # a model this installation does not register
+        raise FercacheError(f"{json_path}: {error} (the run was trained with it)") from error
+
+
+def _load_weights(model: TemporalModel, path: Path) -> None:
     """`path`'s weights into `model`; FercacheError naming the file when it is damaged or holds
     another network's weights."""
     try:
@@ -129,7 +137,7 @@ class TemporalPredictor:
     """A trained temporal model (the run's best or final weights), ready to predict videos;
     `au_thresholds` are the run's tuned ones for these weights, else 0.5."""
 
-    model: TemporalTransformer
+    model: TemporalModel
     config: ModelConfig
     caches: list[dict]
     eval_stride: int
@@ -151,7 +159,7 @@ class TemporalPredictor:
         details = read_json_object(json_path, "model config", RETRAIN)
         try:
             config = ModelConfig.from_json(details, json_path)
-            model = TemporalTransformer(config)
+            model = _built(config, json_path)
             caches = [
                 {**cache, "fingerprint": str(cache["fingerprint"])} for cache in details["caches"]
             ]

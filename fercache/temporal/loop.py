@@ -62,7 +62,8 @@ from fercache.temporal.config import (
 )
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures, open_features
 from fercache.temporal.inference import to_predictions, window_outputs
-from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalTransformer
+from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalModel
+from fercache.temporal.registry import build_model
 from fercache.temporal.run_files import (
     FINAL_WEIGHTS,
     SUMMARY_FILE,
@@ -134,7 +135,7 @@ class RunData:
 class Training:
     """The network and what updates it."""
 
-    model: TemporalTransformer  # the plain module: validated and saved
+    model: TemporalModel  # the plain module: validated and saved
     stepped: torch.nn.Module  # what the steps run: DDP-wrapped under torchrun, else `model`
     optimizer: torch.optim.Optimizer
     objective: Objective  # per-task losses and their weights, on the device
@@ -220,7 +221,7 @@ def _run(
     ranks.barrier()
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model = TemporalTransformer(model_config).to(ranks.device)
+    model = build_model(model_config).to(ranks.device)
     optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr)
     state = RunState()
     if checkpoint is not None:
@@ -275,6 +276,7 @@ def _model_config(config: TemporalConfig, caches: CacheSet) -> ModelConfig:
         ff_width=config.ff_width,
         dropout=config.dropout,
         input_dropout=config.input_dropout,
+        model=config.model,
     )
 
 
@@ -506,7 +508,7 @@ def _loss_key(name: str) -> str:
 
 
 def _validate(
-    model: TemporalTransformer, run_data: RunData, config: TemporalConfig, ranks: Ranks
+    model: TemporalModel, run_data: RunData, config: TemporalConfig, ranks: Ranks
 ) -> dict:
     model.eval()
     mine = {

@@ -1,16 +1,18 @@
-"""The temporal model: per-frame features → transformer encoder along time → per-frame outputs.
+"""What every temporal model shares: its settings (`ModelConfig`, the run's `model.json`) and
+its frame: per-frame features → input LayerNorm (fused caches differ in scale), dropout, a
+linear projection to `width` → the model's own encoder along time → a final LayerNorm and one
+linear per-frame head per trained task, side by side on the shared encoding: EXPR 8 class
+logits, AU 12 logits (one sigmoid each), VA 2 values squashed by tanh into [-1, 1].
 
-Input LayerNorm (fused caches differ in scale), dropout, a linear projection to `width`,
-fixed sinusoidal positions, a pre-norm `torch.nn.TransformerEncoder` with a key padding mask
-(padding rows are never attended to), a final LayerNorm and one linear per-frame head per
-trained task, side by side on the shared encoding: EXPR 8 class logits, AU 12 logits (one
-sigmoid each), VA 2 values squashed by tanh into [-1, 1].
+A model is a `TemporalModel` subclass that builds and runs its encoder (`transformer`,
+`tcn`); `fercache.temporal.registry` names them.
 """
 
 import dataclasses
-import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from fercache.errors import FercacheError
 
 # What each task's head outputs, in order.
 OUTPUTS: dict[str, tuple[str, ...]] = {"expr": EXPR_CLASSES, "au": AU_NAMES, "va": VA_NAMES}
+DEFAULT_MODEL = "transformer"  # the model of runs whose model.json names none
 
 
 @dataclass(frozen=True)
@@ -31,17 +34,18 @@ class ModelConfig:
     clip_frames: int
     width: int
     layers: int
-    heads: int
-    ff_width: int
+    heads: int  # the transformer's attention heads
+    ff_width: int  # the transformer's feed-forward width
     dropout: float
     input_dropout: float
+    model: str = DEFAULT_MODEL  # the registered name (fercache.temporal.registry)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, values: dict, source: Path) -> "ModelConfig":
-        names = [field.name for field in dataclasses.fields(cls)]
+        names = [field.name for field in dataclasses.fields(cls) if field.name != "model"]
         missing = [name for name in names if name not in values]
         if missing:
             raise FercacheError(
@@ -54,43 +58,40 @@ class ModelConfig:
         return cls(
             **{name: values[name] for name in names if name != "tasks"},
             tasks=tuple(values["tasks"]),
+            model=str(values.get("model", DEFAULT_MODEL)),
         )
 
 
-def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
-    """(length, width) fixed positions of "Attention is all you need"."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    rate = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
-    table = torch.zeros(length, width)
-    table[:, 0::2] = torch.sin(position * rate)
-    table[:, 1::2] = torch.cos(position * rate[: width // 2])
-    return table
+class TemporalModel(nn.Module, ABC):
+    """The frame every model shares (see the module); a subclass builds its encoder, which
+    maps (B, T, width) to (B, T, width) and never lets padding rows change the others."""
 
+    description: ClassVar[str] = ""  # one line for `--help` and the docs
 
-class TemporalTransformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.input_norm = nn.LayerNorm(config.feature_dim)
         self.input_dropout = nn.Dropout(config.input_dropout)
         self.project = nn.Linear(config.feature_dim, config.width)
-        self.register_buffer(
-            "positions", sinusoidal_positions(config.clip_frames, config.width), persistent=False
-        )
-        layer = nn.TransformerEncoderLayer(
-            config.width,
-            config.heads,
-            config.ff_width,
-            config.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.encoder = self.build_encoder(config)
         self.norm = nn.LayerNorm(config.width)
         self.heads = nn.ModuleDict(
             {task: nn.Linear(config.width, len(OUTPUTS[task])) for task in config.tasks}
         )
+
+    @classmethod
+    def setting_problems(cls, config) -> list[str]:
+        """What is wrong with the settings for this model (`config` has ModelConfig's sizes)."""
+        return []
+
+    @abstractmethod
+    def build_encoder(self, config: ModelConfig) -> nn.Module:
+        """The encoder along time (assigned to `self.encoder`)."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, width) projected features, (B, T) bool padding (True = pad) → (B, T, width)."""
 
     def forward(
         self, features: torch.Tensor, padding: torch.Tensor | None = None
@@ -98,8 +99,7 @@ class TemporalTransformer(nn.Module):
         """(B, T, D) features, (B, T) bool padding (True = pad) → per task (B, T, outputs):
         EXPR and AU logits, VA values in [-1, 1]; T ≤ clip."""
         x = self.project(self.input_dropout(self.input_norm(features.float())))
-        x = x + self.positions[: x.shape[1]]
-        encoded = self.norm(self.encoder(x, src_key_padding_mask=padding))
+        encoded = self.norm(self.encode(x, padding))
         outputs = {task: head(encoded) for task, head in self.heads.items()}
         if "va" in outputs:
             outputs["va"] = torch.tanh(outputs["va"])
