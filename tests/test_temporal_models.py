@@ -85,17 +85,17 @@ def test_every_model_trains_resumes_and_predicts_what_validation_scored(
 ):
     whole = train([small["cache"]], small["data"], tmp_path / "whole", _request(name))
 
-    validate = loop._validate
+    validate = loop.validate
 
-    def interrupted_in_epoch_two(model, run_data, config, ranks):
+    def interrupted_in_epoch_two(*arguments):
         if len(read_metrics(tmp_path / "cut")) == 1:
             raise KeyboardInterrupt  # as a Ctrl-C during the second epoch's validation
-        return validate(model, run_data, config, ranks)
+        return validate(*arguments)
 
-    monkeypatch.setattr(loop, "_validate", interrupted_in_epoch_two)
+    monkeypatch.setattr(loop, "validate", interrupted_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train([small["cache"]], small["data"], tmp_path / "cut", _request(name))
-    monkeypatch.setattr(loop, "_validate", validate)
+    monkeypatch.setattr(loop, "validate", validate)
     train([small["cache"]], small["data"], tmp_path / "cut", _request(name, resume=True))
     assert _without_timing(read_metrics(tmp_path / "cut")) == _without_timing(
         read_metrics(tmp_path / "whole")

@@ -3,8 +3,7 @@
 A run trains one or more tasks (`tasks`: EXPR, AU, VA) with one head each on a shared encoder.
 A row joins the training windows when it is valid for at least one trained task; every task's
 loss is masked to its own valid rows (`fercache.temporal.step`). Each epoch is validated on
-every trained task (EXPR macro-F1 raw and smoothed, AU mean F1 at threshold 0.5, VA mean CCC,
-and P, their sum, when several tasks are trained); the `select` score picks best.safetensors.
+every trained task (`fercache.temporal.validation`); the `select` score picks best.safetensors.
 
 Runs single-process or under torchrun (DistributedDataParallel; gloo on CPU, NCCL on GPU):
 every rank draws the same epoch plan and trains on its own disjoint share of the windows;
@@ -24,7 +23,6 @@ from time import perf_counter
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.metrics import f1_score
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -40,8 +38,6 @@ from fercache.data.labels import (
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
-from fercache.framewise.metrics import au_metrics, va_metrics
-from fercache.framewise.vote import majority_vote
 from fercache.progress import progress_bar, progress_line
 from fercache.readers import read_json_object, unreadable
 from fercache.resume import holds_run, read_checkpoint, write_checkpoint, write_metrics
@@ -53,7 +49,6 @@ from fercache.temporal.clips import (
     training_windows,
 )
 from fercache.temporal.config import (
-    SCORE_OF_TASK,
     TemporalConfig,
     load_config,
     memory_budget_bytes,
@@ -61,7 +56,6 @@ from fercache.temporal.config import (
     write_config,
 )
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures, open_features
-from fercache.temporal.inference import to_predictions, window_outputs
 from fercache.temporal.model import OUTPUTS, ModelConfig, TemporalModel
 from fercache.temporal.registry import build_model
 from fercache.temporal.run_files import (
@@ -81,9 +75,8 @@ from fercache.temporal.step import (
     warmup_cosine,
 )
 from fercache.temporal.subsample import subsample_videos
+from fercache.temporal.validation import RECORD_KEY, validate
 
-# The epoch record's key of each validation score (`select` names the score).
-RECORD_KEY = {"expr_f1": "val_f1", "au_f1": "val_au_f1", "va_ccc": "val_va_ccc", "p": "val_p"}
 # What `_save_epoch` puts in last.pt (a phase-1 checkpoint lacks them).
 CHECKPOINT_KEYS = ("model", "optimizer", "state", "model_config", "cache_fingerprints")
 
@@ -243,7 +236,9 @@ def _run(
         record = {"epoch": epoch + 1}
         record.update(_train_epoch(training, run_data, config, ranks, epoch, request.progress))
         validation_started = perf_counter()
-        record.update(_validate(model, run_data, config, ranks))
+        record.update(
+            validate(model, run_data.source, run_data.labels, run_data.val_indices, config, ranks)
+        )
         record["timing"]["val_seconds"] = perf_counter() - validation_started
         state.history.append(record)
         state.epochs_done = epoch + 1
@@ -505,83 +500,6 @@ def epoch_line(record: dict, config: TemporalConfig, improved: bool, seconds: fl
 
 def _loss_key(name: str) -> str:
     return "train_loss" if name == "total" else f"train_loss_{name}"
-
-
-def _validate(
-    model: TemporalModel, run_data: RunData, config: TemporalConfig, ranks: Ranks
-) -> dict:
-    model.eval()
-    mine = {
-        index: window_outputs(
-            model,
-            run_data.source.whole(index),
-            clip=config.clip_frames,
-            stride=config.eval_stride,
-            device=ranks.device,
-            batch_size=config.eval_batch,
-            amp=config.amp,
-        )
-        for index in run_data.val_indices[ranks.rank :: ranks.world_size]
-        if run_data.source.rows(index) > 0
-    }
-    outputs = _gather(mine, ranks)
-    order = [index for index in run_data.val_indices if index in outputs]
-    predicted = to_predictions(
-        {task: np.concatenate([outputs[index][task] for index in order]) for task in config.tasks}
-    )
-    labels = {
-        task: np.concatenate([run_data.labels[index][task] for index in order])
-        for task in config.tasks
-    }
-    record = {}
-    if "expr" in config.tasks:
-        lengths = np.array([len(outputs[index]["expr"]) for index in order])
-        record.update(_expr_scores(predicted["expr"], labels["expr"], lengths, config))
-    if "au" in config.tasks:
-        scores = au_metrics(labels["au"], predicted["au"])
-        record["val_au_f1"] = scores["au_f1"]
-        record["val_au_per_au"] = {name: round(f1, 6) for name, f1 in scores["per_au_f1"].items()}
-        record["val_au_frames"] = int(row_valid("au", labels["au"]).sum())
-    if "va" in config.tasks:
-        scores = va_metrics(labels["va"], predicted["va"])
-        record["val_va_ccc"] = scores["va_ccc"]
-        record["val_va_per_dimension"] = {
-            name: round(ccc, 6) for name, ccc in scores["per_dimension_ccc"].items()
-        }
-        record["val_va_frames"] = int(row_valid("va", labels["va"]).sum())
-    if len(config.tasks) > 1:
-        record["val_p"] = sum(record[RECORD_KEY[SCORE_OF_TASK[task]]] for task in config.tasks)
-    return record
-
-
-def _expr_scores(
-    probabilities: np.ndarray, labels: np.ndarray, lengths: np.ndarray, config: TemporalConfig
-) -> dict:
-    predicted = probabilities.argmax(axis=1)
-    smoothed = majority_vote(predicted, probabilities, config.smooth_window, "centered", lengths)
-    valid = labels >= 0
-    classes = list(range(len(EXPR_CLASSES)))
-    per_class = f1_score(
-        labels[valid], predicted[valid], labels=classes, average=None, zero_division=0
-    )
-    return {
-        "val_f1": float(per_class.mean()),
-        "val_f1_smoothed": float(
-            f1_score(
-                labels[valid], smoothed[valid], labels=classes, average="macro", zero_division=0
-            )
-        ),
-        "val_class_f1": dict(zip(EXPR_CLASSES, per_class.round(6).tolist(), strict=True)),
-        "val_frames": int(valid.sum()),
-    }
-
-
-def _gather(mine: dict[int, dict], ranks: Ranks) -> dict[int, dict]:
-    if ranks.world_size == 1:
-        return mine
-    shares: list[dict | None] = [None] * ranks.world_size
-    dist.all_gather_object(shares, mine)
-    return {index: value for share in shares for index, value in share.items()}
 
 
 def _save_epoch(
