@@ -83,9 +83,9 @@ class Provenance:
     time_column: str = ""  # the CSV column placing each row: seconds, or 1-based frames
     fps: float = 0.0  # frames per second given; 0: each video's own (store attribute video_fps)
     align: str = ""  # nearest, linear, or frame (a CSV frame column)
-    # Audio caches (`fercache.audio`): the speech encoder's input rate and how a sound track is
-    # cut into forward passes; `pretrained`, `weights_source`, `checkpoint_sha256`, `layer`,
-    # `pool`, `rate` and `align` name the encoder and the readout.
+    # Audio caches (`fercache.features.audio`): the speech encoder's input rate and how a sound
+    # track is cut into forward passes; `pretrained`, `weights_source`, `checkpoint_sha256`,
+    # `layer`, `pool`, `rate` and `align` name the encoder and the readout.
     sample_rate: int = 0  # samples per second the encoder reads
     chunk: float = 0.0  # seconds of rows kept from each forward pass
     overlap: float = 0.0  # seconds of context on each side of a chunk, computed and dropped
