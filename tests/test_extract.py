@@ -22,13 +22,9 @@ from fercache.backbone.network import DataConfig, preprocess
 from fercache.cli import app
 from fercache.data.affwild2 import AffWild2
 from fercache.errors import FercacheError
-from fercache.features.extract import (
-    ExtractOptions,
-    VideoJob,
-    _rank_share,
-    collate_frames,
-    extract,
-)
+from fercache.features.extract import ExtractOptions, extract
+from fercache.features.frames import VideoJob, collate_frames
+from fercache.features.sharing import rank_share
 from fercache.features.store import read_manifest, read_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +279,7 @@ def test_rank_shares_are_disjoint_complete_and_balanced():
     sizes = [500, 40, 300, 300, 20, 150, 150, 90, 60, 10]
     jobs = [VideoJob(f"v{i}", np.arange(1, n + 1), Path(".")) for i, n in enumerate(sizes)]
     for world in (1, 2, 3, 4):
-        shares = [_rank_share(jobs, rank, world) for rank in range(world)]
+        shares = [rank_share(jobs, rank, world) for rank in range(world)]
         names = [job.video for share in shares for job in share]
         assert sorted(names) == sorted(job.video for job in jobs)  # each video exactly once
         loads = [sum(len(job.frames) for job in share) for share in shares]

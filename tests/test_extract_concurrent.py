@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fercache.features.extract
+import fercache.features.sharing
 from fercache.data.affwild2 import AffWild2
 from fercache.errors import FercacheError
 from fercache.features.claims import HOST, STALE_SECONDS, Claims, claim_path, read_holder
@@ -123,9 +124,9 @@ def test_videos_another_process_holds_are_waited_for(
     assert other.take(finished_by_other) and other.take(abandoned)
     lines: list[str] = []
     monkeypatch.setattr(
-        fercache.features.extract, "progress_line", lambda text, enabled: lines.append(text)
+        fercache.features.sharing, "progress_line", lambda text, enabled: lines.append(text)
     )
-    monkeypatch.setattr(fercache.features.extract, "WAIT_POLL_SECONDS", 0.02)
+    monkeypatch.setattr(fercache.features.sharing, "WAIT_POLL_SECONDS", 0.02)
     reports = []
     run = threading.Thread(
         target=lambda: reports.append(extract(synthetic_tree, cache, _options(videos)))

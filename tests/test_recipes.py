@@ -22,11 +22,12 @@ from fercache.features.extract import ExtractOptions, extract
 from fercache.framewise.metrics import concordance as numpy_concordance
 from fercache.pretrain import PretrainConfig, load_config, pretrain
 from fercache.pretrain.cotex import CoTex, js_divergence, keep_random_tokens, masked_logits
-from fercache.pretrain.emma import Emma, EmmaNet, ccc_loss, concordance
+from fercache.pretrain.emma import Emma, EmmaNet, ccc_loss, concordance, read_multitask
 from fercache.pretrain.export import export_model, model_config
+from fercache.pretrain.landmarks import attach_landmarks
 from fercache.pretrain.recipe_base import ModelFactory, OneNetwork, StepBatch, create_network
 from fercache.pretrain.registry import RECIPES, recipe_for
-from fercache.pretrain.sources import attach_landmarks, read_labelled, read_multitask
+from fercache.pretrain.sources import read_labelled
 from fercache.pretrain.views import data_config_of
 from fercache.synth import SynthConfig, generate
 from fercache.temporal.loop import TrainRequest, train

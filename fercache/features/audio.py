@@ -24,7 +24,7 @@ Per video file (`VIDEO_OR_FOLDER…`, read as `fercache crop` reads them):
    front end and the positional convolution; K: the output of transformer layer K), or by
    default the mean of all of them (the SUPERB benchmark's practice is a weighted sum of
    layers; the mean is its uniform weighting).
-5. The rows are aligned to the video's N frames by `importing.align_to_frames` (the rules
+5. The rows are aligned to the video's N frames by `alignment.align_to_frames` (the rules
    of `import-features`: `nearest` or `linear`, no extrapolation) and written by its
    `write_aligned`: frames the sound track does not cover get no row, never zeros, and are
    listed in `missing_frames`. N comes from the tree (as for `import-features`), the span
@@ -53,20 +53,7 @@ import torch
 from fercache.data.affwild2 import AffWild2
 from fercache.distributed import resolve_device
 from fercache.errors import FercacheError
-from fercache.features.importing import (
-    CacheOptions,
-    Samples,
-    Target,
-    align_to_frames,
-    finish_cache,
-    imageless_provenance,
-    needs_work,
-    stored_entry,
-    subject_names,
-    tree_videos,
-    video_lengths,
-    write_aligned,
-)
+from fercache.features import alignment
 from fercache.features.store import (
     Provenance,
     check_manifest,
@@ -84,7 +71,7 @@ _HASH_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
-class AudioOptions(CacheOptions):
+class AudioOptions(alignment.CacheOptions):
     """What `fercache audio` takes besides the videos, --out and --data (with `align`, `dtype`,
     `force` and `progress` as `import-features` takes them)."""
 
@@ -223,8 +210,8 @@ def compute_audio(videos: list[Path], out: Path, data: Path, options: AudioOptio
             f"{', '.join(map(str, videos))}: no video files (.mp4, .avi, .mkv, ...) to read"
         )
     tree = AffWild2(data)
-    lengths = video_lengths(tree, subject_names(path.stem for path in files))
-    plan = {path: tree_videos(tree, lengths, path.stem, path) for path in files}
+    lengths = alignment.video_lengths(tree, alignment.subject_names(path.stem for path in files))
+    plan = {path: alignment.tree_videos(tree, lengths, path.stem, path) for path in files}
     encoder = load_encoder(options.model, options.revision, resolve_device(options.device))
     if options.layer is not None and options.layer > encoder.layers:
         raise FercacheError(
@@ -238,7 +225,7 @@ def compute_audio(videos: list[Path], out: Path, data: Path, options: AudioOptio
     report = AudioReport()
     todo = []
     for path, names in plan.items():
-        if any(needs_work(out, name, provenance, options.force) for name in names):
+        if any(alignment.needs_work(out, name, provenance, options.force) for name in names):
             todo.append(path)
         else:
             report.resumed += names
@@ -256,19 +243,19 @@ def compute_audio(videos: list[Path], out: Path, data: Path, options: AudioOptio
             features = encoder.encode(track.samples, options.layer, options.chunk, options.overlap)
             report.audio_seconds += len(track.samples) / encoder.sample_rate
             for name in plan[path]:
-                target = Target(name, path.stem, lengths[name], track.fps, encoder.rate)
+                target = alignment.Target(name, path.stem, lengths[name], track.fps, encoder.rate)
                 covered, values = _aligned(features, track, target, encoder.rate, options.align)
                 details = {
                     "source_file": path.name,
                     "audio_offset": track.offset,
                     "audio_seconds": len(track.samples) / encoder.sample_rate,
                 }
-                write_aligned(out, target, covered, values, provenance, details)
+                alignment.write_aligned(out, target, covered, values, provenance, details)
                 report.computed.append(name)
             advance()
     report.seconds = time.perf_counter() - started
     entries = _finished_stores(out, provenance)
-    report.rows, report.missing, report.manifest = finish_cache(out, provenance, entries)
+    report.rows, report.missing, report.manifest = alignment.finish_cache(out, provenance, entries)
     return report
 
 
@@ -286,14 +273,16 @@ def _check_options(options: AudioOptions) -> None:
 
 
 def _aligned(
-    features: np.ndarray, track: SoundTrack, target: Target, rate: float, align: str
+    features: np.ndarray, track: SoundTrack, target: alignment.Target, rate: float, align: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(covered frames, their rows) of a track's rows; no frame is covered without rows."""
     if len(features) == 0:
         return np.zeros(target.frames, bool), np.zeros((0, features.shape[1]))
     times = track.offset + np.arange(len(features)) / rate
-    samples = Samples(features.astype(np.float64), np.ones(len(features), bool), times=times)
-    return align_to_frames(samples, target, align, check_span=False)
+    samples = alignment.Samples(
+        features.astype(np.float64), np.ones(len(features), bool), times=times
+    )
+    return alignment.align_to_frames(samples, target, align, check_span=False)
 
 
 def _finished_stores(out: Path, provenance: Provenance) -> dict[str, dict]:
@@ -302,7 +291,7 @@ def _finished_stores(out: Path, provenance: Provenance) -> dict[str, dict]:
     for path in sorted(out.glob("*.h5")):
         state, found = store_state(path)
         if state == "complete" and found.fingerprint == provenance.fingerprint:
-            entries[path.stem] = stored_entry(path)
+            entries[path.stem] = alignment.stored_entry(path)
     return entries
 
 
@@ -463,7 +452,7 @@ def model_files_sha256(folder: Path) -> str:
 
 
 def _provenance(encoder: SpeechEncoder, videos: list[Path], options: AudioOptions) -> Provenance:
-    return imageless_provenance(
+    return alignment.imageless_provenance(
         options.dtype,
         encoder.hidden_size,
         checkpoint=Path(encoder.name).name if encoder.local else "",

@@ -3,16 +3,22 @@ head (12 units, binary cross-entropy); a VA head on the concatenated EXPR and AU
 optionally, a second frozen model's EXPR scores) trained with 1 - CCC per dimension. The VA
 head's input is detached: VA trains its head only, never the backbone (the paper's remedy for
 VA overfitting). Invalid labels (EXPR -1, AU -1, VA -5) count for nothing.
+
+Its labelled sources are Aff-Wild2 roots: their train frames with EXPR, AU and VA labels
+(`read_multitask`).
 """
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fercache.backbone.network import Backbone, DataConfig, load_backbone, preprocess
-from fercache.data.tasks import AU_NAMES, VA_NAMES
+from fercache.data.affwild2 import IMAGES_DIRNAME, AffWild2, VideoLabels, frame_filename
+from fercache.data.numbering import NUMBERINGS
+from fercache.data.tasks import AU, AU_NAMES, EXPR, VA, VA_NAMES, Task
 from fercache.errors import FercacheError
 from fercache.pretrain.finetune import (
     FineTune,
@@ -20,7 +26,7 @@ from fercache.pretrain.finetune import (
     pooled_and_logits,
 )
 from fercache.pretrain.recipe_base import NUM_CLASSES, Autocast, ModelFactory
-from fercache.pretrain.sources import LabelledImages, read_multitask
+from fercache.pretrain.sources import LabelledImages, SourceLabels, summarised
 from fercache.pretrain.views import data_config_of
 
 AU_COUNT, VA_COUNT = len(AU_NAMES), len(VA_NAMES)
@@ -149,3 +155,70 @@ def _load_reference(checkpoint: str) -> Backbone | None:
             "classifier head; give a student exported by fercache pretrain"
         )
     return reference
+
+
+def read_multitask(sources: list[Path]) -> LabelledImages:
+    """Train frames of Aff-Wild2 roots with EXPR, AU and VA labels (EMMA): label = EXPR class or
+    -1; targets = 12 AU values then valence, arousal, NaN where a task has no valid value."""
+    if not sources:
+        raise FercacheError("no labelled source: pass --labelled at least once")
+    combined = LabelledImages()
+    for source in map(Path, sources):
+        if not (source.is_dir() and (source / IMAGES_DIRNAME).is_dir()):
+            raise FercacheError(
+                f"{source}: recipe emma reads EXPR, AU and VA labels from an Aff-Wild2 root "
+                f"(a folder holding {IMAGES_DIRNAME}/ and the annotation sets); give one"
+            )
+        images = _read_affwild2_multitask(source)
+        if not images.paths:
+            raise FercacheError(f"{source}: no train frame with an image and a valid label")
+        images.sources = [SourceLabels(str(source), "abaw", NUMBERINGS["abaw"].mapping(), {})]
+        combined.extend(summarised(images))
+    return combined
+
+
+def _read_affwild2_multitask(root: Path) -> LabelledImages:
+    data = AffWild2(root)
+    missing = [
+        task.name.upper() for task in (EXPR, AU, VA) if "train" not in data.splits(task.name)
+    ]
+    if missing:
+        raise FercacheError(
+            f"{root}: recipe emma needs train annotations of EXPR, AU and VA, but there are none "
+            f"for {', '.join(missing)} (expected folders like AU_Detection_Challenge/Train_Set/)"
+        )
+    per_task = {
+        task.name: {video.video: video for video in data.load(task.name, "train")}
+        for task in (EXPR, AU, VA)
+    }
+    images = LabelledImages()
+    for name in sorted(set().union(*per_task.values())):
+        frames, _ = data.image_frames(name)
+        expr = _task_values(per_task["expr"].get(name), frames, EXPR)
+        targets = np.concatenate(
+            [
+                _task_values(per_task["au"].get(name), frames, AU),
+                _task_values(per_task["va"].get(name), frames, VA),
+            ],
+            axis=1,
+        )
+        useful = (expr[:, 0] >= 0) | ~np.isnan(targets).all(axis=1)
+        folder = data.images / name
+        images.paths += [folder / frame_filename(int(frame)) for frame in frames[useful]]
+        images.labels += [int(label) for label in np.nan_to_num(expr[useful, 0], nan=-1)]
+        images.targets += list(targets[useful])
+        images.videos += [str(folder)] * int(useful.sum())
+    return images
+
+
+def _task_values(video: VideoLabels | None, frames: np.ndarray, task: Task) -> np.ndarray:
+    """(frames, task width) labels of one task at `frames` as floats; NaN where invalid or not
+    annotated (no file of this task for the video, or the file ends before the frame)."""
+    aligned = np.full((len(frames), task.width), np.nan, np.float32)
+    if video is None:
+        return aligned
+    values = video.labels.reshape(len(video.labels), task.width).astype(np.float32)
+    annotated = frames <= len(values)
+    aligned[annotated] = values[frames[annotated] - 1]
+    aligned[aligned == task.invalid] = np.nan
+    return aligned

@@ -2,8 +2,10 @@
 class-weighted cross-entropy beside an auxiliary head regressing the 68 facial landmarks (MSE).
 Landmarks are regressed in fractions of the image's width and height. As in the LSD paper, the
 training view only jitters colour (no crop, no flip), so the landmarks stay where they are.
+The landmarks of the labelled images are read from a CSV (`attach_landmarks`).
 """
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from fercache.pretrain.finetune import (
     pooled_and_logits,
 )
 from fercache.pretrain.recipe_base import NUM_CLASSES, Autocast, ModelFactory
-from fercache.pretrain.sources import LabelledImages, attach_landmarks, read_labelled
+from fercache.pretrain.sources import LabelledImages, Problem, read_labelled
 from fercache.pretrain.views import Views
 
 
@@ -107,3 +109,69 @@ class MultitaskLandmarks(FineTune):
 
     def export_part(self, model: nn.Module) -> nn.Module:
         return model.backbone
+
+
+def attach_landmarks(images: LabelledImages, path: Path) -> LabelledImages:
+    """`images` with their 68 landmarks from the CSV at `path` as targets (136 values in pixels
+    of the image; NaN for an image without a row, which then trains the expression head only).
+    Rows naming a missing image or holding a value that is not a number are reported."""
+    path = Path(path)
+    by_image, problems = _read_landmarks(path)
+    targets = [by_image.get(image.resolve()) for image in images.paths]
+    missing = [image for image, found in zip(images.paths, targets, strict=True) if found is None]
+    if len(missing) == len(images.paths):
+        raise FercacheError(
+            f"{path}: no row names a labelled image (the first is {images.paths[0]}); "
+            "paths in the CSV are relative to its folder"
+        )
+    if missing:
+        problems.append(
+            Problem(
+                str(path),
+                f"{len(missing)} labelled images have no landmarks here (the first is "
+                f"{missing[0]}); they train the expression head only",
+            )
+        )
+    no_landmarks = np.full(2 * LANDMARKS, np.nan, np.float32)
+    return LabelledImages(
+        images.paths,
+        images.labels,
+        images.problems + problems,
+        [no_landmarks if found is None else found for found in targets],
+        images.videos,
+        images.sources,
+    )
+
+
+def _read_landmarks(path: Path) -> tuple[dict[Path, np.ndarray], list[Problem]]:
+    """Landmarks by resolved image path, and the rows left out."""
+    if not path.is_file():
+        raise FercacheError(f"{path}: no such landmarks CSV; set landmarks=PATH")
+    columns = 1 + 2 * LANDMARKS
+    found: dict[Path, np.ndarray] = {}
+    problems: list[Problem] = []
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [name.strip().lower() for name in next(reader, [])]
+        if len(header) != columns or header[0] != "path":
+            raise FercacheError(
+                f"{path}: needs a header of {columns} columns, path then x0, y0, ... x67, y67 "
+                f"(68 points in iBUG order); it has {len(header)} starting with {header[:1]}"
+            )
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if not row:
+                continue
+            image = path.parent / row[0].strip()
+            try:
+                values = np.array(row[1:], dtype=np.float32)
+            except ValueError:
+                problems.append(Problem(where, "a coordinate is not a number"))
+                continue
+            if len(row) != columns:
+                problems.append(Problem(where, f"{len(row)} values where the header has {columns}"))
+            elif not image.is_file():
+                problems.append(Problem(where, f"image {image} does not exist"))
+            else:
+                found[image.resolve()] = values
+    return found, problems

@@ -152,13 +152,8 @@ def _run(
     progress: bool,
     pretrained: str | None = None,
 ) -> PretrainReport:
-    labelled_images = recipe.read(labelled)
-    if config.other_from_videos_only:
-        labelled_images = other_from_videos_only(labelled_images)
-    labelled_images, over_cap = per_class_cap(labelled_images, config.per_class_cap, config.seed)
-    unlabelled_images = _unlabelled_pool(recipe, unlabelled, labelled_images, over_cap)
-    summary = labels_summary(
-        labelled_images, over_cap, config.per_class_cap, recipe.uses_unlabelled
+    labelled_images, unlabelled_images, summary = _read_sources(
+        recipe, labelled, unlabelled, config
     )
     labels = np.asarray(labelled_images.labels)
     train_index, held_index = holdout_split(
@@ -170,39 +165,17 @@ def _run(
         partial(create_network, config.backbone, init_checkpoint, pretrained=pretrained), ranks
     )
     data_config = data_config_of(recipe.student(), config.image_size)
-    views = build_views(
-        data_config,
-        config.resize_ratio,
-        config.randaugment,
-        config.erasing_prob,
-        grayscale_prob=config.grayscale_prob,
-    )
-    if resume:
-        state = _load_state(out, recipe)
-    else:
-        state = Progress()
-        sources_problems = labelled_images.problems + (
-            unlabelled_images.problems if unlabelled_images else []
-        )
-        state.problems = [str(problem) for problem in sources_problems]
+    views = _views(config, data_config)
+    state = _load_state(out, recipe) if resume else _new_state(labelled_images, unlabelled_images)
     if ranks.is_main:
         _start_run_dir(out, config, labelled, unlabelled, state)
-        text = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
-        write_text_atomically(out / LABELS_FILE, text, "the label summary")
-        for line in summary_lines(summary):
-            progress_line(line, progress)
+        _write_label_summary(out, summary, progress)
     ranks.barrier()
 
     stream_seed = [config.seed, ranks.rank, state.step]  # a resumed run draws a fresh stream
     _seed_host_random(stream_seed)
-    labelled_paths = [labelled_images.paths[i] for i in train_index]
-    targets = np.asarray(labelled_images.targets)[train_index] if labelled_images.targets else None
-    seed = int(np.random.SeedSequence(stream_seed).generate_state(1)[0])
-    dataset, sampler = recipe.training_data(
-        labelled_paths, labels[train_index], targets, views, seed
-    )
-    labelled_batches = iter(
-        DataLoader(dataset, batch_sampler=sampler, **_loader_options(config, ranks))
+    labelled_batches = _labelled_batches(
+        recipe, labelled_images, train_index, views, config, stream_seed, ranks
     )
     unlabelled_batches = (
         _unlabelled_batches(unlabelled_images.paths, views, config, stream_seed, ranks)
@@ -229,11 +202,7 @@ def _run(
             state.step += 1
             _accumulate(state, metrics)
             if unreadable:
-                met = [Problem(path, "unreadable image, replaced") for path in unreadable]
-                state.problems += [str(problem) for problem in met]
-                state.unreadable += len(met)
-                if ranks.is_main:
-                    _write_problems(out, state.problems)
+                _note_unreadable(out, state, unreadable, ranks.is_main)
             evaluation = _maybe_log_and_save(
                 out, config, recipe, state, held_out, autocast, ranks, data_config
             )
@@ -242,6 +211,57 @@ def _run(
                 progress_line(_evaluation_line(state, config.steps, last_eval), progress)
             advance()
     return PretrainReport(out, state.step, last_eval, state.problems, summary)
+
+
+def _read_sources(
+    recipe: Recipe, labelled: list[Path], unlabelled: list[Path], config: PretrainConfig
+) -> tuple[LabelledImages, UnlabelledImages | None, dict]:
+    """The labelled images the run uses (Other from the videos only, capped per class), its
+    unlabelled images (`_unlabelled_pool`) and what `labels.json` holds."""
+    labelled_images = recipe.read(labelled)
+    if config.other_from_videos_only:
+        labelled_images = other_from_videos_only(labelled_images)
+    labelled_images, over_cap = per_class_cap(labelled_images, config.per_class_cap, config.seed)
+    unlabelled_images = _unlabelled_pool(recipe, unlabelled, labelled_images, over_cap)
+    summary = labels_summary(
+        labelled_images, over_cap, config.per_class_cap, recipe.uses_unlabelled
+    )
+    return labelled_images, unlabelled_images, summary
+
+
+def _views(config: PretrainConfig, data_config: DataConfig) -> Views:
+    return build_views(
+        data_config,
+        config.resize_ratio,
+        config.randaugment,
+        config.erasing_prob,
+        grayscale_prob=config.grayscale_prob,
+    )
+
+
+def _new_state(labelled: LabelledImages, unlabelled: UnlabelledImages | None) -> Progress:
+    """A new run's progress: the sources' problems are its first."""
+    state = Progress()
+    sources_problems = labelled.problems + (unlabelled.problems if unlabelled else [])
+    state.problems = [str(problem) for problem in sources_problems]
+    return state
+
+
+def _write_label_summary(out: Path, summary: dict, progress: bool) -> None:
+    """`labels.json`, and its lines printed."""
+    text = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
+    write_text_atomically(out / LABELS_FILE, text, "the label summary")
+    for line in summary_lines(summary):
+        progress_line(line, progress)
+
+
+def _note_unreadable(out: Path, state: Progress, unreadable: list[str], is_main: bool) -> None:
+    """Count the images a step could not read and list them in `problems.txt`."""
+    met = [Problem(path, "unreadable image, replaced") for path in unreadable]
+    state.problems += [str(problem) for problem in met]
+    state.unreadable += len(met)
+    if is_main:
+        _write_problems(out, state.problems)
 
 
 def _unlabelled_pool(
@@ -322,6 +342,25 @@ def _loader_options(config: PretrainConfig, ranks: Ranks) -> dict:
         "pin_memory": ranks.device.type == "cuda",
         "persistent_workers": workers > 0,
     }
+
+
+def _labelled_batches(
+    recipe: Recipe,
+    images: LabelledImages,
+    index: np.ndarray,
+    views: Views,
+    config: PretrainConfig,
+    stream_seed: list[int],
+    ranks: Ranks,
+) -> Iterator:
+    """The training batches of the labelled images at `index`, drawn as the recipe draws them."""
+    paths = [images.paths[i] for i in index]
+    targets = np.asarray(images.targets)[index] if images.targets else None
+    seed = int(np.random.SeedSequence(stream_seed).generate_state(1)[0])
+    dataset, sampler = recipe.training_data(
+        paths, np.asarray(images.labels)[index], targets, views, seed
+    )
+    return iter(DataLoader(dataset, batch_sampler=sampler, **_loader_options(config, ranks)))
 
 
 def _unlabelled_batches(

@@ -1,8 +1,9 @@
 """Image sources of phase 1: labelled (Aff-Wild2 train frames, CSV lists, folder per class)
 and unlabelled (a folder or a list of face crops).
 
-The multi-task recipes add per-image targets: EXPR + AU + VA frames of Aff-Wild2 roots (EMMA)
-and 68 landmarks from a CSV (multitask-landmarks); a target without a valid value is NaN.
+The multi-task recipes add per-image targets (`LabelledImages.targets`), read in their own
+modules: EXPR + AU + VA frames of Aff-Wild2 roots (`fercache.pretrain.emma`) and 68 landmarks
+from a CSV (`fercache.pretrain.landmarks`); a target without a valid value is NaN.
 
 Numeric labels are read in the numbering the source declares (`affectnet:train.csv`,
 `fercache.data.numbering`); a source of numeric labels that declares none is refused, and
@@ -22,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.data.affwild2 import IMAGES_DIRNAME, AffWild2, VideoLabels, frame_filename
-from fercache.data.layout import LANDMARKS
+from fercache.data.affwild2 import IMAGES_DIRNAME, AffWild2, frame_filename
 from fercache.data.numbering import (
     NUMBERINGS,
     Numbering,
@@ -34,7 +34,7 @@ from fercache.data.numbering import (
     is_number,
     split_declaration,
 )
-from fercache.data.tasks import AU, EXPR, EXPR_CLASSES, VA, Task
+from fercache.data.tasks import EXPR_CLASSES
 from fercache.errors import FercacheError
 from fercache.pretrain.sampling import cap_per_class
 
@@ -155,139 +155,6 @@ def _kept(values: list, keep: list[bool]) -> list:
     return [value for value, kept in zip(values, keep, strict=True) if kept]
 
 
-def read_multitask(sources: list[Path]) -> LabelledImages:
-    """Train frames of Aff-Wild2 roots with EXPR, AU and VA labels (EMMA): label = EXPR class or
-    -1; targets = 12 AU values then valence, arousal, NaN where a task has no valid value."""
-    if not sources:
-        raise FercacheError("no labelled source: pass --labelled at least once")
-    combined = LabelledImages()
-    for source in map(Path, sources):
-        if not (source.is_dir() and (source / IMAGES_DIRNAME).is_dir()):
-            raise FercacheError(
-                f"{source}: recipe emma reads EXPR, AU and VA labels from an Aff-Wild2 root "
-                f"(a folder holding {IMAGES_DIRNAME}/ and the annotation sets); give one"
-            )
-        images = _read_affwild2_multitask(source)
-        if not images.paths:
-            raise FercacheError(f"{source}: no train frame with an image and a valid label")
-        images.sources = [SourceLabels(str(source), "abaw", NUMBERINGS["abaw"].mapping(), {})]
-        combined.extend(_summarised(images))
-    return combined
-
-
-def _read_affwild2_multitask(root: Path) -> LabelledImages:
-    data = AffWild2(root)
-    missing = [
-        task.name.upper() for task in (EXPR, AU, VA) if "train" not in data.splits(task.name)
-    ]
-    if missing:
-        raise FercacheError(
-            f"{root}: recipe emma needs train annotations of EXPR, AU and VA, but there are none "
-            f"for {', '.join(missing)} (expected folders like AU_Detection_Challenge/Train_Set/)"
-        )
-    per_task = {
-        task.name: {video.video: video for video in data.load(task.name, "train")}
-        for task in (EXPR, AU, VA)
-    }
-    images = LabelledImages()
-    for name in sorted(set().union(*per_task.values())):
-        frames, _ = data.image_frames(name)
-        expr = _task_values(per_task["expr"].get(name), frames, EXPR)
-        targets = np.concatenate(
-            [
-                _task_values(per_task["au"].get(name), frames, AU),
-                _task_values(per_task["va"].get(name), frames, VA),
-            ],
-            axis=1,
-        )
-        useful = (expr[:, 0] >= 0) | ~np.isnan(targets).all(axis=1)
-        folder = data.images / name
-        images.paths += [folder / frame_filename(int(frame)) for frame in frames[useful]]
-        images.labels += [int(label) for label in np.nan_to_num(expr[useful, 0], nan=-1)]
-        images.targets += list(targets[useful])
-        images.videos += [str(folder)] * int(useful.sum())
-    return images
-
-
-def _task_values(video: VideoLabels | None, frames: np.ndarray, task: Task) -> np.ndarray:
-    """(frames, task width) labels of one task at `frames` as floats; NaN where invalid or not
-    annotated (no file of this task for the video, or the file ends before the frame)."""
-    aligned = np.full((len(frames), task.width), np.nan, np.float32)
-    if video is None:
-        return aligned
-    values = video.labels.reshape(len(video.labels), task.width).astype(np.float32)
-    annotated = frames <= len(values)
-    aligned[annotated] = values[frames[annotated] - 1]
-    aligned[aligned == task.invalid] = np.nan
-    return aligned
-
-
-def attach_landmarks(images: LabelledImages, path: Path) -> LabelledImages:
-    """`images` with their 68 landmarks from the CSV at `path` as targets (136 values in pixels
-    of the image; NaN for an image without a row, which then trains the expression head only).
-    Rows naming a missing image or holding a value that is not a number are reported."""
-    path = Path(path)
-    by_image, problems = _read_landmarks(path)
-    targets = [by_image.get(image.resolve()) for image in images.paths]
-    missing = [image for image, found in zip(images.paths, targets, strict=True) if found is None]
-    if len(missing) == len(images.paths):
-        raise FercacheError(
-            f"{path}: no row names a labelled image (the first is {images.paths[0]}); "
-            "paths in the CSV are relative to its folder"
-        )
-    if missing:
-        problems.append(
-            Problem(
-                str(path),
-                f"{len(missing)} labelled images have no landmarks here (the first is "
-                f"{missing[0]}); they train the expression head only",
-            )
-        )
-    no_landmarks = np.full(2 * LANDMARKS, np.nan, np.float32)
-    return LabelledImages(
-        images.paths,
-        images.labels,
-        images.problems + problems,
-        [no_landmarks if found is None else found for found in targets],
-        images.videos,
-        images.sources,
-    )
-
-
-def _read_landmarks(path: Path) -> tuple[dict[Path, np.ndarray], list[Problem]]:
-    """Landmarks by resolved image path, and the rows left out."""
-    if not path.is_file():
-        raise FercacheError(f"{path}: no such landmarks CSV; set landmarks=PATH")
-    columns = 1 + 2 * LANDMARKS
-    found: dict[Path, np.ndarray] = {}
-    problems: list[Problem] = []
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = [name.strip().lower() for name in next(reader, [])]
-        if len(header) != columns or header[0] != "path":
-            raise FercacheError(
-                f"{path}: needs a header of {columns} columns, path then x0, y0, ... x67, y67 "
-                f"(68 points in iBUG order); it has {len(header)} starting with {header[:1]}"
-            )
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if not row:
-                continue
-            image = path.parent / row[0].strip()
-            try:
-                values = np.array(row[1:], dtype=np.float32)
-            except ValueError:
-                problems.append(Problem(where, "a coordinate is not a number"))
-                continue
-            if len(row) != columns:
-                problems.append(Problem(where, f"{len(row)} values where the header has {columns}"))
-            elif not image.is_file():
-                problems.append(Problem(where, f"image {image} does not exist"))
-            else:
-                found[image.resolve()] = values
-    return found, problems
-
-
 def read_unlabelled(sources: list[Path]) -> UnlabelledImages:
     """Every image of the unlabelled folders (searched recursively) and lists, combined."""
     if not sources:
@@ -311,7 +178,7 @@ def _read_labelled_source(given: Path) -> LabelledImages:
     numbering, rest = split_declaration(given)
     source = Path(rest)
     if source.is_file() and source.suffix.lower() == ".csv":
-        return _summarised(_read_labelled_csv(source, _Labels(str(given), numbering)))
+        return summarised(_read_labelled_csv(source, _Labels(str(given), numbering)))
     if source.is_dir() and (source / IMAGES_DIRNAME).is_dir():
         if numbering not in (None, NUMBERINGS["abaw"]):
             raise FercacheError(
@@ -319,9 +186,9 @@ def _read_labelled_source(given: Path) -> LabelledImages:
             )
         images = affwild2_frames(source)
         images.sources = [SourceLabels(str(given), "abaw", NUMBERINGS["abaw"].mapping(), {})]
-        return _summarised(images)
+        return summarised(images)
     if source.is_dir():
-        return _summarised(_read_class_folders(source, _Labels(str(given), numbering)))
+        return summarised(_read_class_folders(source, _Labels(str(given), numbering)))
     if not source.exists():
         raise FercacheError(f"{source}: no such file or folder")
     raise FercacheError(
@@ -395,7 +262,7 @@ class _Labels:
             )
 
 
-def _summarised(images: LabelledImages) -> LabelledImages:
+def summarised(images: LabelledImages) -> LabelledImages:
     """`images` with the per-class counts of its source filled in."""
     counts = Counter(images.labels)
     for source in images.sources:

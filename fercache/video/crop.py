@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,81 +305,27 @@ def _areas(boxes: np.ndarray) -> np.ndarray:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def _clear_partial(out: Path, names: list[str]) -> None:
+def _partial_folders(out: Path, names: list[str]) -> list[Path]:
+    """Fresh folders, one per subject, to crop into outside `cropped_aligned/`; an earlier
+    run's leftovers of these subjects go first."""
     partial = out / PARTIAL_DIRNAME
     if partial.is_dir():
         for name in names:
             for stale in partial.glob(f"{name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-
-
-def crop_video(video: Path, out: Path, options: CropOptions, detector) -> list[VideoCrop]:
-    """Crop one source video into `out`; its record is written last, as the completion mark."""
-    started = time.monotonic()
-    stem = video.stem
-    names = subject_names(stem, options.subjects)
-    _clear_partial(out, names)
-    partial = [out / PARTIAL_DIRNAME / f"{name}.tmp-{os.getpid()}" for name in names]
-    for folder in partial:
+    folders = [partial / f"{name}.tmp-{os.getpid()}" for name in names]
+    for folder in folders:
         folder.mkdir(parents=True)
-    target = template(options.size, options.margin)
-    tracker = Tracker(options.subjects)
-    boxes: list[dict[int, list[float]]] = [{} for _ in names]
-    missing: list[dict[int, str]] = [{} for _ in names]
-    count = 0
-    fps = 0.0
-    try:
-        with open_video(video, INSTALL_HINT) as opened:
-            fps = opened.fps
-            with progress_bar(stem, opened.frames, options.progress) as advance:
-                batch: list[np.ndarray] = []
+    return folders
 
-                def flush() -> None:
-                    nonlocal count
-                    if not batch:
-                        return
-                    found, probs, landmarks = detector.detect(batch, landmarks=True)
-                    for offset, frame in enumerate(batch):
-                        number = count + offset + 1
-                        keep = _confident(found[offset], probs[offset], options.min_confidence)
-                        frame_boxes = found[offset][keep] if keep.size else np.zeros((0, 4))
-                        chosen = tracker.step(frame_boxes)
-                        image = None
-                        for subject, index in enumerate(chosen):
-                            if index is None:
-                                why = (
-                                    MISSING_NO_FACE
-                                    if len(frame_boxes) == 0
-                                    else (MISSING_TRACK_LOST)
-                                )
-                                missing[subject][number] = why
-                                continue
-                            if image is None:
-                                image = Image.fromarray(frame)
-                            points = landmarks[offset][keep][index]
-                            crop = align(image, points, options.size, target)
-                            crop.save(partial[subject] / frame_filename(number), quality=95)
-                            boxes[subject][number] = [
-                                round(float(v), 2) for v in frame_boxes[index]
-                            ]
-                    count += len(batch)
-                    advance(len(batch))
-                    batch.clear()
 
-                for frame in opened.rgb_frames():
-                    batch.append(frame)
-                    if len(batch) >= options.batch:
-                        flush()
-                flush()
-    except BaseException:
-        for folder in partial:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    if count == 0:
-        for folder in partial:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise FercacheError(f"{video}: no frames could be decoded")
-    images = out / IMAGES_DIRNAME
+def _remove_folders(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _move_into_place(images: Path, names: list[str], partial: list[Path]) -> None:
+    """Rename each subject's partial folder to `images/<name>`, replacing what is there."""
     images.mkdir(parents=True, exist_ok=True)
     for name, folder in zip(names, partial, strict=True):
         final = images / name
@@ -388,30 +335,109 @@ def crop_video(video: Path, out: Path, options: CropOptions, detector) -> list[V
             os.replace(folder, final)
         else:  # no face at all: no empty folder for inspect and extract to trip over
             folder.rmdir()
-    seconds = time.monotonic() - started
-    record = {
-        "format": RECORD_FORMAT,
-        "version": RECORD_VERSION,
-        "source": str(video),
-        "fps": fps,
-        "frames": count,
-        "size": options.size,
-        "margin": options.margin,
-        "template": np.round(target, 3).tolist(),
-        "min_confidence": options.min_confidence,
-        "seconds": round(seconds, 2),
-        "subjects": [
-            {
-                "name": name,
-                "found": len(boxes[i]),
-                "missing": {str(k): v for k, v in sorted(missing[i].items())},
-                "boxes": {str(k): v for k, v in sorted(boxes[i].items())},
-            }
-            for i, name in enumerate(names)
-        ],
-    }
-    write_text_atomically(record_path(out, stem), json.dumps(record), "the crop record")
-    return read_crop_record(out, stem)
+
+
+class _VideoCropper:
+    """One video's crop in progress: its frames' faces detected batch by batch, each subject
+    followed by a `Tracker` and its aligned crops written into its partial folder; per subject
+    the boxes of the frames written and the reasons of the frames left out."""
+
+    def __init__(self, options: CropOptions, detector, partial: list[Path]) -> None:
+        self.options, self.detector, self.partial = options, detector, partial
+        self.target = template(options.size, options.margin)
+        self.tracker = Tracker(options.subjects)
+        self.boxes: list[dict[int, list[float]]] = [{} for _ in partial]
+        self.missing: list[dict[int, str]] = [{} for _ in partial]
+        self.frames = 0  # decoded so far
+
+    def crop(self, batch: list[np.ndarray]) -> None:
+        """Detect the faces of the next frames, follow the subjects and write their crops."""
+        found, probs, landmarks = self.detector.detect(batch, landmarks=True)
+        for offset, frame in enumerate(batch):
+            number = self.frames + offset + 1
+            keep = _confident(found[offset], probs[offset], self.options.min_confidence)
+            frame_boxes = found[offset][keep] if keep.size else np.zeros((0, 4))
+            chosen = self.tracker.step(frame_boxes)
+            image = None
+            for subject, index in enumerate(chosen):
+                if index is None:
+                    why = MISSING_NO_FACE if len(frame_boxes) == 0 else MISSING_TRACK_LOST
+                    self.missing[subject][number] = why
+                    continue
+                if image is None:
+                    image = Image.fromarray(frame)
+                points = landmarks[offset][keep][index]
+                crop = align(image, points, self.options.size, self.target)
+                crop.save(self.partial[subject] / frame_filename(number), quality=95)
+                self.boxes[subject][number] = [round(float(v), 2) for v in frame_boxes[index]]
+        self.frames += len(batch)
+
+    def record(self, video: Path, fps: float, names: list[str], seconds: float) -> dict:
+        """The video's crop record (`read_crop_record` reads it back)."""
+        return {
+            "format": RECORD_FORMAT,
+            "version": RECORD_VERSION,
+            "source": str(video),
+            "fps": fps,
+            "frames": self.frames,
+            "size": self.options.size,
+            "margin": self.options.margin,
+            "template": np.round(self.target, 3).tolist(),
+            "min_confidence": self.options.min_confidence,
+            "seconds": round(seconds, 2),
+            "subjects": [
+                {
+                    "name": name,
+                    "found": len(self.boxes[i]),
+                    "missing": {str(k): v for k, v in sorted(self.missing[i].items())},
+                    "boxes": {str(k): v for k, v in sorted(self.boxes[i].items())},
+                }
+                for i, name in enumerate(names)
+            ],
+        }
+
+
+def _batches(frames: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    """`frames` in lists of `size` (the last one shorter)."""
+    batch: list[np.ndarray] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _crop_frames(video: Path, cropper: _VideoCropper, options: CropOptions) -> float:
+    """Decode every frame of `video` and crop it, `options.batch` at a time; the video's fps."""
+    with open_video(video, INSTALL_HINT) as opened:
+        fps = opened.fps
+        with progress_bar(video.stem, opened.frames, options.progress) as advance:
+            for batch in _batches(opened.rgb_frames(), options.batch):
+                cropper.crop(batch)
+                advance(len(batch))
+    return fps
+
+
+def crop_video(video: Path, out: Path, options: CropOptions, detector) -> list[VideoCrop]:
+    """Crop one source video into `out`; its record is written last, as the completion mark."""
+    started = time.monotonic()
+    names = subject_names(video.stem, options.subjects)
+    partial = _partial_folders(out, names)
+    cropper = _VideoCropper(options, detector, partial)
+    try:
+        fps = _crop_frames(video, cropper, options)
+    except BaseException:
+        _remove_folders(partial)
+        raise
+    if cropper.frames == 0:
+        _remove_folders(partial)
+        raise FercacheError(f"{video}: no frames could be decoded")
+    _move_into_place(out / IMAGES_DIRNAME, names, partial)
+    record = cropper.record(video, fps, names, time.monotonic() - started)
+    write_text_atomically(record_path(out, video.stem), json.dumps(record), "the crop record")
+    return read_crop_record(out, video.stem)
 
 
 def _confident(boxes, probs, min_confidence: float) -> np.ndarray:
