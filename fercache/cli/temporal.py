@@ -122,7 +122,8 @@ def train(
     print_config: PrintConfigOption = False,
     progress: ProgressOption = True,
 ) -> None:
-    """Train the temporal transformer on 64-frame clips of cached features (phase 2)."""
+    """Train a temporal model (the transformer by default) on 64-frame clips of cached features
+    (phase 2)."""
     from fercache.experiments.training import Models, train_into
     from fercache.temporal.loop import TrainRequest, resolved_config
 

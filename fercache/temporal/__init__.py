@@ -1,1 +1,2 @@
-"""Phase 2: a temporal transformer trained on 64-frame clips drawn from the feature cache."""
+"""Phase 2: a temporal model (`registry`: the transformer, a TCN) trained on 64-frame clips
+drawn from the feature cache."""
