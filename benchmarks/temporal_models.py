@@ -21,6 +21,7 @@ import platform
 import re
 import subprocess
 import tempfile
+import textwrap
 from pathlib import Path
 
 import torch
@@ -90,20 +91,29 @@ def section(text: str, args: argparse.Namespace) -> str:
     ).stdout.strip()
     settings = DemoSettings()
     seeds = " ".join(map(str, args.seeds))
+    reading = textwrap.fill(
+        "Each registered temporal model, trained on the cache the demo's temporal row trains on "
+        f"(its last phase-1 student's, from `fercache demo --out DEMO --seed {args.demo_seed}`) "
+        f"with the demo's temporal settings ({', '.join(settings.temporal_overrides)}, "
+        f"{settings.temporal_epochs} epochs) except its depth, at training seeds {seeds}. The "
+        "figures are the trainer's validation of the final epoch (nothing chosen on the "
+        "validation videos): macro-F1 over the rows of the validation videos' stores, raw and "
+        f"after the window-{settings.window} vote. The demo's table scores every annotated "
+        "frame instead (frames without a face image filled from their neighbours), so its "
+        "temporal rows read a little differently.",
+        width=96,
+    )
     return f"""{SECTION}
 
-Each registered temporal model trained on the cache the demo's temporal row trains on (`fercache
-demo --out DEMO --seed {args.demo_seed}`: its last phase-1 student's), with the demo's temporal
-settings ({", ".join(settings.temporal_overrides)}, {settings.temporal_epochs} epochs) but its
-own depth; the final epoch scored on the validation videos, raw and after the window-
-{settings.window} vote (nothing chosen on them):
+{reading}
 
 {text}
 
-- Command: `python benchmarks/temporal_models.py --demo DEMO --seeds {seeds} --write
-  results/training.md`.
+- Command: `fercache demo --out DEMO --seed {args.demo_seed}`, then `python
+  benchmarks/temporal_models.py --demo DEMO --seeds {seeds} --write results/training.md`.
 - Commit: {commit}.
-- Machine: {platform.machine()}, {os.cpu_count()} cores, CPU only (torch {torch.__version__}).
+- Machine: {platform.machine()}, {os.cpu_count()} cores, CPU only (torch {torch.__version__});
+  seconds per epoch on a shared machine (other jobs ran beside it).
 """
 
 
