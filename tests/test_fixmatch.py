@@ -134,3 +134,12 @@ def test_adamw_and_label_smoothing_are_settings_of_every_one_network_recipe():
 def test_bad_optimisation_settings_are_refused(setting, message):
     with pytest.raises(FercacheError, match=message):
         load_config(None, [setting])
+
+
+@pytest.mark.parametrize("recipe", ["fixmatch", "pseudo-label"])
+def test_a_threshold_label_smoothing_puts_out_of_reach_is_refused(recipe):
+    # smoothing 0.1 over 8 classes trains towards 0.9125 at most: 0.95 would mask every image
+    with pytest.raises(FercacheError, match=r"threshold 0\.95 is out of reach.*below 0\.9125"):
+        recipe_for(PretrainConfig(recipe=recipe, label_smoothing=0.1, threshold=0.95))
+    assert recipe_for(PretrainConfig(recipe=recipe, label_smoothing=0.1, threshold=0.9))
+    assert recipe_for(PretrainConfig(recipe=recipe, label_smoothing=0.0, threshold=0.95))

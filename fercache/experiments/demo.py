@@ -120,6 +120,9 @@ class DemoSettings:
     # videos (results/demo.md)
     ssl_recipe: str = "fixmatch"
     mu: int = 1  # unlabelled images per labelled one: cheaper semi-supervised steps
+    # the confidence a pseudo label needs: below the 0.9125 that label smoothing 0.1 lets a
+    # network reach (FixMatch's 0.95 would mask every unlabelled image; results/demo.md)
+    ssl_threshold: float = 0.9
     # Of pretrain_steps, the SSL students' last ones fine-tuned on the labels at pretrain_lr
     # (MPL's last stage); 0: none
     ssl_finetune_steps: int = 0
@@ -212,7 +215,14 @@ class DemoSettings:
             if self.ssl_finetune_steps and recipe == "mpl"
             else ()
         )
-        return (*mpl, f"mu={self.mu}", f"uda_steps={mpl_steps}", "erasing_prob=0", *finetuning)
+        return (
+            *mpl,
+            f"mu={self.mu}",
+            f"threshold={self.ssl_threshold}",
+            f"uda_steps={mpl_steps}",
+            "erasing_prob=0",
+            *finetuning,
+        )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fercache.distributed import Ranks
+from fercache.errors import FercacheError
 from fercache.pretrain.mpl import DistributionAlignment, pseudo_log_probabilities
 from fercache.pretrain.recipe_base import NUM_CLASSES, Autocast, Metrics, ModelFactory, StepBatch
 from fercache.pretrain.supervised import Supervised
@@ -28,6 +29,22 @@ class FixMatch(Supervised):
     )
     fits_strong_view: ClassVar[bool] = True  # False: the weak view (plain pseudo-labelling)
     alignment: DistributionAlignment | None = None
+
+    def check(self) -> None:
+        """Refuse a `threshold` label smoothing puts out of reach: trained towards 1 - e + e/C
+        on its labelled images, the network's confidence settles below that, so no unlabelled
+        image would count and the recipe would be the supervised baseline."""
+        super().check()
+        smoothing, threshold = self.config.label_smoothing, self.config.threshold
+        reachable = 1 - smoothing + smoothing / NUM_CLASSES
+        if smoothing > 0 and threshold >= reachable:
+            raise FercacheError(
+                f"pretrain settings: threshold {threshold:g} is out of reach of "
+                f"{self.config.recipe}: with label_smoothing {smoothing:g} the network learns "
+                f"to be at most {reachable:.4g} sure of a class (1 - {smoothing:g} + {smoothing:g}/"
+                f"{NUM_CLASSES}), so no unlabelled image would count; set threshold below "
+                f"{reachable:.4g}, or label_smoothing=0"
+            )
 
     def build(self, create: ModelFactory, ranks: Ranks) -> None:
         super().build(create, ranks)
