@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,12 +86,28 @@ def test_runs_of_a_four_run_sweep_lists_the_best_first_as_in_the_summaries(swept
         summary = summaries[row["run"]]
         for key in ("best_val_f1", "best_val_f1_smoothed", "best_epoch"):
             assert row[key] == summary[key]
-        assert row["status"] == "finished" and row["epochs"] == 1
+        assert row["status"] == "finished" and row["epochs_done"] == 1
     assert [row["best_val_f1"] for row in rows] == sorted(
         (summary["best_val_f1"] for summary in summaries.values()), reverse=True
     )
     first_row = next(line for line in result.output.splitlines() if line.startswith("│"))
     assert f"{summaries[best]['best_val_f1']:.4f}" in first_row
+
+
+def test_runs_of_different_epochs_show_the_setting_and_the_epochs_done_apart(swept, tmp_path):
+    for name in ("short", "long"):
+        shutil.copytree(swept / POINTS[0], tmp_path / name)
+    config = tmp_path / "long" / "config.yaml"
+    config.write_text(config.read_text().replace("epochs: 1\n", "epochs: 3\n"))
+    (tmp_path / "long" / "summary.json").unlink()  # killed after its first epoch
+
+    table = runs_table(tmp_path, sort="run")
+
+    assert table.columns.count("epochs") == 1 and table.columns.count("epochs_done") == 1
+    long, short = table.rows
+    assert (long["epochs"], long["epochs_done"]) == (3, 1)
+    assert long["status"] == "unfinished (1/3 epochs)"
+    assert (short["epochs"], short["epochs_done"], short["status"]) == (1, 1, "finished")
 
 
 def test_runs_sorts_on_any_column_and_refuses_an_unknown_one(swept):

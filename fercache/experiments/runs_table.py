@@ -3,7 +3,8 @@
 A run is a folder holding `config.yaml` (written when training starts), found at any depth;
 pretraining runs (whose folders also hold `sources.json`) are left out. The
 table shows each run's path relative to the folder, only the settings that differ between the
-runs (a setting a run's config lacks shows as '-'), the epochs done, the best epoch and every
+runs (a setting a run's config lacks shows as '-'; `epochs`, the epochs planned, among them),
+the epochs done (`epochs_done`), the best epoch and every
 numeric `best_*` score of its `summary.json`. A run without `summary.json` is marked unfinished
 (with its epochs done, counted in `metrics.jsonl`, out of those planned) and has no scores. A
 run whose `config.yaml` (not a mapping of known settings), `summary.json` or `metrics.jsonl`
@@ -30,7 +31,8 @@ from fercache.temporal.config import TemporalConfig
 from fercache.temporal.run_files import SUMMARY_FILE, read_summary
 
 RUN = "run"
-EPOCHS = "epochs"
+EPOCHS = "epochs"  # the setting (epochs planned), and a summary's epochs trained
+EPOCHS_DONE = "epochs_done"  # the column of epochs trained: `epochs` may differ as a setting
 BEST_EPOCH = "best_epoch"
 STATUS = "status"
 
@@ -67,7 +69,7 @@ def runs_table(root: Path, sort: str | None = None) -> RunsTable:
     differing = _differing_keys([run.config for run in runs if not run.unreadable])
     scores = _score_names([run.summary for run in runs if run.summary])
     rows = [_row(run, root, differing, scores) for run in runs]
-    columns = [RUN, *differing, EPOCHS, BEST_EPOCH, *scores, STATUS]
+    columns = [RUN, *differing, EPOCHS_DONE, BEST_EPOCH, *scores, STATUS]
     return RunsTable(columns, scores, _sorted(rows, sort or (scores or [RUN])[0], columns, scores))
 
 
@@ -136,7 +138,7 @@ def _row(run: RunFiles, root: Path, differing: list[str], scores: list[str]) -> 
     return {
         RUN: str(run.path.relative_to(root)),
         **{key: run.config.get(key) for key in differing},
-        EPOCHS: done,
+        EPOCHS_DONE: done,
         BEST_EPOCH: summary.get(BEST_EPOCH) if summary else None,
         **{name: summary.get(name) if summary else None for name in scores},
         STATUS: status,
