@@ -273,3 +273,13 @@ def test_bad_fold_options_exit_2_with_one_line(tree, tmp_path, extra, groups, me
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_one_subject_is_refused_without_advising_one_fold(tree, tmp_path):
+    groups = tmp_path / "groups.csv"
+    groups.write_text("video,subject\n" + "".join(f"{video},a\n" for video in tree["videos"]))
+    out = tmp_path / "cv"
+    result = runner.invoke(app, [*_train_args(tree, out), "--folds", "2", "--groups", str(groups)])
+    assert result.exit_code == 2 and "has one subject" in result.stderr, result.output
+    assert "train without --folds" in result.stderr and "--folds 1" not in result.stderr
+    assert not out.exists()

@@ -163,6 +163,12 @@ def _planned(
         return recorded
     frames = labelled_frames(data, config)
     units = subjects(list(frames), read_groups(groups, frames) if groups is not None else {})
+    if len(units) < 2:
+        raise FercacheError(
+            f"--folds {folds}: {data} has one subject ({len(frames)} videos annotated for "
+            f"{'/'.join(config.tasks).upper()} in {config.train_split} and {config.val_split}"
+            "), and cross-validation holds out whole subjects; train without --folds"
+        )
     if folds > len(units):
         raise FercacheError(
             f"--folds {folds}: {data} has {len(units)} subjects ({len(frames)} videos annotated "
