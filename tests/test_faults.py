@@ -475,6 +475,6 @@ def test_runs_marks_an_unreadable_run_and_compares_the_readable_ones(built, tmp_
     assert result.exit_code == 0, result.output
     table = json.loads((tmp_path / "runs.json").read_text())
     columns = table["columns"]
-    assert columns[: columns.index("epochs")] == ["run", "lr"]  # the one setting that differs
+    assert columns[: columns.index("epochs_done")] == ["run", "lr"]  # the one setting that differs
     status = {row["run"]: row["status"] for row in table["rows"]}
     assert status == {"a": "finished", "b": "finished", "c": f"unreadable: {damaged}"}

@@ -111,6 +111,25 @@ def test_student_predictions_cover_every_annotated_frame(synthetic_tree, student
     assert predictions.frame_count == read.frame_count
 
 
+def test_a_split_without_annotated_videos_is_refused_and_an_empty_pred_never_written(
+    synthetic_tree, student_cache, tmp_path
+):
+    annotations = tmp_path / "annotations"
+    for path in (synthetic_tree / "Annotations").rglob("*"):  # the folders, not one file
+        if path.is_dir():
+            (annotations / path.relative_to(synthetic_tree / "Annotations")).mkdir(parents=True)
+    out = tmp_path / "raw.h5"
+    result = runner.invoke(app, [
+        "predict", "--source", "student", "--cache", str(student_cache), "--split", "val",
+        "--data", str(synthetic_tree), "--annotations", str(annotations), "--out", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "list no video, so there is nothing to predict" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    with pytest.raises(FercacheError, match=r"empty\.h5: holds no video"):
+        Predictions("val", "student", {}).write(tmp_path / "empty.h5")
+
+
 def _store_logits(cache: Path, video: str) -> np.ndarray:
     import h5py
 

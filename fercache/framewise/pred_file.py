@@ -130,6 +130,11 @@ class Predictions:
 
     def validate(self, path: Path | str = "predictions") -> None:
         """Raise FercacheError naming `path` (and the video) for anything off-format."""
+        if not self.videos:
+            raise FercacheError(
+                f"{path}: holds no video (nothing was predicted); predict a split or frame "
+                "list that names videos"
+            )
         if self.split not in SPLITS:
             raise FercacheError(f"{path}: split '{self.split}' is not one of {', '.join(SPLITS)}")
         if tuple(self.classes) != EXPR_CLASSES:

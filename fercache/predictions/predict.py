@@ -151,6 +151,12 @@ def required_frames(
             lengths[video.video] = max(lengths.get(video.video, 0), len(video.labels))
     frames = {video: np.arange(1, lengths[video] + 1, dtype=np.int32) for video in sorted(lengths)}
     named = "/".join(task.upper() for task in annotated)
+    if not frames:
+        raise FercacheError(
+            f"{root}: the {named} annotations of split '{options.split}' list no video, so "
+            "there is nothing to predict; add its annotation files, or give another split or "
+            "--frames FILE"
+        )
     return frames, f"the {named} {options.split} annotations of {root}"
 
 
