@@ -133,3 +133,28 @@ def test_smoothing_a_pred_file_votes_each_video_and_keeps_probabilities(tmp_path
         expected = majority_vote(rows.labels, rows.probabilities, 9, "block")
         np.testing.assert_array_equal(smoothed.videos[name].labels, expected)
         np.testing.assert_array_equal(smoothed.videos[name].probabilities, rows.probabilities)
+
+
+def test_numba_caches_in_a_user_folder_never_in_the_package(tmp_path):
+    """A read-only site-packages (a container) must not make every vote recompile."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = (
+        "import numpy as np, numba\n"
+        "from fercache.framewise.vote import majority_vote\n"
+        "majority_vote(np.zeros(5, np.int64), np.full((5, 8), 0.125, np.float32), 3, 'centered')\n"
+        "print(numba.config.CACHE_DIR)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
+    env |= {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
+    shown = subprocess.run([sys.executable, "-c", run], env=env, capture_output=True, text=True)
+    assert shown.stdout.strip() == str(tmp_path / "cache" / "fercache" / "numba"), shown.stderr
+    assert any((tmp_path / "cache" / "fercache" / "numba").rglob("*.nbi"))
+
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")  # the user's own choice wins
+    shown = subprocess.run([sys.executable, "-c", run], env=env, capture_output=True, text=True)
+    assert shown.stdout.strip() == str(tmp_path / "mine"), shown.stderr

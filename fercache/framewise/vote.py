@@ -26,10 +26,20 @@ sums only where a tie needs them, sliding them along from the last tie: O(rows x
 the worst case, close to O(rows) on real output. The block vote counts each block once.
 """
 
+import os
+from pathlib import Path
+
 import numba
 import numpy as np
 
 from fercache.errors import FercacheError
+
+# numba caches compiled functions beside the module unless told otherwise: inside the installed
+# package, where a read-only site-packages (a container) would make every vote recompile. A
+# user cache folder instead; a NUMBA_CACHE_DIR the user set wins.
+if not numba.config.CACHE_DIR:
+    _user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    numba.config.CACHE_DIR = str(_user_cache / "fercache" / "numba")
 
 MODES = ("centered", "block")
 PROBABILITY_UNITS = float(2**24)  # tie sums are exact integers in units of 2**-24
