@@ -55,6 +55,21 @@ def test_domain_error_is_one_clean_line_with_exit_code_2(tmp_path):
     assert "video1.txt:3: 'seven' for frame 2" in result.stderr
 
 
+def test_ctrl_c_is_one_line_saying_what_was_kept_and_how_to_go_on(tmp_path, monkeypatch):
+    from fercache.data import inspect
+
+    def interrupted(*arguments, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect, "inspect_dataset", interrupted)
+    result = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines() == [
+        "interrupted: what was finished is kept (every file fercache writes is whole or absent); "
+        "run the same command again to go on from there (train and pretrain: add --resume)"
+    ]
+
+
 def test_inspect_tabulates_a_tree_and_writes_json(tmp_path):
     write_annotation(tmp_path, f"{EXPR_HEADER}\n0\n4\n4\n-1\n", "a_left")
     write_annotation(tmp_path, f"{EXPR_HEADER}\n7\n7\n", "a_right")

@@ -14,8 +14,15 @@ from fercache.cli.shared import console, error_console
 from fercache.errors import FercacheError
 
 
+INTERRUPTED = (
+    "interrupted: what was finished is kept (every file fercache writes is whole or absent); "
+    "run the same command again to go on from there (train and pretrain: add --resume)"
+)
+
+
 class FercacheGroup(TyperGroup):
-    """Shows a FercacheError as one clean line on stderr with exit code 2, never a traceback."""
+    """Shows a FercacheError as one clean line on stderr with exit code 2, never a traceback;
+    Ctrl-C as one line saying what was kept and how to go on, exit code 130."""
 
     def invoke(self, ctx: typer.Context):
         try:
@@ -24,6 +31,9 @@ class FercacheGroup(TyperGroup):
             message = escape(str(error))  # a message may hold brackets: 'fercache[video]'
             error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=error.exit_code) from error
+        except KeyboardInterrupt as interrupt:
+            error_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
+            raise typer.Exit(code=130) from interrupt
 
 
 app = typer.Typer(
