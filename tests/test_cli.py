@@ -55,6 +55,34 @@ def test_domain_error_is_one_clean_line_with_exit_code_2(tmp_path):
     assert "video1.txt:3: 'seven' for frame 2" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("arguments", "option"),
+    [
+        (["extract", "DIR", "--out", "DIR/c", "--batch-size", "0"], "--batch-size"),
+        (["extract", "DIR", "--out", "DIR/c", "--batch-size", "-1"], "--batch-size"),
+        (["extract", "DIR", "--out", "DIR/c", "--workers", "-1"], "--workers"),
+        (["extract", "DIR", "--out", "DIR/c", "--input-size", "-8"], "--input-size"),
+        (["extract", "DIR", "--out", "DIR/c", "--input-size", "0"], "--input-size"),
+        (["extract", "DIR", "--out", "DIR/c", "--input-size", "20000"], "--input-size"),
+        (["train", "DIR", "--data", "DIR", "--out", "DIR/r", "--seed", str(2**63)], "--seed"),
+        (["smooth", "DIR/p.h5", "--out", "DIR/q.h5", "--window", str(2**63)], "--window"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_by_the_option_in_one_line(tmp_path, arguments, option):
+    result = runner.invoke(app, [part.replace("DIR", str(tmp_path)) for part in arguments])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and f"'{option}'" in lines[0], lines
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_negative_seed_setting_is_refused():
+    from fercache.errors import FercacheError
+    from fercache.temporal.config import load_config
+
+    with pytest.raises(FercacheError, match=r"seed must lie in \[0, 2\^63\)"):
+        load_config(None, ["seed=-1"])
+
+
 def test_ctrl_c_is_one_line_saying_what_was_kept_and_how_to_go_on(tmp_path, monkeypatch):
     from fercache.data import inspect
 

@@ -13,7 +13,6 @@ from fercache.cli import data, features, pipeline, predictions, pretrain, tempor
 from fercache.cli.shared import console, error_console
 from fercache.errors import FercacheError
 
-
 INTERRUPTED = (
     "interrupted: what was finished is kept (every file fercache writes is whole or absent); "
     "run the same command again to go on from there (train and pretrain: add --resume)"
@@ -30,6 +29,13 @@ class FercacheGroup(TyperGroup):
         except FercacheError as error:
             message = escape(str(error))  # a message may hold brackets: 'fercache[video]'
             error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=error.exit_code) from error
+        except typer.BadParameter as error:  # an option's type or range: one line, not a box
+            error_console.print(
+                f"[bold red]error:[/] {escape(error.format_message())}",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(code=error.exit_code) from error
         except KeyboardInterrupt as interrupt:
             error_console.print(INTERRUPTED, highlight=False, soft_wrap=True)

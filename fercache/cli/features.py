@@ -88,13 +88,16 @@ def extract(
     ] = False,
     batch_size: Annotated[
         int | None,
-        typer.Option(help="Frames per forward pass; batches span videos. Default 256 GPU, 64 CPU."),
+        typer.Option(
+            min=1, help="Frames per forward pass; batches span videos. Default 256 GPU, 64 CPU."
+        ),
     ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
+            min=0,
             help="DataLoader processes decoding JPEGs (0: decode in this process). "
-            "Default: a quarter of the cores, 1 to 8."
+            "Default: a quarter of the cores, 1 to 8.",
         ),
     ] = None,
     dtype: Annotated[
@@ -120,7 +123,9 @@ def extract(
     ] = None,
     input_size: Annotated[
         int | None,
-        typer.Option(help="Square input size in pixels. Default: the model's data config."),
+        typer.Option(
+            min=16, max=4096, help="Square input size in pixels. Default: the model's data config."
+        ),
     ] = None,
     mean: Annotated[
         str | None, typer.Option(help="Normalisation mean 'R,G,B'. Default: the model's.")
@@ -129,7 +134,10 @@ def extract(
         str | None, typer.Option(help="Normalisation std 'R,G,B'. Default: the model's.")
     ] = None,
     init_seed: Annotated[
-        int, typer.Option(help="Seed of the random init used when no --checkpoint is given.")
+        int,
+        typer.Option(
+            min=0, max=2**63 - 1, help="Seed of the random init used when no --checkpoint is given."
+        ),
     ] = 0,
     layer: Annotated[
         int | None,

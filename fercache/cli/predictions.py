@@ -106,7 +106,9 @@ def predict(
 def smooth(
     pred: Annotated[Path, typer.Argument(help="PRED file to smooth (from `fercache predict`).")],
     out: Annotated[Path, typer.Option(help="PRED file to write with the voted labels.")],
-    window: Annotated[int, typer.Option(help="Vote window in frames (the paper uses 30).")] = 30,
+    window: Annotated[
+        int, typer.Option(min=1, max=2**31 - 1, help="Vote window in frames (the paper uses 30).")
+    ] = 30,
     mode: Annotated[
         str,
         typer.Option(

@@ -44,7 +44,9 @@ EpochsOption = Annotated[
 ]
 SeedOption = Annotated[
     int | None,
-    typer.Option("--seed", help="Seed; on CPU the same seed gives identical metrics."),
+    typer.Option(
+        "--seed", min=0, max=2**63 - 1, help="Seed; on CPU the same seed gives identical metrics."
+    ),
 ]
 DeviceOption = Annotated[
     str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")

@@ -108,6 +108,7 @@ class TemporalConfig:
                 f"au_pos_weight must be one of {', '.join(AU_POS_WEIGHTS)}",
             ),
             (self.workers >= 0 and self.eval_batch >= 1, "workers >= 0, eval_batch >= 1"),
+            (0 <= self.seed < 2**63, "seed must lie in [0, 2^63)"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
