@@ -5,6 +5,7 @@ directly (no CNN) by tests/train_data.py."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -403,6 +405,19 @@ def test_two_cpu_processes_under_torchrun_train_a_loadable_checkpoint(small, tmp
 
 
 # --- configuration and errors ---------------------------------------------------------------
+
+
+def test_a_diverged_run_is_an_error_and_keeps_nothing_of_the_bad_epoch(small, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(small["cache"], cache)
+    with h5py.File(cache / "train00.h5", "r+") as store:  # as `extract --std 0,0,0` gives
+        store["features"][:5] = np.nan
+    with pytest.raises(FercacheError, match=r"training diverged in epoch 1: loss nan .*no epoch"):
+        train([cache], small["data"], tmp_path / "run", _request())
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run" / "best.safetensors").exists()
+    with pytest.raises(FercacheError, match="lr must be > 0, weight_decay >= 0, both finite"):
+        load_config(None, ["lr=inf"])
 
 
 def test_config_file_holds_the_defaults():

@@ -7,6 +7,7 @@ back from there, so a resumed run can never silently change its own recipe.
 """
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -95,7 +96,10 @@ class TemporalConfig:
             (min(self.width, self.layers, self.heads, self.ff_width) >= 1, "sizes must be >= 1"),
             (0 <= self.dropout < 1 and 0 <= self.input_dropout < 1, "dropouts lie in [0, 1)"),
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1"),
-            (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0, weight_decay >= 0"),
+            (
+                0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf,
+                "lr must be > 0, weight_decay >= 0, both finite",
+            ),
             (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must lie in [0, epochs]"),
             (self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)"),
             (self.balance in BALANCE_MODES, f"balance must be one of {', '.join(BALANCE_MODES)}"),

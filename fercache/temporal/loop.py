@@ -235,6 +235,7 @@ def _run(
         epoch_started = perf_counter()
         record = {"epoch": epoch + 1}
         record.update(_train_epoch(training, run_data, config, ranks, epoch, request.progress))
+        _check_finite(record, state, config, out)
         validation_started = perf_counter()
         record.update(
             validate(model, run_data.source, run_data.labels, run_data.val_indices, config, ranks)
@@ -258,6 +259,23 @@ def _run(
         write_json(out / SUMMARY_FILE, summary)
         plot_curves(out, state.history)
     return summary
+
+
+def _check_finite(record: dict, state: RunState, config: TemporalConfig, out: Path) -> None:
+    """A diverged epoch (loss inf or NaN: the weights are no longer numbers) is an error, and
+    nothing of it is saved: best weights, last.pt and metrics stay those of the last good one."""
+    loss = record[_loss_key("total")]
+    if math.isfinite(loss):
+        return
+    kept = (
+        f"{out} keeps epoch {state.epochs_done}, the last that trained"
+        if state.epochs_done
+        else f"no epoch finished, so {out} holds no weights"
+    )
+    raise FercacheError(
+        f"training diverged in epoch {record['epoch']}: loss {loss} ({kept}). Check the caches "
+        f"for inf or NaN features, or train into a new --out with a lower lr (now {config.lr:g})"
+    )
 
 
 def _model_config(config: TemporalConfig, caches: CacheSet) -> ModelConfig:
