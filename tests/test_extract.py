@@ -303,6 +303,8 @@ def test_bad_options_are_clean_errors(synthetic_tree, tmp_path):
         (["--dtype", "int8"], "--dtype"),
         (["--videos", "nope"], "nope"),
         (["--mean", "1,2"], "--mean"),
+        (["--std", "0,0,0"], "--std 0,0,0: every channel's std must be a positive number"),
+        (["--std", "0.2,-1,0.2"], "must be a positive number"),
         (["--backbone", "resnet_made_up"], "unknown backbone"),
     ]
     for extra, message in cases:

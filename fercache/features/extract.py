@@ -13,6 +13,7 @@ hold: `fercache.features.sharing`. Every process then writes `manifest.json` ato
 complete stores it finds.
 """
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -94,6 +95,11 @@ def extract(data: Path, out: Path, options: ExtractOptions = ExtractOptions()) -
     """Extract features of every frame of DATA's videos into OUT; resume where stores exist."""
     if options.dtype not in ("float16", "float32"):
         raise FercacheError(f"--dtype must be float16 or float32, not '{options.dtype}'")
+    if options.std is not None and not all(0 < value < math.inf for value in options.std):
+        raise FercacheError(
+            f"--std {','.join(f'{value:g}' for value in options.std)}: every channel's std must "
+            "be a positive number (images are divided by it)"
+        )
     with distributed(options.device) as ranks:
         return _extract(data, Path(out), options, ranks)
 
