@@ -21,6 +21,31 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_dead_leftovers(folder: Path, name: str = "") -> list[Path]:
+    """Delete the temporary files (`temporary_name`) in `folder` that processes no longer
+    running left when they were killed mid-write, only of the file `name` when given; a live
+    process's are kept. Returns what was deleted."""
+    removed = []
+    for path in Path(folder).glob(f".{name}*{TMP_MARK}*"):
+        pid = path.name.rpartition(TMP_MARK)[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            with suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def write_atomically(
     path: Path, write: Callable[[Path], object], what: str, advice: str = WRITE_ADVICE
 ) -> Path:

@@ -5,13 +5,20 @@ import errno
 import math
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from fercache.errors import FercacheError
-from fercache.outputs import temporary_name, write_atomically, write_text_atomically
+from fercache.outputs import (
+    remove_dead_leftovers,
+    temporary_name,
+    write_atomically,
+    write_text_atomically,
+)
 from fercache.resume import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -211,3 +218,25 @@ def test_an_unwritable_folder_is_named_with_what_was_being_written(tmp_path):
         write_config(blocker / "run", SETTINGS, "header")
     with pytest.raises(FercacheError, match=r"could not write the report .*; free some space"):
         write_text_atomically(blocker / "report.md", "text", "the report", "free some space")
+
+
+def test_leftovers_of_dead_writers_are_removed_and_a_live_ones_kept(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)  # fmt: skip
+    dead = int(finished.stdout)  # its pid is free now (reuse within the test is unlikely)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        weights = tmp_path / f".best.safetensors.tmp-{dead}"
+        pred = tmp_path / f".val.h5.tmp-{dead}"
+        running = tmp_path / f".last.pt.tmp-{live.pid}"
+        for path in (weights, pred, running, tmp_path / "best.safetensors"):
+            path.write_bytes(b"half")
+        assert remove_dead_leftovers(tmp_path, "val.h5") == [pred]  # only that file's
+        assert remove_dead_leftovers(tmp_path) == [weights]
+        assert sorted(path.name for path in tmp_path.iterdir()) == [
+            f".last.pt.tmp-{live.pid}",
+            "best.safetensors",
+        ]
+    finally:
+        live.kill()
+        live.wait()

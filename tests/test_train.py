@@ -420,6 +420,16 @@ def test_a_diverged_run_is_an_error_and_keeps_nothing_of_the_bad_epoch(small, tm
         load_config(None, ["lr=inf"])
 
 
+def test_a_run_removes_what_a_killed_run_left_half_written(small, tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)  # fmt: skip
+    leftover = tmp_path / "run" / f".best.safetensors.tmp-{int(finished.stdout)}"
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"75 MB in real life")
+    train([small["cache"]], small["data"], tmp_path / "run", _request(epochs=1))
+    assert not leftover.exists() and (tmp_path / "run" / "best.safetensors").is_file()
+
+
 def test_config_file_holds_the_defaults():
     assert load_config(ROOT / "configs" / "temporal.yaml") == TemporalConfig()
     assert TemporalConfig().clip_frames == 64 and TemporalConfig().smooth_window == 30

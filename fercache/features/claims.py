@@ -27,6 +27,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from fercache.outputs import process_alive
+
 CLAIM_SUFFIX = ".claim"
 # A claim is touched at least this often by its holder while it works...
 REFRESH_SECONDS = 30.0
@@ -53,7 +55,7 @@ class Holder:
     def abandoned(self) -> bool:
         if time.time() - self.touched > STALE_SECONDS:
             return True
-        return self.host == HOST and self.pid > 0 and not _alive(self.pid)
+        return self.host == HOST and self.pid > 0 and not process_alive(self.pid)
 
 
 def claim_path(folder: Path, item: str) -> Path:
@@ -76,16 +78,6 @@ def read_holder(path: Path) -> Holder | None:
         )  # fmt: skip
     except (ValueError, KeyError, TypeError):
         return Holder(0, HOST, touched, "", touched)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 class Claims:
