@@ -499,3 +499,20 @@ def test_a_toy_submission_format_registered_from_a_test_is_written_and_read_back
 def test_an_unknown_submission_format_is_refused_with_the_registered_names(tmp_path):
     with pytest.raises(FercacheError, match="unknown task 'csv': choose one of expr, au, va"):
         write_submission(tmp_path / "val.h5", tmp_path / "out.txt", task="csv")
+
+
+@pytest.mark.parametrize("video", ["talk, take 2", 'say "cheese"', "two words"])
+def test_video_names_with_commas_quotes_or_spaces_round_trip_through_a_submission(tmp_path, video):
+    frames = np.arange(1, 6, dtype=np.int32)
+    probabilities = np.eye(8, dtype=np.float32)[[0, 3, 3, 7, 1]]
+    rows = VideoPredictions.from_probabilities(frames, probabilities, np.ones(5, bool))
+    Predictions("test", "student", {video: rows}).write(tmp_path / "pred.h5")
+
+    write_submission(tmp_path / "pred.h5", tmp_path / "submission.txt")
+
+    read = read_submission(tmp_path / "submission.txt")
+    assert list(read) == [video]
+    np.testing.assert_array_equal(read[video][0], frames)
+    np.testing.assert_array_equal(read[video][1], [0, 3, 3, 7, 1])
+    listed = read_frame_list(tmp_path / "submission.txt")  # a submission is a frame list
+    np.testing.assert_array_equal(listed[video], frames)

@@ -3,9 +3,11 @@
 A frame list names the frames that need a prediction (for the test split, the organisers give
 one): one `<video>/<frame>.jpg` per line, optionally followed by a comma and anything else (so
 the organisers' example submission file, and any submission, is itself a frame list); an
-optional first line starting with `image_location`; blank lines are ignored.
+optional first line starting with `image_location`; blank lines are ignored. Rows are read as
+CSV: a video name holding a comma is quoted (`"talk, take 2/00001.jpg",3`), as `submit` writes it.
 """
 
+import csv
 import re
 from pathlib import Path
 
@@ -14,7 +16,17 @@ import numpy as np
 from fercache.errors import FercacheError
 from fercache.readers import read_text
 
-LOCATION = re.compile(r"^(?P<video>[^/\s]+)/(?P<frame>\d+)\.jpg$")  # `<video>/<frame>.jpg`
+# `<video>/<frame>.jpg`; a video name may hold spaces and commas (a CSV field then quotes it)
+LOCATION = re.compile(r"^(?P<video>[^/\s](?:[^/]*[^/\s])?)/(?P<frame>\d+)\.jpg$")
+
+
+def location_field(video: str, frame: int) -> str:
+    """`video/frame.jpg` as the first field of a CSV row: quoted as CSV quotes (when the name
+    holds a comma or a quote), so `listed_rows` reads the name back whole."""
+    location = f"{video}/{frame:05d}.jpg"
+    if "," in location or '"' in location:
+        return '"' + location.replace('"', '""') + '"'
+    return location
 
 
 def read_frame_list(path: Path) -> dict[str, np.ndarray]:
@@ -50,6 +62,9 @@ def listed_rows(path: Path) -> list[tuple[int, str, str]]:
     for number, line in enumerate(lines, start=1):
         if not line.strip() or (number == 1 and line.lower().startswith("image_location")):
             continue
-        location, _, rest = line.strip().partition(",")
-        rows.append((number, location.strip(), rest.strip()))
+        try:
+            fields = next(csv.reader([line.strip()], strict=True))
+        except csv.Error as error:
+            raise FercacheError(f"{path}:{number}: not a CSV row ({error}): '{line}'") from error
+        rows.append((number, fields[0].strip(), ",".join(fields[1:]).strip()))
     return rows

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.data.framelist import LOCATION, listed_rows, read_frame_list
+from fercache.data.framelist import LOCATION, listed_rows, location_field, read_frame_list
 from fercache.errors import FercacheError
 from fercache.framewise.pred_file import Predictions
 from fercache.outputs import write_text_atomically
@@ -50,7 +50,8 @@ def submission_rows(
             )
         texts = kind.texts(entry, index, thresholds)
         rows.extend(
-            f"{video}/{frame:05d}.jpg,{text}" for frame, text in zip(frames, texts, strict=True)
+            f"{location_field(video, frame)},{text}"
+            for frame, text in zip(frames, texts, strict=True)
         )
     return rows
 
