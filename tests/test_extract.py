@@ -25,7 +25,7 @@ from fercache.errors import FercacheError
 from fercache.features.extract import ExtractOptions, extract
 from fercache.features.frames import VideoJob, collate_frames
 from fercache.features.sharing import rank_share
-from fercache.features.store import read_manifest, read_store
+from fercache.features.store import FeatureCache, read_manifest, read_store
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "resnet18"
@@ -211,6 +211,10 @@ def test_empty_video_folder_is_reported_and_skipped(synthetic_tree, tmp_path):
     assert result.exit_code == 0, result.output
     assert "empty_video: empty image folder, skipped" in result.output
     assert sorted(read_manifest(cache)["videos"]) == [video]
+    # train and predict, asking for its features, are told what is wrong, not "extract it"
+    assert read_manifest(cache)["without_images"] == ["empty_video"]
+    with pytest.raises(FercacheError, match=r"'empty_video' has no features: its image folder"):
+        FeatureCache.open(cache).load("empty_video")
 
 
 def test_mismatched_checkpoint_fails_before_any_file(synthetic_tree, tmp_path):

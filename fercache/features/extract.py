@@ -145,7 +145,9 @@ def _extract(data: Path, out: Path, options: ExtractOptions, ranks: Ranks) -> Ex
         share_work(todo, sharing, compute, options.progress)
         ranks.barrier()
         if ranks.is_main:
-            report.manifest = write_manifest(out, provenance, _finished_stores(out, provenance))
+            report.manifest = write_manifest(
+                out, provenance, _finished_stores(out, provenance), report.empty
+            )
             remove_leftovers(out, claims)
     return report
 

@@ -289,8 +289,14 @@ def read_store(path: Path) -> VideoFeatures:
         )
 
 
-def write_manifest(cache_dir: Path, provenance: Provenance, videos: dict[str, dict]) -> Path:
-    """Write `manifest.json` atomically: provenance plus {video: {rows, skipped}} for all stores."""
+def write_manifest(
+    cache_dir: Path,
+    provenance: Provenance,
+    videos: dict[str, dict],
+    without_images: Iterable[str] = (),
+) -> Path:
+    """Write `manifest.json` atomically: provenance plus {video: {rows, skipped}} for all stores,
+    and the videos whose image folder held no frame (`without_images`: they have no store)."""
     path = Path(cache_dir) / MANIFEST_NAME
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -298,6 +304,7 @@ def write_manifest(cache_dir: Path, provenance: Provenance, videos: dict[str, di
         "provenance": provenance.to_json(),
         "total_rows": sum(entry["rows"] for entry in videos.values()),
         "videos": dict(sorted(videos.items())),
+        **({"without_images": sorted(without_images)} if without_images else {}),
     }
     return write_text_atomically(path, json.dumps(manifest, indent=2), "the cache manifest")
 
@@ -404,6 +411,12 @@ class FeatureCache:
         return int(self.provenance["num_classes"])
 
     def path(self, video: str) -> Path:
+        if video in self.manifest.get("without_images", ()):
+            raise FercacheError(
+                f"{self.root}: video '{video}' has no features: its image folder held no frame "
+                "named 00001.jpg, 00002.jpg, ... when the cache was extracted; put its face "
+                "crops there (`fercache crop`) and run `fercache extract` again (it resumes)"
+            )
         if video not in self.manifest["videos"]:
             raise FercacheError(
                 f"{self.root}: no features for video '{video}'; extract it "
