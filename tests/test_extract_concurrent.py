@@ -18,7 +18,14 @@ import fercache.features.extract
 import fercache.features.sharing
 from fercache.data.affwild2 import AffWild2
 from fercache.errors import FercacheError
-from fercache.features.claims import HOST, STALE_SECONDS, Claims, claim_path, read_holder
+from fercache.features.claims import (
+    HOST,
+    PROCESS_STARTED,
+    STALE_SECONDS,
+    Claims,
+    claim_path,
+    read_holder,
+)
 from fercache.features.extract import ExtractOptions, extract
 from fercache.features.store import read_manifest, read_store
 
@@ -85,6 +92,15 @@ def test_a_dead_process_claim_is_taken_over(tmp_path):
     assert claims.take("v1") and read_holder(claim_path(tmp_path, "v1")).token == claims.token
     assert not claims.take("v2")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".v1.claim", ".v2.claim"]
+
+
+def test_a_claim_of_this_pid_made_before_this_process_is_taken_over(tmp_path):
+    path = _write_claim(tmp_path, "v1", os.getpid())  # pid reuse: a process of an earlier boot
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "started": PROCESS_STARTED - 3600}))
+    claims = Claims(tmp_path)
+    assert claims.holder("v1") is None and claims.take("v1")
+    assert read_holder(path).token == claims.token
 
 
 def test_another_host_claim_is_kept_until_stale(tmp_path):

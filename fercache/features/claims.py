@@ -36,6 +36,9 @@ REFRESH_SECONDS = 30.0
 # the refresh interval: a holder busy with one long step (a batch, a store write) keeps it.
 STALE_SECONDS = 600.0
 HOST = socket.gethostname()
+# No claim of this process is older than this: a claim naming this process's pid but made
+# before it is an earlier process's whose pid was reused (after a reboot), not ours.
+PROCESS_STARTED = time.time()
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,11 @@ class Holder:
     def abandoned(self) -> bool:
         if time.time() - self.touched > STALE_SECONDS:
             return True
-        return self.host == HOST and self.pid > 0 and not process_alive(self.pid)
+        if self.host != HOST or self.pid <= 0:
+            return False
+        if self.pid == os.getpid():
+            return self.started < PROCESS_STARTED
+        return not process_alive(self.pid)
 
 
 def claim_path(folder: Path, item: str) -> Path:
