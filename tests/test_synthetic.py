@@ -32,7 +32,8 @@ from fercache.synth import (
     simulate_video,
     unlabelled_truth,
 )
-from fercache.synth.pools import pool_draw, pool_image, pool_kinds
+from fercache.synth.plan import MIN_POOL_IMAGES_PER_CLASS
+from fercache.synth.pools import plan_labelled_pool, pool_draw, pool_image, pool_kinds
 
 TASK_FOLDERS = {
     EXPR: "EXPR_Recognition_Challenge",
@@ -371,3 +372,9 @@ def test_unlabelled_truth_is_what_each_unlabelled_image_was_drawn_with(synthetic
         saved = Image.open(synthetic_tree / "pools" / "unlabelled" / f"{index + 1:06d}.jpg")
         image.save(buffer := io.BytesIO(), format="JPEG", quality=quality)
         assert np.array_equal(np.asarray(Image.open(buffer)), np.asarray(saved))
+
+
+@pytest.mark.parametrize("size", [40, 41, 60, 100, 800])
+def test_the_labelled_pool_holds_every_class_at_least_its_minimum(size):
+    counts = np.bincount(plan_labelled_pool(SynthConfig(labelled_pool=size)), minlength=8)
+    assert counts.sum() == size and counts.min() >= MIN_POOL_IMAGES_PER_CLASS, counts

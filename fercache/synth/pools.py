@@ -73,8 +73,10 @@ def plan_labelled_pool(config: SynthConfig) -> np.ndarray:
     counts = np.maximum(
         MIN_POOL_IMAGES_PER_CLASS, np.round(config.labelled_pool * POOL_CLASS_SHARES)
     ).astype(int)
-    largest = int(np.argmax(counts))
-    counts[largest] += config.labelled_pool - counts.sum()
+    # the minimum of the small classes comes off the largest ones, never below the minimum
+    while counts.sum() > config.labelled_pool:
+        counts[np.argmax(counts)] -= 1
+    counts[np.argmax(counts)] += config.labelled_pool - counts.sum()
     return rng.permutation(np.repeat(np.arange(N_CLASSES), counts))
 
 
