@@ -9,9 +9,9 @@ dropouts, batch, lr, epochs), on the demo's training videos, and scores its fina
 validation videos (nothing chosen on them): EXPR macro-F1 raw and after the demo's vote window,
 as the demo's "+ temporal encoder" and "+ post-processing" rows do. Only `layers` differs: each
 model gets the depth that lets a frame see the clip (`DEPTH`). Each model is trained once per
-training seed given with `--seeds`; the table gives the figures of each and their mean. With `--write`, the
-section "Temporal models on the demo's caches" of that file is replaced by the table, the
-command, the commit and the machine.
+training seed given with `--seeds`; the table gives the figures of each and their mean. With
+`--write`, the section "Temporal models on the demo's caches" of that file is replaced by the
+table, the command, the commit and the machine.
 """
 
 import argparse
