@@ -311,8 +311,21 @@ def test_balanced_sampler_spreads_a_remainder_and_needs_every_class():
     labels = np.repeat(np.arange(8), 3)
     counts = np.bincount(labels[BalancedBatchSampler(labels, 8, 10, 0).next_batch()], minlength=8)
     assert counts.sum() == 10 and counts.max() - counts.min() <= 1
-    with pytest.raises(FercacheError, match=r"classes \[3\]"):
+    with pytest.raises(FercacheError, match=r"hold no image of Fear \(3\)"):
         BalancedBatchSampler(labels[labels != 3], 8, 8, 0)
+
+
+def test_a_pool_without_a_class_is_named_and_the_run_writes_nothing(tmp_path):
+    rows = ["path,label"]
+    for index in range(21):  # every class but Happiness (4), three images each
+        label = [0, 1, 2, 3, 5, 6, 7][index % 7]
+        rows.append(f"{_image(tmp_path / 'pool' / f'{index}.jpg', 10 * index).name},{label}")
+    (tmp_path / "pool" / "labels.csv").write_text("\n".join(rows) + "\n")
+    source = f"abaw:{tmp_path / 'pool' / 'labels.csv'}"
+    config = PretrainConfig(recipe="supervised", backbone="test_resnet", image_size=32, workers=0)
+    with pytest.raises(FercacheError, match=r"labels\.csv hold no image of Happiness \(4\)"):
+        pretrain([source], [], tmp_path / "run", config, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_holdout_split_holds_out_a_share_of_every_class():

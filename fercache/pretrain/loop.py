@@ -26,7 +26,7 @@ from fercache.pretrain.config import CONFIG_HEADER, PretrainConfig, resumed_conf
 from fercache.pretrain.export import export_model, model_config
 from fercache.pretrain.recipe_base import Autocast, Recipe, StepBatch, create_network
 from fercache.pretrain.registry import recipe_for
-from fercache.pretrain.sampling import holdout_split
+from fercache.pretrain.sampling import check_every_class, holdout_split
 from fercache.pretrain.sources import (
     LabelledImages,
     Problem,
@@ -160,6 +160,9 @@ def _run(
         labels, labelled_images.videos, config.holdout_fraction, config.seed
     )
     held_index = held_index[labels[held_index] >= 0]  # frames without EXPR (EMMA): not scored
+    if recipe.balanced:  # before any file of the run is written
+        sources = ", ".join(map(str, labelled))
+        check_every_class(labels[train_index], NUM_CLASSES, f"the training images of {sources}")
 
     recipe.build(
         partial(create_network, config.backbone, init_checkpoint, pretrained=pretrained), ranks

@@ -4,7 +4,22 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from fercache.data.tasks import EXPR_CLASSES
 from fercache.errors import FercacheError
+
+
+def check_every_class(
+    labels: np.ndarray, num_classes: int, where: str = "the labelled images"
+) -> None:
+    """A FercacheError naming each class no label in `labels` has (by name and number):
+    class-balanced batches need images of every class."""
+    missing = [c for c in range(num_classes) if not np.any(np.asarray(labels) == c)]
+    if missing:
+        names = ", ".join(f"{EXPR_CLASSES[c]} ({c})" for c in missing)
+        raise FercacheError(
+            f"class-balanced batches need every class, but {where} hold no image of {names}: "
+            "add a source that has them"
+        )
 
 
 class BalancedBatchSampler:
@@ -17,12 +32,7 @@ class BalancedBatchSampler:
 
     def __init__(self, labels: np.ndarray, num_classes: int, batch_size: int, seed: int):
         labels = np.asarray(labels)
-        missing = [c for c in range(num_classes) if not np.any(labels == c)]
-        if missing:
-            raise FercacheError(
-                f"class-balanced sampling needs every class, but classes {missing} have no "
-                "labelled image: add a source that has them"
-            )
+        check_every_class(labels, num_classes)
         self.by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
