@@ -115,7 +115,7 @@ def crop(
     """Detect, track and align faces in videos into the Aff-Wild2 cropped_aligned layout."""
     from rich.table import Table
 
-    from fercache.video.crop import CropOptions, crop_videos
+    from fercache.video.crop import RECORDS_DIRNAME, CropOptions, crop_videos
 
     options = CropOptions(size, margin, subjects, batch, device, min_confidence, progress)
     report = crop_videos(sources, out, options)
@@ -130,10 +130,18 @@ def crop(
     for skipped in report.skipped:
         console.print(f"skipped {skipped}: already cropped (its record exists)")
     for video, why in report.failed:
-        error_console.print(f"[bold red]failed:[/] {escape(f'{video}: {why}')}", highlight=False)
+        error_console.print(
+            f"[bold red]failed:[/] {escape(f'{video}: {why}')}", highlight=False, soft_wrap=True
+        )
+    # a subject without any face gets no folder; a run where every video failed, no records
+    folders = sum(video.found > 0 for video in report.videos)
+    records = out / RECORDS_DIRNAME
+    where = f"; records in {records}" if records.is_dir() else ""
     console.print(
-        f"{len(report.videos)} folder(s) written, {len(report.skipped)} video(s) skipped, "
-        f"{len(report.failed)} failed; records in {out / 'crop_records'}"
+        f"{folders} folder(s) written, {len(report.skipped)} video(s) skipped, "
+        f"{len(report.failed)} failed{where}",
+        highlight=False,
+        soft_wrap=True,
     )
     if report.failed:
         raise typer.Exit(code=1)
