@@ -398,3 +398,19 @@ def test_the_summary_counts_the_folders_that_exist(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "1 folder(s) written" in result.stdout
     assert len(list((tmp_path / "one" / IMAGES_DIRNAME / "solo").glob("*.jpg"))) == 4
+
+
+def test_a_rerun_with_other_settings_is_refused_not_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(crop_module, "_detector_class", lambda: _OneFaceDetector)
+    video = _small_video(tmp_path / "solo.mp4")
+    out = tmp_path / "out"
+    crop_videos([video], out, OPTIONS)
+    assert crop_videos([video], out, OPTIONS).skipped == [str(video)]
+    other = CropOptions(**{**OPTIONS.__dict__, "size": 64, "subjects": 2})
+    with pytest.raises(FercacheError) as refused:
+        crop_videos([video], out, other)
+    assert str(refused.value) == (
+        f"{record_path(out, 'solo')}: solo.mp4 was cropped with --size 112, --subjects 1, not "
+        f"as asked now; give another --out, or delete this record and "
+        f"{out / IMAGES_DIRNAME / 'solo'} to crop it again"
+    )

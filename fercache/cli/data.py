@@ -95,15 +95,20 @@ def crop(
         Path,
         typer.Option(help="Aff-Wild2 root to write: cropped_aligned/<video>/ and crop_records/."),
     ],
-    size: Annotated[int, typer.Option(help="Side of the square aligned crops, pixels.")] = 112,
+    size: Annotated[
+        int, typer.Option(min=16, help="Side of the square aligned crops, pixels.")
+    ] = 112,
     margin: Annotated[
         float,
         typer.Option(help="Extra context around the face: 0.2 shows the face 1/1.2 as large."),
     ] = 0.0,
     subjects: Annotated[
-        int, typer.Option(help="Faces to follow: 1, or 2 for <video>_left / <video>_right.")
+        int,
+        typer.Option(
+            min=1, max=2, help="Faces to follow: 1, or 2 for <video>_left / <video>_right."
+        ),
     ] = 1,
-    batch: Annotated[int, typer.Option(help="Frames per face-detector call.")] = 32,
+    batch: Annotated[int, typer.Option(min=1, help="Frames per face-detector call.")] = 32,
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
     ] = "auto",

@@ -26,6 +26,7 @@ from fercache.data.affwild2 import IMAGES_DIRNAME, frame_filename
 from fercache.errors import FercacheError
 from fercache.outputs import write_text_atomically
 from fercache.progress import progress_bar
+from fercache.readers import read_json_object
 from fercache.video.pyav import open_video, require
 
 RECORDS_DIRNAME = "crop_records"
@@ -458,6 +459,32 @@ def check_out_folder(out: Path) -> None:
         )
 
 
+def check_earlier_crops(videos: list[Path], out: Path, options: CropOptions) -> None:
+    """A FercacheError when a video of `videos` has a record in `out` made with another
+    --size, --margin, --subjects or --min-confidence: a video with a record is not cropped
+    again, so its crops would silently differ from what was asked."""
+    for video in videos:
+        path = record_path(out, video.stem)
+        if not path.is_file():
+            continue
+        record = read_json_object(path, "crop record", "delete it to crop the video again")
+        subjects = record.get("subjects", [])
+        made = {
+            "--size": (options.size, record.get("size")),
+            "--margin": (options.margin, record.get("margin")),
+            "--subjects": (options.subjects, len(subjects)),
+            "--min-confidence": (options.min_confidence, record.get("min_confidence")),
+        }
+        differ = [f"{flag} {had}" for flag, (asked, had) in made.items() if asked != had]
+        if differ:
+            folders = [str(out / IMAGES_DIRNAME / subject.get("name", "?")) for subject in subjects]
+            raise FercacheError(
+                f"{path}: {video.name} was cropped with {', '.join(differ)}, not as asked now; "
+                f"give another --out, or delete this record and {', '.join(folders)} to crop "
+                "it again"
+            )
+
+
 def _reason(video: Path, error: FercacheError) -> str:
     """The error's message without the video's name in front: the report pairs them."""
     return str(error).removeprefix(f"{video}: ")
@@ -487,6 +514,7 @@ def crop_videos(sources: list[Path], out: Path, options: CropOptions) -> CropRep
     out = Path(out)
     check_out_folder(out)
     videos = video_sources(sources)
+    check_earlier_crops(videos, out, options)
     MTCNN = _detector_class()
     report = CropReport(videos=[], skipped=[], failed=[])
     todo = []
