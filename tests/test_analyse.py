@@ -382,7 +382,7 @@ def test_the_timeline_is_titled_its_legend_runs_as_the_stack_and_no_face_is_mark
     top, strip = figure.axes[:2]
     assert top.get_title() == "clip: student s.safetensors"
     legend = [text.get_text() for text in top.get_legend().get_texts()]
-    assert legend == [*reversed(EXPR_CLASSES), "no face: numbers of the nearest faces"]
+    assert legend == [*reversed(EXPR_CLASSES), "no face: filled from the nearest faces"]
     for axes in (top, strip):
         bands = [patch for patch in axes.patches if patch.get_hatch() == "//"]
         spans = sorted((band.get_x(), band.get_x() + band.get_width()) for band in bands)

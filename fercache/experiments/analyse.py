@@ -342,7 +342,7 @@ def timeline_figure(rows: VideoPredictions, voted: VideoPredictions, fps: float,
     for start, stop in _runs(~rows.has_image):
         for axes in (top, strip):  # a frame's band spans its time to the next frame's
             axes.axvspan(seconds[start], seconds[stop - 1] + 1 / fps, linewidth=0, **NO_FACE)
-    no_face = Patch(label="no face: numbers of the nearest faces", **NO_FACE)
+    no_face = Patch(label="no face: filled from the nearest faces", **NO_FACE)
     # the legend lists the classes top to bottom as the stack piles them up
     handles = [*reversed(stack), *([no_face] if not rows.has_image.all() else [])]
     top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
