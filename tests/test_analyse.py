@@ -9,6 +9,7 @@ import av
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
 from skimage.data import astronaut
 from typer.testing import CliRunner
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from fercache.backbone.network import DataConfig
 from fercache.cli import app
 from fercache.data.tasks import AU_NAMES, EXPR, EXPR_CLASSES
+from fercache.errors import FercacheError
 from fercache.experiments import analyse as analyse_module
 from fercache.experiments.analyse import AnalyseOptions, analyse
 from fercache.features.extract import ExtractOptions, extract
@@ -23,6 +25,7 @@ from fercache.framewise.pred_file import Predictions, VideoPredictions
 from fercache.predictions.smooth import smooth_predictions
 from fercache.pretrain.export import export_model, model_config
 from fercache.temporal.loop import TrainRequest, train
+from fercache.video import crop as crop_module
 from tests.train_data import ANNOTATIONS, TINY_TEMPORAL
 
 FRAMES, FPS, SIDE, FACE = 36, 12, 160, (40, 20, 120, 110)  # face box of frame 1 (x0, y0, x1, y1)
@@ -58,13 +61,44 @@ def video(tmp_path_factory) -> Path:
     return path
 
 
+def _export(path: Path, seed: int = 0, classes: int = len(EXPR_CLASSES)) -> Path:
+    """A random-init resnet10t exported like `fercache pretrain` exports a student."""
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet10t", num_classes=classes).eval()
+    data_config = DataConfig((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    return export_model(model, model_config("resnet10t", data_config, "supervised"), path)
+
+
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> Path:
     """A random-init EXPR student exported like `fercache pretrain` exports one."""
-    model = timm.create_model("resnet10t", num_classes=len(EXPR_CLASSES)).eval()
-    data_config = DataConfig((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
-    out = tmp_path_factory.mktemp("student") / "student.safetensors"
-    return export_model(model, model_config("resnet10t", data_config, "supervised"), out)
+    return _export(tmp_path_factory.mktemp("student") / "student.safetensors")
+
+
+class _FaceDetector:
+    """MTCNN's `detect` contract without the network: the face of frame 1 (FACE) in every
+    frame, with its five landmarks, so that the real crop stage runs in a moment."""
+
+    def __init__(self, **_) -> None:
+        pass
+
+    def detect(self, batch, landmarks=True):
+        points = np.array([[[65, 55], [95, 55], [80, 70], [68, 90], [92, 90]]], dtype=float)
+        box, prob = np.array([FACE], dtype=float), np.array([0.99])
+        return [box] * len(batch), [prob] * len(batch), [points] * len(batch)
+
+
+@pytest.fixture
+def fake_detector(monkeypatch) -> None:
+    monkeypatch.setattr(crop_module, "_detector_class", lambda: _FaceDetector)
+
+
+def _refuse_to_load(**_):
+    raise AssertionError("the face detector was loaded")
+
+
+def _no_crop(videos, data, options):
+    raise AssertionError("the crop ran")
 
 
 def _fake_crop(videos: list[Path], data: Path, options: AnalyseOptions):
@@ -153,6 +187,12 @@ def test_cli_analyse_and_its_errors(video, student, tmp_path, monkeypatch):
     assert missing.exit_code == 2 and "no such video file" in missing.output
     assert "Traceback" not in missing.output
 
+    for option, value in (("--window", "0"), ("--window", str(2**40)), ("--weights", "last")):
+        refused = runner.invoke(app, [*args, option, value])
+        assert refused.exit_code == 2, refused.output
+        assert refused.stderr.startswith(f"error: Invalid value for '{option}'")
+        assert len(refused.stderr.splitlines()) == 1
+
 
 def test_real_crop_finds_the_face_and_a_rerun_reuses_it(video, student, tmp_path):
     crop = pytest.importorskip("fercache.video.crop")
@@ -191,13 +231,25 @@ def test_a_temporal_run_trained_on_the_students_cache(video, student, tmp_path, 
 
     monkeypatch.setattr(analyse_module, "_crop", _fake_crop)
     out = tmp_path / "out"
-    report = analyse([video], student, out, _options(run=run))
+    args = [str(video), "--checkpoint", str(student), "--out", str(out), "--run", str(run)]
+    options = ["--weights", "final", "--size", "48", "--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, ["analyse", *args, *options])
+    assert result.exit_code == 0, result.output
 
-    assert "temporal run" in Predictions.read(report.predictions).source
+    source = Predictions.read(out / "work" / "smoothed.h5").source
+    assert source.startswith(f"temporal run {run} (final weights)")
     rows = _rows(out / "clip.csv")
     assert len(rows) == FRAMES and (out / "clip.png").is_file()
     probabilities = np.array([[float(row[f"p_{c}"]) for c in EXPR_CLASSES] for row in rows])
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+
+    # another student's features are not the run's: refused before the crop, in analyse's words
+    monkeypatch.setattr(analyse_module, "_crop", _no_crop)
+    other = _export(tmp_path / "other" / "student.safetensors", seed=1)
+    with pytest.raises(FercacheError, match=f"--run {run}: trained on features") as refused:
+        analyse([video], other, tmp_path / "out2", _options(run=run))
+    assert "--backbone" not in str(refused.value) and "--cache" not in str(refused.value)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_the_csv_has_au_and_va_columns_when_the_predictions_do():
@@ -243,3 +295,95 @@ def test_two_subjects_get_a_csv_each_and_share_the_annotated_video(
         "clip_right.png",
     ]
     assert _rows(out / "clip_left.csv") == _rows(out / "clip_right.csv")
+
+
+def test_a_broken_video_fails_on_stderr_and_a_rerun_replaces_all_outputs(
+    video, student, tmp_path, fake_detector
+):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(video, videos / "clip.mp4")
+    (videos / "broken.mp4").write_text("not a video\n" * 50)
+    out = tmp_path / "out"
+    args = ["analyse", str(videos), "--checkpoint", str(student), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--size", "48", "--annotate", "--device", "cpu"])
+    assert result.exit_code == 1, result.output  # as `crop` on the same folder
+    assert result.stderr.splitlines() == [
+        f"failed: {videos / 'broken.mp4'}: unreadable video (Invalid data found when "
+        "processing input)"
+    ]
+    assert "broken.mp4" not in result.stdout and f"wrote {out / 'clip.csv'}" in result.stdout
+    assert (out / "clip.annotated.mp4").is_file()
+
+    # without --annotate the earlier annotated video would contradict the new CSV: it goes
+    report = analyse([videos / "clip.mp4"], student, out, _options(window=3))
+    assert sorted(path.name for path in report.written) == ["clip.csv", "clip.png"]
+    assert sorted(path.name for path in out.iterdir()) == ["clip.csv", "clip.png", "work"]
+
+    with pytest.raises(FercacheError, match="cropped with --size 48, not as asked") as refused:
+        analyse([videos / "clip.mp4"], student, out, _options(size=64))
+    assert "give another --out, or delete this record" in str(refused.value)
+
+
+def test_unreadable_videos_and_a_file_as_out_are_said_before_any_work(
+    video, student, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(crop_module, "_detector_class", lambda: _refuse_to_load)
+    empty, text = tmp_path / "empty.mp4", tmp_path / "text.mp4"
+    empty.write_bytes(b"")
+    text.write_text("a text file renamed .mp4\n" * 50)
+    for bad, why in ((empty, "empty file, not a video"), (text, "unreadable video (Invalid")):
+        out = tmp_path / f"out-{bad.stem}"
+        result = runner.invoke(
+            app, ["analyse", str(bad), "--checkpoint", str(student), "--out", str(out)]
+        )
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith(f"failed: {bad}: {why}")
+        assert "no face" not in result.output
+
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    result = runner.invoke(
+        app, ["analyse", str(video), "--checkpoint", str(tmp_path / "nope"), "--out", str(taken)]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: --out {taken}: it is a file, not a folder")
+
+
+def test_the_checkpoint_is_checked_before_the_crop(video, student, tmp_path, monkeypatch):
+    monkeypatch.setattr(analyse_module, "_crop", _no_crop)
+    plain = tmp_path / "plain.pt"  # a resnet10t without its model config: taken for resnet50
+    torch.save(timm.create_model("resnet10t", num_classes=8).state_dict(), plain)
+    with pytest.raises(FercacheError, match="does not match backbone 'resnet50'") as refused:
+        analyse([video], plain, tmp_path / "out", _options())
+    advice = "analyse builds the network its model config names (resnet50 without one)"
+    assert advice in str(refused.value) and "--backbone" not in str(refused.value)
+
+    five = _export(tmp_path / "five.safetensors", classes=5)
+    with pytest.raises(FercacheError, match="has 5 output classes, not the 8 EXPR classes"):
+        analyse([video], five, tmp_path / "out", _options())
+
+    run = tmp_path / "pretrain-run"  # `fercache pretrain --recipe mpl` exports both networks
+    run.mkdir()
+    for name in ("student", "teacher"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(student.with_suffix(suffix), run / f"{name}{suffix}")
+    with pytest.raises(FercacheError, match="the teacher that `fercache pretrain` exported") as e:
+        analyse([video], run / "teacher.safetensors", tmp_path / "out", _options())
+    assert str(e.value).endswith(f"give --checkpoint {run / 'student.safetensors'}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_timeline_is_titled_its_legend_runs_as_the_stack_and_no_face_is_marked():
+    has_image = np.array([True, False, False, True, True, False])
+    probabilities = np.tile(np.eye(8)[[0, 1, 2, 3, 4, 5]], 1).astype(np.float32)
+    rows = VideoPredictions.from_probabilities(np.arange(1, 7), probabilities, has_image)
+    figure = analyse_module.timeline_figure(rows, rows, 2.0, "clip: student s.safetensors")
+    top, strip = figure.axes[:2]
+    assert top.get_title() == "clip: student s.safetensors"
+    legend = [text.get_text() for text in top.get_legend().get_texts()]
+    assert legend == [*reversed(EXPR_CLASSES), "no face: filled from the nearest faces"]
+    for axes in (top, strip):
+        bands = [patch for patch in axes.patches if patch.get_hatch() == "//"]
+        spans = sorted((band.get_x(), band.get_x() + band.get_width()) for band in bands)
+        assert spans == [(0.5, 1.5), (2.5, 3.0)]  # frames 2-3 and 6, half a second each

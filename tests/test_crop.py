@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
+from fercache.video import crop as crop_module
 from fercache.video.crop import (
     IMAGES_DIRNAME,
     INSTALL_HINT,
@@ -327,3 +328,89 @@ def _crop_files(out: Path) -> dict:
     record = json.loads(record_path(out, "long").read_text())
     record.pop("seconds")
     return {**files, "record": record}
+
+
+class _OneFaceDetector:
+    """MTCNN's `detect` contract with one confident face in every frame, no network."""
+
+    def __init__(self, **_) -> None:
+        pass
+
+    def detect(self, batch, landmarks=True):
+        box = np.array([[4.0, 4.0, 28.0, 28.0]])
+        points = np.array([[[10.0, 12.0], [22.0, 12.0], [16.0, 17.0], [11.0, 22.0], [21.0, 22.0]]])
+        return [box] * len(batch), [np.array([0.99])] * len(batch), [points] * len(batch)
+
+
+def _refuse_to_load(**_):
+    raise AssertionError("the detector was loaded")
+
+
+def _small_video(path: Path, frames: int = 4) -> Path:
+    return _write_video(path, [np.full((32, 32, 3), 90 + 10 * i, np.uint8) for i in range(frames)])
+
+
+def test_unreadable_videos_and_a_file_as_out_are_said_before_the_detector_loads(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(crop_module, "_detector_class", lambda: _refuse_to_load)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "empty.mp4").write_bytes(b"")
+    (videos / "text.mp4").write_text("a text file, not a video\n" * 20)
+    result = runner.invoke(app, ["crop", str(videos), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    failed = sorted(line for line in result.stderr.splitlines() if line.startswith("failed:"))
+    assert failed == [
+        f"failed: {videos / 'empty.mp4'}: empty file, not a video",
+        f"failed: {videos / 'text.mp4'}: unreadable video (Invalid data found when processing "
+        "input)",
+    ]
+    assert "records in" not in result.stdout  # none were written
+    assert not (tmp_path / "out" / "crop_records").exists()
+
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for out in (taken, taken / "sub"):
+        result = runner.invoke(app, ["crop", str(videos), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert (
+            result.stderr == f"error: --out {out}: {'it' if out == taken else taken} is a "
+            "file, not a folder; give a new or existing folder\n"
+        )
+
+
+def test_the_summary_counts_the_folders_that_exist(tmp_path, monkeypatch):
+    monkeypatch.setattr(crop_module, "_detector_class", lambda: _OneFaceDetector)
+    video = _small_video(tmp_path / "solo.mp4")
+    out = tmp_path / "out"
+    two = ["crop", str(video), "--out", str(out), "--subjects", "2", "--no-progress"]
+    result = runner.invoke(app, two)
+    assert result.exit_code == 0, result.output
+    # one face: the two subjects' tracks never start, no folder is written
+    assert (
+        f"0 folder(s) written, 0 video(s) skipped, 0 failed; records in {out / 'crop_records'}"
+        in result.stdout
+    )
+    assert not (out / IMAGES_DIRNAME).exists()
+    result = runner.invoke(app, ["crop", str(video), "--out", str(tmp_path / "one"),
+                                 "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 folder(s) written" in result.stdout
+    assert len(list((tmp_path / "one" / IMAGES_DIRNAME / "solo").glob("*.jpg"))) == 4
+
+
+def test_a_rerun_with_other_settings_is_refused_not_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(crop_module, "_detector_class", lambda: _OneFaceDetector)
+    video = _small_video(tmp_path / "solo.mp4")
+    out = tmp_path / "out"
+    crop_videos([video], out, OPTIONS)
+    assert crop_videos([video], out, OPTIONS).skipped == [str(video)]
+    other = CropOptions(**{**OPTIONS.__dict__, "size": 64, "subjects": 2})
+    with pytest.raises(FercacheError) as refused:
+        crop_videos([video], out, other)
+    assert str(refused.value) == (
+        f"{record_path(out, 'solo')}: solo.mp4 was cropped with --size 112, --subjects 1, not "
+        f"as asked now; give another --out, or delete this record and "
+        f"{out / IMAGES_DIRNAME / 'solo'} to crop it again"
+    )

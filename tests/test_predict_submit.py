@@ -229,6 +229,8 @@ def test_frame_list_naming_a_video_not_in_the_cache_is_an_error(student_cache, t
         ("video1/1.jpg\nvideo1/00001.jpg\n", "video1/00001.jpg is listed more than once"),
         ("image_location,Neutral\nvideo1/00000.jpg\n", ":2: 'video1/00000.jpg' is not an"),
         ("video1/00001.png\n", ":1: 'video1/00001.png' is not an image location"),
+        ("video1/00001.jpg\nvideo1/3000000000.jpg\n", ":2: 'video1/3000000000.jpg': frame"),
+        ("video1/99999999999999999999.jpg\n", "frame number 99999999999999999999 is out of"),
     ],
 )
 def test_malformed_frame_lists_name_the_line(tmp_path, text, message):

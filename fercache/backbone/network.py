@@ -41,6 +41,9 @@ from fercache.readers import read_json_object
 
 DEFAULT_BACKBONE = "resnet50"
 MODEL_METADATA_KEY = "fercache_model"
+# What weights that do not fit the backbone ask of `extract`'s user (a caller without these
+# options gives its own `advice`)
+BACKBONE_ADVICE = "Pass the --backbone it was trained with."
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ def load_backbone(
     *,
     pretrained: str | None = None,
     allow_missing_head: bool = False,
+    advice: str | None = None,
 ) -> Backbone:
     """The backbone `name` (default: the checkpoint's own, else resnet50) with its weights.
 
@@ -152,6 +156,7 @@ def load_backbone(
     With `pretrained` they are timm's pretrained weights of that name (tag or hf-hub: included),
     read from `checkpoint` when given (timm's file override), else from timm's cache.
     Data config precedence: explicit arguments, then the checkpoint's model config, then timm's.
+    `advice` ends the error when the weights do not fit (default: `extract`'s options).
     """
     if pretrained:
         return _pretrained_backbone(pretrained, name, checkpoint, init_seed, input_size, mean, std)
@@ -167,11 +172,11 @@ def load_backbone(
     headless_by_design = saved_config.get("num_classes", -1) == 0
     allowed = allow_missing_head or headless_by_design
     if checkpoint and views == 1 and num_classes == 0 and not allowed:
-        _refuse_missing_head(name, model_kwargs, state, checkpoint)
+        _refuse_missing_head(name, model_kwargs, state, checkpoint, advice)
     torch.manual_seed(init_seed)
     model = _create(name, num_classes, model_kwargs, views)
     if checkpoint:
-        _load_weights(model, state, checkpoint, name)
+        _load_weights(model, state, checkpoint, name, advice or BACKBONE_ADVICE)
     return _finish(
         model, name, num_classes, checkpoint, digest, saved_config, input_size, mean, std
     )
@@ -210,22 +215,25 @@ def _pretrained_backbone(
 
 
 def _refuse_missing_head(
-    name: str, model_kwargs: dict, state: dict[str, torch.Tensor], path: Path
+    name: str,
+    model_kwargs: dict,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    advice: str | None,
 ) -> None:
     """Strict by default: weights without the classifier need --allow-missing-head."""
     full = expected_keys(name, None, model_kwargs)
     head = set(full) - set(expected_keys(name, 0, model_kwargs))
     report = mismatch_report(full, state)
     if head and report:
-        raise FercacheError(
-            f"{path}: does not match backbone '{name}': {report}. "
-            + (
-                "These weights have no classifier head (MAE/DINO-style): pass "
-                "--allow-missing-head to extract their pooled features (no logits)."
-                if head <= set(full) - set(state) and not set(state) - set(full)
-                else "Pass the --backbone it was trained with."
-            )
+        headless = head <= set(full) - set(state) and not set(state) - set(full)
+        own = (
+            "These weights have no classifier head (MAE/DINO-style): pass "
+            "--allow-missing-head to extract their pooled features (no logits)."
+            if headless
+            else BACKBONE_ADVICE
         )
+        raise FercacheError(f"{path}: does not match backbone '{name}': {report}. {advice or own}")
 
 
 def _check_name(name: str) -> None:
@@ -352,15 +360,12 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str
+    model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str, advice: str
 ) -> None:
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     report = mismatch_report(expected, state)
     if report:
-        raise FercacheError(
-            f"{path}: does not match backbone '{name}': {report}. "
-            "Pass the --backbone it was trained with."
-        )
+        raise FercacheError(f"{path}: does not match backbone '{name}': {report}. {advice}")
     model.load_state_dict(state)
 
 

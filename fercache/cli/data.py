@@ -95,15 +95,20 @@ def crop(
         Path,
         typer.Option(help="Aff-Wild2 root to write: cropped_aligned/<video>/ and crop_records/."),
     ],
-    size: Annotated[int, typer.Option(help="Side of the square aligned crops, pixels.")] = 112,
+    size: Annotated[
+        int, typer.Option(min=16, help="Side of the square aligned crops, pixels.")
+    ] = 112,
     margin: Annotated[
         float,
         typer.Option(help="Extra context around the face: 0.2 shows the face 1/1.2 as large."),
     ] = 0.0,
     subjects: Annotated[
-        int, typer.Option(help="Faces to follow: 1, or 2 for <video>_left / <video>_right.")
+        int,
+        typer.Option(
+            min=1, max=2, help="Faces to follow: 1, or 2 for <video>_left / <video>_right."
+        ),
     ] = 1,
-    batch: Annotated[int, typer.Option(help="Frames per face-detector call.")] = 32,
+    batch: Annotated[int, typer.Option(min=1, help="Frames per face-detector call.")] = 32,
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
     ] = "auto",
@@ -115,7 +120,7 @@ def crop(
     """Detect, track and align faces in videos into the Aff-Wild2 cropped_aligned layout."""
     from rich.table import Table
 
-    from fercache.video.crop import CropOptions, crop_videos
+    from fercache.video.crop import RECORDS_DIRNAME, CropOptions, crop_videos
 
     options = CropOptions(size, margin, subjects, batch, device, min_confidence, progress)
     report = crop_videos(sources, out, options)
@@ -130,10 +135,18 @@ def crop(
     for skipped in report.skipped:
         console.print(f"skipped {skipped}: already cropped (its record exists)")
     for video, why in report.failed:
-        error_console.print(f"[bold red]failed:[/] {escape(f'{video}: {why}')}", highlight=False)
+        error_console.print(
+            f"[bold red]failed:[/] {escape(f'{video}: {why}')}", highlight=False, soft_wrap=True
+        )
+    # a subject without any face gets no folder; a run where every video failed, no records
+    folders = sum(video.found > 0 for video in report.videos)
+    records = out / RECORDS_DIRNAME
+    where = f"; records in {records}" if records.is_dir() else ""
     console.print(
-        f"{len(report.videos)} folder(s) written, {len(report.skipped)} video(s) skipped, "
-        f"{len(report.failed)} failed; records in {out / 'crop_records'}"
+        f"{folders} folder(s) written, {len(report.skipped)} video(s) skipped, "
+        f"{len(report.failed)} failed{where}",
+        highlight=False,
+        soft_wrap=True,
     )
     if report.failed:
         raise typer.Exit(code=1)

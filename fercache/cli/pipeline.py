@@ -5,8 +5,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from fercache.cli.shared import ProgressOption, RegistryHelp, console
+from fercache.cli.shared import (
+    ProgressOption,
+    RegistryHelp,
+    WeightsOption,
+    console,
+    error_console,
+)
 
 commands = typer.Typer()
 
@@ -81,7 +88,7 @@ def analyse(
         Path,
         typer.Option(
             help="Folder for <video>.csv, <video>.png (and .annotated.mp4); the crops, cache "
-            "and PRED files go to OUT/work."
+            "and PRED files go to OUT/work. A rerun replaces a video's outputs."
         ),
     ],
     run: Annotated[
@@ -91,8 +98,10 @@ def analyse(
             "student's own per-frame softmax."
         ),
     ] = None,
+    weights: WeightsOption = "best",
     window: Annotated[
-        int, typer.Option(min=1, help="Vote window in frames for the smoothed label.")
+        int,
+        typer.Option(min=1, max=2**31 - 1, help="Vote window in frames for the smoothed label."),
     ] = 30,
     annotate: Annotated[
         bool,
@@ -100,14 +109,21 @@ def analyse(
             "--annotate", help="Also write OUT/<video>.annotated.mp4 with face boxes and labels."
         ),
     ] = False,
-    size: Annotated[int, typer.Option(help="Side of the cropped face images in pixels.")] = 112,
+    size: Annotated[
+        int, typer.Option(min=16, help="Side of the cropped face images in pixels.")
+    ] = 112,
     subjects: Annotated[
-        int, typer.Option(help="Faces to follow per video: 1, or 2 (<video>_left/_right).")
+        int,
+        typer.Option(
+            min=1, max=2, help="Faces to follow per video: 1, or 2 (<video>_left/_right)."
+        ),
     ] = 1,
     device: Annotated[
         str, typer.Option(help="Device of face detection, extraction and the run: auto, cpu, cuda.")
     ] = "auto",
-    batch: Annotated[int, typer.Option(help="Frames per batch in detection and extraction.")] = 32,
+    batch: Annotated[
+        int, typer.Option(min=1, help="Frames per batch in detection and extraction.")
+    ] = 32,
     progress: ProgressOption = True,
 ) -> None:
     """Crop -> extract -> predict -> smooth on video files: per video a CSV of per-frame
@@ -123,12 +139,17 @@ def analyse(
         subjects=subjects,
         device=device,
         batch=batch,
+        weights=weights,
         progress=progress,
     )
     report = run_analyse(videos, checkpoint, out, options)
     for path in report.written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
     for name in report.skipped:
-        console.print(f"[yellow]no face found in {name}: skipped[/]")
+        console.print(f"[yellow]no face found in {name}: skipped[/]", highlight=False)
     for video, why in report.failed:
-        console.print(f"[yellow]could not crop {video}: {why}[/]", highlight=False)
+        error_console.print(
+            f"[bold red]failed:[/] {escape(f'{video}: {why}')}", highlight=False, soft_wrap=True
+        )
+    if report.failed:
+        raise typer.Exit(code=1)

@@ -6,7 +6,13 @@ from typing import Annotated
 
 import typer
 
-from fercache.cli.shared import ProgressOption, RegistryHelp, console, error_console
+from fercache.cli.shared import (
+    ProgressOption,
+    RegistryHelp,
+    WeightsOption,
+    console,
+    error_console,
+)
 
 commands = typer.Typer()
 
@@ -53,13 +59,7 @@ def predict(
         ),
     ] = "temporal",
     device: Annotated[str, typer.Option(help="Device of the temporal model: cpu or cuda.")] = "cpu",
-    weights: Annotated[
-        str,
-        typer.Option(
-            help="Temporal weights: best (the epoch with the best validation score) or final "
-            "(the last epoch: nothing chosen on the validation split)."
-        ),
-    ] = "best",
+    weights: WeightsOption = "best",
     tune_thresholds: Annotated[
         bool,
         typer.Option(

@@ -15,6 +15,24 @@ error_console = Console(stderr=True)
 ProgressOption = Annotated[
     bool, typer.Option("--progress/--no-progress", help="Show progress bars on long work.")
 ]
+
+
+def _weights(value: str) -> str:
+    from fercache.temporal.run_files import WEIGHTS
+
+    if value not in WEIGHTS:
+        raise typer.BadParameter(f"choose {' or '.join(WEIGHTS)}, not '{value}'")
+    return value
+
+
+WeightsOption = Annotated[
+    str,
+    typer.Option(
+        callback=_weights,
+        help="Temporal weights: best (the epoch with the best validation score) or final "
+        "(the last epoch: nothing chosen on the validation split).",
+    ),
+]
 PrintConfigOption = Annotated[
     bool,
     typer.Option(

@@ -18,6 +18,8 @@ from fercache.readers import read_text
 
 # `<video>/<frame>.jpg`; a video name may hold spaces and commas (a CSV field then quotes it)
 LOCATION = re.compile(r"^(?P<video>[^/\s](?:[^/]*[^/\s])?)/(?P<frame>\d+)\.jpg$")
+# PRED files and feature stores hold frame numbers as int32
+MAX_FRAME = 2**31 - 1
 
 
 def location_field(video: str, frame: int) -> str:
@@ -41,6 +43,11 @@ def read_frame_list(path: Path) -> dict[str, np.ndarray]:
             raise FercacheError(
                 f"{path}:{number}: '{location}' is not an image location like "
                 "'video1/00001.jpg' (1-based frame number)"
+            )
+        if int(match["frame"]) > MAX_FRAME:
+            raise FercacheError(
+                f"{path}:{number}: '{location}': frame number {int(match['frame'])} is out of "
+                f"range; frames are numbered from 1 to {MAX_FRAME}"
             )
         frames.setdefault(match["video"], []).append(int(match["frame"]))
     if not frames:

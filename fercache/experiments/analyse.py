@@ -20,13 +20,22 @@ smoothed_label, plus au_<AU> and valence/arousal columns when the run predicts t
 `OUT/<name>.png` (stacked class probabilities over time above a colour strip of the smoothed
 label); with `annotate`, `OUT/<video>.annotated.mp4` per input video: the video with each face
 box and its smoothed label drawn on it. A video in which no face is found anywhere gets no
-outputs and is reported as skipped.
+outputs and is reported as skipped; a video that cannot be read is reported as failed.
+
+Everything that can be refused is refused before the crop: OUT that is a file, the checkpoint
+(missing, damaged, not fitting its backbone, without the 8 EXPR classes, pretrain's teacher)
+and the run (unfinished, or trained on features of another checkpoint), and crops of an
+earlier call into OUT made with another --size or --subjects. A rerun into OUT replaces all
+outputs of a video together: the ones it does not write again (an annotated MP4 without
+`annotate`) are removed.
 """
 
 import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
@@ -38,6 +47,8 @@ COLOURS = (
     (31, 119, 180), (214, 39, 40), (140, 86, 75), (148, 103, 189),
     (44, 160, 44), (23, 190, 207), (255, 127, 14), (188, 189, 34),
 )  # fmt: skip
+# How the timeline marks the frames without a face: not a colour of a class
+NO_FACE = {"facecolor": "lightgrey", "edgecolor": "dimgrey", "hatch": "//"}
 
 
 @dataclass(frozen=True)
@@ -56,13 +67,23 @@ class AnalyseOptions:
     progress: bool = True
 
 
+# What a checkpoint that does not fit its backbone asks of `analyse`'s user, who has no
+# --backbone: analyse builds the network the checkpoint's model config names
+CHECKPOINT_ADVICE = (
+    "analyse builds the network its model config names (resnet50 without one): give the "
+    "student.safetensors that `fercache pretrain` exported, or write the model config beside "
+    "the checkpoint as <name>.json (docs/formats.md)"
+)
+
+
 @dataclass
 class AnalyseReport:
-    """What `analyse` wrote; `skipped`: subjects/videos without any face."""
+    """What `analyse` wrote; `skipped`: subjects/videos without any face; `failed`: (video,
+    why) of the videos that could not be cropped."""
 
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    failed: list = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
     predictions: Path | None = None
 
 
@@ -71,13 +92,14 @@ def analyse(
 ) -> AnalyseReport:
     """Crop, extract, predict and smooth `videos`, then write each one's CSV, timeline PNG and
     (with `options.annotate`) annotated MP4 into `out`."""
-    from fercache.video.crop import video_sources
+    from fercache.video.crop import check_out_folder, video_sources
 
-    _check(checkpoint, options)
+    out = Path(out)
+    check_out_folder(out)
     videos = video_sources(videos)
     if not videos:
         raise FercacheError("give at least one video file (or a folder of videos) to analyse")
-    out = Path(out)
+    _check(Path(checkpoint), options)
     crops = _crop(videos, out / "work" / "data", options)
     return analyse_cropped(videos, crops, checkpoint, out, options)
 
@@ -101,45 +123,84 @@ def _crop(videos: list[Path], data: Path, options: AnalyseOptions):
 
 
 def _check(checkpoint: Path, options: AnalyseOptions) -> None:
-    if not Path(checkpoint).is_file():
-        raise FercacheError(f"{checkpoint}: no such student checkpoint")
+    """Refuse, before the crop, a checkpoint or run that would fail after it."""
+    from fercache.backbone.network import load_backbone
+    from fercache.features.extract import extraction_provenance
+
     if options.window < 1:
         raise FercacheError(f"--window must be at least 1, not {options.window}")
-    if options.run is not None and not Path(options.run).is_dir():
+    if not checkpoint.is_file():
+        raise FercacheError(f"{checkpoint}: no such student checkpoint")
+    student = checkpoint.with_name("student.safetensors")
+    if checkpoint.name == "teacher.safetensors" and student.is_file():
+        raise FercacheError(
+            f"{checkpoint}: the teacher that `fercache pretrain` exported beside the student; "
+            f"analyse shows what the student says: give --checkpoint {student}"
+        )
+    backbone = load_backbone(None, checkpoint, advice=CHECKPOINT_ADVICE)
+    if options.run is None:
+        if backbone.num_classes != len(EXPR_CLASSES):
+            raise FercacheError(
+                f"{checkpoint}: the network has {backbone.num_classes} output classes, not the "
+                f"{len(EXPR_CLASSES)} EXPR classes; give an EXPR student (the "
+                "student.safetensors of `fercache pretrain`), or a --run trained on a cache of "
+                "this checkpoint"
+            )
+        return
+    if not Path(options.run).is_dir():
         raise FercacheError(f"{options.run}: no such temporal run folder")
+    from fercache.temporal.inference import TemporalPredictor
+
+    trained_on = TemporalPredictor.load(options.run, "cpu", options.weights).cache_fingerprints
+    extract_options = _extract_options(checkpoint, options, ())
+    fingerprint = extraction_provenance(backbone, extract_options, backbone.feature_dim)
+    if trained_on != [fingerprint.fingerprint]:
+        raise FercacheError(
+            f"--run {options.run}: trained on features with fingerprint(s) "
+            f"{', '.join(trained_on)}, but analyse extracts {checkpoint} as "
+            f"{fingerprint.fingerprint}; give a run trained on one cache of this checkpoint "
+            f"(`fercache extract --checkpoint {checkpoint}` with its default settings), or the "
+            "checkpoint that run's cache was extracted with"
+        )
+
+
+def _extract_options(checkpoint: Path, options: AnalyseOptions, videos: tuple[str, ...]):
+    """How analyse extracts: the same settings for the run check and for the extraction."""
+    from fercache.features.extract import ExtractOptions
+
+    return ExtractOptions(
+        checkpoint=Path(checkpoint),
+        batch_size=options.batch,
+        workers=options.workers,
+        device=options.device,
+        force=True,  # the crop was just rewritten
+        videos=videos,
+        progress=options.progress,
+    )
 
 
 def analyse_cropped(
     videos: list[Path], crops, checkpoint: Path, out: Path, options: AnalyseOptions
 ) -> AnalyseReport:
     """Steps 2-4 and the outputs, after `crop_videos` wrote `out/work/data` (its CropReport)."""
-    from fercache.features.extract import ExtractOptions, extract
+    from fercache.features.extract import extract
     from fercache.predictions.predict import PredictOptions, predict
     from fercache.predictions.smooth import smooth_predictions
 
+    out = Path(out)
     work = out / "work"
-    report = AnalyseReport(failed=list(getattr(crops, "failed", [])))
+    report = AnalyseReport(failed=list(crops.failed))
     with_face = [crop for crop in crops.videos if crop.found > 0]
     report.skipped = [crop.name for crop in crops.videos if crop.found == 0]
     if not with_face:
-        failed = "".join(f"; {video}: {why}" for video, why in report.failed)
+        if report.failed:  # said per video, as `crop` says it
+            return report
         raise FercacheError(
             f"no face found in any frame of {', '.join(str(video) for video in videos)}; "
-            f"nothing to analyse{failed}"
+            "nothing to analyse"
         )
-    extract(
-        work / "data",
-        work / "cache",
-        ExtractOptions(
-            checkpoint=Path(checkpoint),
-            batch_size=options.batch,
-            workers=options.workers,
-            device=options.device,
-            force=True,  # the crop was just rewritten
-            videos=tuple(crop.name for crop in with_face),
-            progress=options.progress,
-        ),
-    )
+    names = tuple(crop.name for crop in with_face)
+    extract(work / "data", work / "cache", _extract_options(checkpoint, options, names))
     frame_list = "".join(
         f"{crop.name}/{frame:05d}.jpg\n"
         for crop in with_face
@@ -161,19 +222,41 @@ def analyse_cropped(
     )
     smoothed = smooth_predictions(work / "predictions.h5", work / "smoothed.h5", options.window)
     report.predictions = work / "smoothed.h5"
-    for crop in with_face:
-        rows, voted = raw.videos[crop.name], smoothed.videos[crop.name]
-        report.written.append(
-            write_text_atomically(out / f"{crop.name}.csv", table(rows, voted, crop.fps), "CSV")
-        )
-        report.written.append(timeline(rows, voted, crop.fps, out / f"{crop.name}.png"))
-    if options.annotate:
-        for video in videos:
-            mine = [crop for crop in with_face if _source_of(crop.name, videos) == video]
-            if mine:
-                path = out / f"{video.stem}.annotated.mp4"
-                report.written.append(annotate(video, mine, smoothed, path))
+    source = _source(Path(checkpoint), options)
+    for video in videos:
+        mine = [crop for crop in with_face if _source_of(crop.name, videos) == video]
+        if not mine:
+            continue
+        _remove_outputs(video, out, options)
+        for crop in mine:
+            rows, voted = raw.videos[crop.name], smoothed.videos[crop.name]
+            csv_text = table(rows, voted, crop.fps)
+            report.written.append(write_text_atomically(out / f"{crop.name}.csv", csv_text, "CSV"))
+            title = f"{crop.name}: {source}"
+            report.written.append(timeline(rows, voted, crop.fps, title, out / f"{crop.name}.png"))
+        if options.annotate:
+            path = out / f"{video.stem}.annotated.mp4"
+            report.written.append(annotate(video, mine, smoothed, path))
     return report
+
+
+def _remove_outputs(video: Path, out: Path, options: AnalyseOptions) -> None:
+    """Delete every output of `video` an earlier call wrote into `out`, before this call writes
+    its own: one it does not write again (the annotated MP4 without `annotate`) must not stay
+    beside outputs that contradict it."""
+    from fercache.video.crop import subject_names
+
+    names = subject_names(video.stem, options.subjects)
+    paths = [out / f"{name}{suffix}" for name in names for suffix in (".csv", ".png")]
+    for path in [*paths, out / f"{video.stem}.annotated.mp4"]:
+        path.unlink(missing_ok=True)
+
+
+def _source(checkpoint: Path, options: AnalyseOptions) -> str:
+    """What the numbers come from, as the timeline's title names it."""
+    if options.run is None:
+        return f"student {checkpoint.name}"
+    return f"run {options.run} ({options.weights} weights) on student {checkpoint.name}"
 
 
 def _torch_device(device: str) -> str:
@@ -217,23 +300,36 @@ def table(rows: VideoPredictions, voted: VideoPredictions, fps: float) -> str:
     return text.getvalue()
 
 
-def timeline(rows: VideoPredictions, voted: VideoPredictions, fps: float, path: Path) -> Path:
-    """Stacked EXPR probabilities over time above a colour strip of the smoothed label."""
+def timeline(
+    rows: VideoPredictions, voted: VideoPredictions, fps: float, title: str, path: Path
+) -> Path:
+    """Write `timeline_figure` as the PNG `path`."""
+    figure = timeline_figure(rows, voted, fps, title)
+    return write_atomically(
+        path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), "the timeline plot"
+    )
+
+
+def timeline_figure(rows: VideoPredictions, voted: VideoPredictions, fps: float, title: str):
+    """Stacked EXPR probabilities over time above a colour strip of the smoothed label, titled
+    `title`; the frames without a face (their numbers are their neighbours') are hatched grey
+    across both."""
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     if rows.probabilities is None:
-        raise FercacheError(f"{path}: the predictions carry no EXPR probabilities to plot")
+        raise FercacheError(f"{title}: the predictions carry no EXPR probabilities to plot")
     colours = [tuple(c / 255 for c in colour) for colour in COLOURS]
     seconds = (rows.frames - 1) / fps
     figure = Figure(figsize=(10, 4))
     top, strip = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [5, 1]})
-    top.stackplot(seconds, rows.probabilities.T, labels=EXPR_CLASSES, colors=colours)
+    stack = top.stackplot(seconds, rows.probabilities.T, labels=EXPR_CLASSES, colors=colours)
     top.set_ylim(0, 1)
     top.set_ylabel("probability")
+    top.set_title(title)
     end = seconds[-1] + 1 / fps if len(seconds) else 1
     top.set_xlim(0, end)
-    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     strip.imshow(
         voted.labels[None, :],
         aspect="auto",
@@ -243,13 +339,24 @@ def timeline(rows: VideoPredictions, voted: VideoPredictions, fps: float, path: 
         extent=(0, end, 0, 1),
         interpolation="nearest",
     )
+    for start, stop in _runs(~rows.has_image):
+        for axes in (top, strip):  # a frame's band spans its time to the next frame's
+            axes.axvspan(seconds[start], seconds[stop - 1] + 1 / fps, linewidth=0, **NO_FACE)
+    no_face = Patch(label="no face: filled from the nearest faces", **NO_FACE)
+    # the legend lists the classes top to bottom as the stack piles them up
+    handles = [*reversed(stack), *([no_face] if not rows.has_image.all() else [])]
+    top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     strip.set_yticks([])
     strip.set_ylabel("smoothed", rotation=0, ha="right", va="center")
     strip.set_xlabel("time (s)")
     figure.tight_layout()
-    return write_atomically(
-        path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), "the timeline plot"
-    )
+    return figure
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True in `mask`."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def annotate(video: Path, crops: list, smoothed: Predictions, path: Path) -> Path:

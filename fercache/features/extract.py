@@ -124,7 +124,7 @@ def _extract(data: Path, out: Path, options: ExtractOptions, ranks: Ranks) -> Ex
     feature_dim = check_readout(
         backbone.model, backbone.name, options.readout, backbone.feature_dim
     )
-    provenance = _provenance(backbone, options, feature_dim)
+    provenance = extraction_provenance(backbone, options, feature_dim)
     dataset = AffWild2(data)
     report = ExtractReport()
     jobs = _video_jobs(dataset, options.videos, report)
@@ -152,7 +152,11 @@ def _extract(data: Path, out: Path, options: ExtractOptions, ranks: Ranks) -> Ex
     return report
 
 
-def _provenance(backbone: Backbone, options: ExtractOptions, feature_dim: int) -> Provenance:
+def extraction_provenance(
+    backbone: Backbone, options: ExtractOptions, feature_dim: int
+) -> Provenance:
+    """What the stores of `backbone`'s features extracted with `options` record (`analyse`
+    compares a run's caches with it before extracting)."""
     config = backbone.data_config
     readout = options.readout
     return Provenance(

@@ -26,6 +26,7 @@ from fercache.data.affwild2 import IMAGES_DIRNAME, frame_filename
 from fercache.errors import FercacheError
 from fercache.outputs import write_text_atomically
 from fercache.progress import progress_bar
+from fercache.readers import read_json_object
 from fercache.video.pyav import open_video, require
 
 RECORDS_DIRNAME = "crop_records"
@@ -326,12 +327,12 @@ def _remove_folders(folders: list[Path]) -> None:
 
 def _move_into_place(images: Path, names: list[str], partial: list[Path]) -> None:
     """Rename each subject's partial folder to `images/<name>`, replacing what is there."""
-    images.mkdir(parents=True, exist_ok=True)
     for name, folder in zip(names, partial, strict=True):
         final = images / name
         if final.exists():  # a crop killed between its renames and its record, or older output
             shutil.rmtree(final)
         if any(folder.iterdir()):
+            images.mkdir(parents=True, exist_ok=True)
             os.replace(folder, final)
         else:  # no face at all: no empty folder for inspect and extract to trip over
             folder.rmdir()
@@ -446,22 +447,82 @@ def _confident(boxes, probs, min_confidence: float) -> np.ndarray:
     return np.flatnonzero(np.asarray(probs, dtype=np.float64) >= min_confidence)
 
 
+def check_out_folder(out: Path) -> None:
+    """A FercacheError when `out`, or the nearest of its parents that exists, is a file: said
+    before any work, not as each video's first write fails."""
+    out = Path(out)
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        where = "it" if existing == out else existing
+        raise FercacheError(
+            f"--out {out}: {where} is a file, not a folder; give a new or existing folder"
+        )
+
+
+def check_earlier_crops(videos: list[Path], out: Path, options: CropOptions) -> None:
+    """A FercacheError when a video of `videos` has a record in `out` made with another
+    --size, --margin, --subjects or --min-confidence: a video with a record is not cropped
+    again, so its crops would silently differ from what was asked."""
+    for video in videos:
+        path = record_path(out, video.stem)
+        if not path.is_file():
+            continue
+        record = read_json_object(path, "crop record", "delete it to crop the video again")
+        subjects = record.get("subjects", [])
+        made = {
+            "--size": (options.size, record.get("size")),
+            "--margin": (options.margin, record.get("margin")),
+            "--subjects": (options.subjects, len(subjects)),
+            "--min-confidence": (options.min_confidence, record.get("min_confidence")),
+        }
+        differ = [f"{flag} {had}" for flag, (asked, had) in made.items() if asked != had]
+        if differ:
+            folders = [str(out / IMAGES_DIRNAME / subject.get("name", "?")) for subject in subjects]
+            raise FercacheError(
+                f"{path}: {video.name} was cropped with {', '.join(differ)}, not as asked now; "
+                f"give another --out, or delete this record and {', '.join(folders)} to crop "
+                "it again"
+            )
+
+
+def _reason(video: Path, error: FercacheError) -> str:
+    """The error's message without the video's name in front: the report pairs them."""
+    return str(error).removeprefix(f"{video}: ")
+
+
+def _unreadable(video: Path) -> str | None:
+    """Why `video` cannot be cropped (an empty file, not a video FFmpeg reads, no frame), found
+    before the detector loads; None when its first frame decodes."""
+    try:
+        with open_video(video, INSTALL_HINT) as opened:
+            if next(opened.rgb_frames(), None) is None:
+                return "no frames could be decoded"
+    except FercacheError as error:
+        return _reason(video, error)
+    return None
+
+
 def crop_videos(sources: list[Path], out: Path, options: CropOptions) -> CropReport:
     """Crop every video of `sources` (files, or folders of videos) into `out`'s Aff-Wild2
-    layout. Videos with a record are skipped; an undecodable video is reported in `failed`
-    and the others are done."""
+    layout. Videos with a record are skipped; a video that cannot be read is reported in
+    `failed` (before the detector loads, when its first frame already fails) and the others
+    are done."""
     subject_names("x", options.subjects)
     template(options.size, options.margin)
     if options.batch < 1:
         raise FercacheError(f"--batch {options.batch}: give at least 1")
-    videos = video_sources(sources)
-    MTCNN = _detector_class()
     out = Path(out)
+    check_out_folder(out)
+    videos = video_sources(sources)
+    check_earlier_crops(videos, out, options)
+    MTCNN = _detector_class()
     report = CropReport(videos=[], skipped=[], failed=[])
     todo = []
     for video in videos:
         if record_path(out, video.stem).is_file():
             report.skipped.append(str(video))
+        elif why := _unreadable(video):
+            report.failed.append((str(video), why))
         else:
             todo.append(video)
     if not todo:
@@ -470,8 +531,8 @@ def crop_videos(sources: list[Path], out: Path, options: CropOptions) -> CropRep
     for video in todo:
         try:
             report.videos += crop_video(video, out, options, detector)
-        except FercacheError as error:  # a video PyAV cannot open or decode, too
-            report.failed.append((str(video), str(error)))
+        except FercacheError as error:  # a video PyAV cannot decode past its first frame, too
+            report.failed.append((str(video), _reason(video, error)))
         except OSError as error:
             report.failed.append((str(video), f"could not read or write: {error}"))
     with suppress(OSError):  # left when another crop is writing into `out` at the same time

@@ -106,10 +106,14 @@ class Video:
 def open_video(path: Path, hint: str = INSTALL_HINT) -> Iterator[Video]:
     """The video stream of the file `path`, open while the context lasts."""
     av = _pyav(hint)
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise FercacheError(f"{path}: empty file, not a video")
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, ValueError) as error:
-        raise FercacheError(f"{path}: unreadable video ({first_line(error)})") from error
+        # FFmpeg's reason alone: its errno and the path it appends repeat what the line says
+        why = getattr(error, "strerror", None) or first_line(error)
+        raise FercacheError(f"{path}: unreadable video ({why})") from error
     with container:
         yield Video(Path(path), container, av)
 
