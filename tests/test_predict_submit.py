@@ -21,7 +21,11 @@ from fercache.features.store import write_manifest, write_store
 from fercache.framewise.pred_file import Predictions, VideoPredictions
 from fercache.predictions.evaluate import evaluate
 from fercache.predictions.predict import PredictOptions, fill_from_nearest, predict, softmax
-from fercache.predictions.submission_formats import SUBMISSION_FORMATS, SubmissionFormat
+from fercache.predictions.submission_formats import (
+    SUBMISSION_FORMATS,
+    SubmissionFormat,
+    submission_format,
+)
 from fercache.predictions.submit import read_submission, write_submission
 from fercache.resume import read_metrics
 from fercache.temporal.features import load_fused_features
@@ -518,3 +522,10 @@ def test_video_names_with_commas_quotes_or_spaces_round_trip_through_a_submissio
     np.testing.assert_array_equal(read[video][1], [0, 3, 3, 7, 1])
     listed = read_frame_list(tmp_path / "submission.txt")  # a submission is a frame list
     np.testing.assert_array_equal(listed[video], frames)
+
+
+def test_a_submission_line_with_a_frame_number_past_int32_names_the_line(tmp_path):
+    header = submission_format("expr").header
+    (tmp_path / "sub.txt").write_text(f"{header}\nvideo1/00001.jpg,3\nvideo1/4294967297.jpg,3\n")
+    with pytest.raises(FercacheError, match=r"sub.txt:3: .*frame number 4294967297 is out of"):
+        read_submission(tmp_path / "sub.txt")

@@ -31,6 +31,17 @@ def location_field(video: str, frame: int) -> str:
     return location
 
 
+def frame_number(path: Path, line: int, match: re.Match[str]) -> int:
+    """The frame number of a matched `LOCATION`, refused past what the files store (int32)."""
+    frame = int(match["frame"])
+    if frame > MAX_FRAME:
+        raise FercacheError(
+            f"{path}:{line}: '{match[0]}': frame number {frame} is out of range; frames are "
+            f"numbered from 1 to {MAX_FRAME}"
+        )
+    return frame
+
+
 def read_frame_list(path: Path) -> dict[str, np.ndarray]:
     """{video: 1-based frames, ascending} in order of first appearance; errors name the line."""
     path = Path(path)
@@ -44,12 +55,7 @@ def read_frame_list(path: Path) -> dict[str, np.ndarray]:
                 f"{path}:{number}: '{location}' is not an image location like "
                 "'video1/00001.jpg' (1-based frame number)"
             )
-        if int(match["frame"]) > MAX_FRAME:
-            raise FercacheError(
-                f"{path}:{number}: '{location}': frame number {int(match['frame'])} is out of "
-                f"range; frames are numbered from 1 to {MAX_FRAME}"
-            )
-        frames.setdefault(match["video"], []).append(int(match["frame"]))
+        frames.setdefault(match["video"], []).append(frame_number(path, number, match))
     if not frames:
         raise FercacheError(f"{path}: lists no frames; give one '<video>/<frame>.jpg' per line")
     listed = {video: np.array(sorted(values), dtype=np.int32) for video, values in frames.items()}

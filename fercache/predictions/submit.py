@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.data.framelist import LOCATION, listed_rows, location_field, read_frame_list
+from fercache.data.framelist import (
+    LOCATION,
+    frame_number,
+    listed_rows,
+    location_field,
+    read_frame_list,
+)
 from fercache.errors import FercacheError
 from fercache.framewise.pred_file import Predictions
 from fercache.outputs import write_text_atomically
@@ -98,9 +104,10 @@ def read_submission(path: Path, task: str = "expr") -> dict[str, tuple[np.ndarra
                 f"not '{location},{rest}'"
             )
         video_values = parsed.setdefault(match["video"], {})
-        if int(match["frame"]) in video_values:
+        frame = frame_number(path, number, match)
+        if frame in video_values:
             raise FercacheError(f"{path}:{number}: {location} appears more than once")
-        video_values[int(match["frame"])] = values
+        video_values[frame] = values
     read = {}
     for video, values in parsed.items():
         frames = sorted(values)
