@@ -37,6 +37,7 @@ from fercache.features.alignment import (
 )
 from fercache.features.foreign import Source, open_source, with_index_column
 from fercache.features.store import Provenance, check_manifest, store_path
+from fercache.outputs import output_folder
 from fercache.progress import progress_bar
 from fercache.video.crop import VIDEO_SUFFIXES
 from fercache.video.pyav import frame_rate
@@ -80,7 +81,7 @@ def import_features(
     provenance = _provenance(opened, targets, first, options)
     out = Path(out)
     check_manifest(out, provenance, options.force)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     report = ImportReport()
     entries: dict[str, dict] = {}
     todo = [
