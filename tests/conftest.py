@@ -77,7 +77,8 @@ def small_disk(tmp_path_factory):
     mount.grow = grow
     yield mount
     for folder in mounted:
-        subprocess.run(["umount", str(folder)], check=False)
+        # lazily: a process that failed on it may still hold a file open there
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
 
 
 def _mount(*arguments: object) -> subprocess.CompletedProcess:

@@ -329,7 +329,7 @@ COMMANDS = {
         lambda w: [w / "new"],
     ),
     "convert": Command(
-        lambda w: ["convert", w / "run" / "last.pt", f"--out={w / 'out.safetensors'}"],
+        lambda w: ["convert", w / "p1" / "last.pt", f"--out={w / 'out.safetensors'}"],
         lambda w: [w / "out.safetensors"],
     ),
     "inspect": Command(lambda w: ["inspect", w / "tree"]),
@@ -567,10 +567,16 @@ def test_an_output_that_cannot_be_written_gives_one_line_before_any_work(
     assert where.is_file() or not any(where.iterdir())
 
 
-# command: (arguments given its output folder, the built item whose size fills the disk halfway)
+# command: (arguments given its output folder, the disk's kilobytes or the built item whose size
+# fills the disk halfway)
 FULL_DISK = {
+    "import-features": (lambda w, out: _import(w, _npy_source(w), out / "cache"), 8),
     "predict": (lambda w, out: _predict(w, f"--data={w / 'tree'}", out=out / "out.h5"), "val.h5"),
     "smooth": (lambda w, out: ["smooth", w / "val.h5", f"--out={out / 'out.h5'}"], "val.h5"),
+    "ensemble": (
+        lambda w, out: ["ensemble", w / "val.h5", w / "val.h5", f"--out={out / 'out.h5'}"],
+        "val.h5",
+    ),
     "train": (lambda w, out: _train(w, str(out / "run")), "run"),
     "pretrain": (lambda w, out: _pretrain(w, str(out / "p1"), "--steps=2"), "p1"),
     "convert": (
@@ -579,7 +585,7 @@ FULL_DISK = {
     ),
 }
 # HDF5 writers crashed the process (exit 139) on a full disk: run in a process of their own
-IN_A_PROCESS = {"predict", "smooth"}
+IN_A_PROCESS = {"import-features", "predict", "smooth", "ensemble"}
 
 
 def _size_kb(path: Path) -> int:
@@ -605,7 +611,8 @@ def test_a_full_disk_gives_one_line_and_leaves_no_temporary_file(
 ):
     w = _workspace(built, tmp_path, set())
     arguments, sized_as = FULL_DISK[command]
-    disk = small_disk(max(8, _size_kb(built / sized_as) // 2))
+    half = sized_as if isinstance(sized_as, int) else _size_kb(built / sized_as) // 2
+    disk = small_disk(max(8, half))
     invoke = _in_a_process if command in IN_A_PROCESS else lambda a: runner.invoke(app, _cli(*a))
 
     line = _one_line_naming(invoke(arguments(w, disk)), disk, "No space left on device")
