@@ -1,17 +1,24 @@
 """Writing a result or run file (predictions, reports, plots, submissions, weights, checkpoints,
 feature stores, manifests): its folder is created, it appears complete or not at all, and a
 failure names the file instead of a stack trace. Every file fercache writes goes through
-`write_atomically`."""
+`write_atomically`; a command writing many files into one folder first checks it can
+(`output_folder`)."""
 
+import io
 import os
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
+import h5py
+
 from fercache.errors import FercacheError
 
 TMP_MARK = ".tmp-"  # `.<name>.tmp-<pid>`: the temporary name of a file being written
-WRITE_ADVICE = "check the folder is writable and has space"
+WRITE_ADVICE = (
+    "nothing was written under that name; check the folder is writable and has space, then run "
+    "the command again"
+)
 
 
 def temporary_name(path: Path) -> Path:
@@ -73,6 +80,49 @@ def write_atomically(
         with suppress(OSError):  # e.g. no folder to remove it from: the error above says why
             tmp.unlink(missing_ok=True)
     return path
+
+
+def write_made_atomically(
+    path: Path, make: Callable[[], bytes | memoryview], what: str, advice: str = WRITE_ADVICE
+) -> Path:
+    """`write_atomically` of a file a library makes in memory (`make`): for HDF5, torch and
+    safetensors, which fail on a full disk otherwise than with an OSError. h5py raises
+    RuntimeError, and a flush that failed leaves the file open inside HDF5, which then crashes
+    the process as it exits (exit 139); torch.save raises RuntimeError and safetensors
+    SafetensorError. Here only Python's own write meets the disk."""
+    return write_atomically(path, lambda tmp: tmp.write_bytes(make()), what, advice)
+
+
+def hdf5_image(fill: Callable[[h5py.File], None]) -> memoryview:
+    """The bytes of a new HDF5 file that `fill` writes, made in memory (`write_made_atomically`)."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as handle:
+        fill(handle)
+    return buffer.getbuffer()
+
+
+def output_folder(folder: Path, option: str = "--out") -> Path:
+    """Create `folder` (the `option` of a command that writes many files there) and check that a
+    file can be written in it, before any work: a read-only file system, a file of that name or
+    a full disk is one line naming the folder, not a traceback once the work is done."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FercacheError(
+            f"{folder}: {option} names a file, not a folder; choose another {option}"
+        )
+    probe = temporary_name(folder / "write-check")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"fercache")
+    except OSError as error:
+        raise FercacheError(
+            f"{folder}: cannot write into this folder ({error.strerror or error}); choose another "
+            f"{option}, or make it writable"
+        ) from error
+    finally:
+        with suppress(OSError):
+            probe.unlink(missing_ok=True)
+    return folder
 
 
 def write_text_atomically(path: Path, text: str, what: str, advice: str = WRITE_ADVICE) -> Path:

@@ -11,9 +11,16 @@ failures with this module.
 import json
 from pathlib import Path
 
+from PIL import Image
+
 from fercache.errors import FercacheError
 
 LONGEST_REASON = 160  # characters of a library's message quoted in an error
+# What PIL raises for an image file it cannot decode: OSError (not an image, truncated),
+# ValueError, and DecompressionBombError for a header declaring more pixels than PIL allows
+# (a few bytes that would take gigabytes to decode). Every reader of frames and still images
+# catches all three and skips or replaces that one image.
+UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 
 
 def first_line(error: BaseException) -> str:

@@ -15,6 +15,7 @@ resume may differ from them; anything else given is refused, naming each change.
 Every file is written whole under a temporary name, then renamed (`fercache.outputs`).
 """
 
+import io
 import json
 import pickle
 from collections.abc import Collection
@@ -25,11 +26,13 @@ import torch
 import yaml
 
 from fercache.errors import FercacheError
-from fercache.outputs import write_atomically, write_text_atomically
+from fercache.outputs import write_made_atomically, write_text_atomically
 from fercache.readers import first_line, read_text
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "last.pt"
+# what to do when a run's checkpoint or weights cannot be written (a full disk)
+RESUME_ADVICE = "the last checkpoint written is kept: free disk space, then go on with --resume"
 METRICS_FILE = "metrics.jsonl"
 _UNSET = "<unset>"  # a key one side of a comparison lacks (a run of another version)
 
@@ -75,7 +78,13 @@ def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     """Write `last.pt`: tensors (state dicts) and plain Python values (numbers, strings, None,
     lists, tuples, dicts), which is all `read_checkpoint` accepts."""
     path = Path(run_dir) / CHECKPOINT_FILE
-    return write_atomically(path, lambda tmp: torch.save(state, tmp), "the checkpoint")
+    return write_made_atomically(path, lambda: _torch_image(state), "the checkpoint", RESUME_ADVICE)
+
+
+def _torch_image(state: dict[str, Any]) -> memoryview:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer()
 
 
 def read_checkpoint(run_dir: Path, keys: Collection[str] = ()) -> dict[str, Any]:

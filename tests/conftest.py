@@ -1,8 +1,9 @@
 """Shared fixtures: one small synthetic Aff-Wild2 tree per test session; one torch thread; a
-disk that fills up."""
+disk that fills up (faked, or a real small file system)."""
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,37 @@ def full_disk_after(monkeypatch):
         monkeypatch.setattr(owner, name, writer)
 
     return install
+
+
+@pytest.fixture
+def small_disk(tmp_path_factory):
+    """`small_disk(kilobytes, read_only=False)`: an empty folder that is a tmpfs of that size (a
+    real full disk, or a read-only file system, which root cannot write either), unmounted after
+    the test; `small_disk.grow(folder, kilobytes)` frees space. Mounting needs root, as CI
+    runs: the test is skipped, with the reason, otherwise."""
+    mounted: list[Path] = []
+
+    def mount(kilobytes: int, read_only: bool = False) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small file system (tmpfs) needs root, as CI runs")
+        folder = tmp_path_factory.mktemp("disk")
+        options = f"size={kilobytes}k" + (",ro" if read_only else "")
+        done = _mount("-t", "tmpfs", "-o", options, "tmpfs", folder)
+        if done.returncode != 0:
+            pytest.skip(f"could not mount a tmpfs: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    def grow(folder: Path, kilobytes: int) -> None:
+        assert _mount("-o", f"remount,size={kilobytes}k", folder).returncode == 0
+
+    mount.grow = grow
+    yield mount
+    for folder in mounted:
+        # lazily: a process that failed on it may still hold a file open there
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+def _mount(*arguments: object) -> subprocess.CompletedProcess:
+    command = ["mount", *map(str, arguments)]
+    return subprocess.run(command, capture_output=True, text=True, check=False)

@@ -13,10 +13,15 @@ every reader is given, one PRED, one tiny phase-1 run) and copied per case befor
 import json
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -478,3 +483,275 @@ def test_runs_marks_an_unreadable_run_and_compares_the_readable_ones(built, tmp_
     assert columns[: columns.index("epochs_done")] == ["run", "lr"]  # the one setting that differs
     status = {row["run"]: row["status"] for row in table["rows"]}
     assert status == {"a": "finished", "b": "finished", "c": f"unreadable: {damaged}"}
+
+
+# --- outputs that cannot be written, links, huge declared shapes, decompression bombs ----------
+# Each command that writes a folder or a file, given a read-only one (a tmpfs mounted `ro`: root
+# ignores file modes), an --out that is a file, or a real full disk (a small tmpfs), answers in
+# one line naming it, exit code 2; a full disk keeps what was finished and no temporary file.
+# Sources whose data lies outside the file, or whose declared shape is absurd, and frames that are
+# decompression bombs, are refused or skipped as other damage is.
+
+RATE = ("--rate=30", "--fps=30")  # an array source of one row per frame
+
+
+def _frames_of(w: Path, video: str) -> int:
+    split = "val" if video.startswith("val") else "train"
+    text = (w / f"tree/{ANNOTATIONS}/{SPLIT_FOLDERS[split]}/{video}.txt").read_text()
+    return len(text.splitlines()) - 1
+
+
+def _videos(w: Path) -> list[str]:
+    return sorted(path.name for path in (w / "tree" / "cropped_aligned").iterdir())
+
+
+def _npy_source(w: Path) -> Path:
+    """src/<video>.npy: (N, 4) per video of the tree."""
+    for video in _videos(w):
+        (w / "src").mkdir(exist_ok=True)
+        np.save(w / "src" / f"{video}.npy", np.ones((_frames_of(w, video), 4), np.float32))
+    return w / "src"
+
+
+def _import(w: Path, source: Path, out: Path) -> list:
+    return ["import-features", source, f"--out={out}", f"--data={w / 'tree'}", *RATE]
+
+
+# command: (its arguments given where it writes, and the file it writes: "" for a folder)
+WRITERS: dict[str, tuple[Callable[[Path, Path], list], str]] = {
+    "extract": (lambda w, out: _extract(w, str(out), *NET), ""),
+    "import-features": (lambda w, out: _import(w, _npy_source(w), out), ""),
+    "train": (lambda w, out: _train(w, str(out)), ""),
+    "sweep": (lambda w, out: [*_sweep(w, LR)[:3], f"--out={out}", *_sweep(w, LR)[4:]], ""),
+    "pretrain": (lambda w, out: _pretrain(w, str(out), "--steps=2"), ""),
+    "synth": (lambda w, out: ["synth", out, "--videos=4", "--frames=64"], ""),
+    "predict": (lambda w, out: _predict(w, f"--data={w / 'tree'}", out=out), "out.h5"),
+    "smooth": (lambda w, out: ["smooth", w / "val.h5", f"--out={out}"], "out.h5"),
+    "ensemble": (lambda w, out: ["ensemble", w / "val.h5", w / "val.h5", f"--out={out}"], "out.h5"),
+    "submit": (lambda w, out: ["submit", w / "val.h5", f"--out={out}"], "out.csv"),
+    "evaluate": (
+        lambda w, out: ["evaluate", w / "val.h5", f"--data={w / 'tree'}", f"--json={out}"],
+        "out.json",
+    ),
+    "convert": (
+        lambda w, out: ["convert", w / "run" / "last.pt", f"--out={out}"],
+        "out.safetensors",
+    ),
+}
+
+
+def _one_line_naming(result, *names: object) -> str:
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # no other exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(str(name) in lines[0] for name in names), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("place", ["read-only", "a-file"])
+@pytest.mark.parametrize("command", WRITERS)
+def test_an_output_that_cannot_be_written_gives_one_line_before_any_work(
+    built, tmp_path, small_disk, command, place
+):
+    w = _workspace(built, tmp_path, set())
+    arguments, written = WRITERS[command]
+    if place == "read-only":
+        where = small_disk(64, read_only=True)
+        out = where / (written or "out")
+    else:
+        where = w / "a-file"
+        where.write_text("a file, not a folder\n")
+        out = where / written if written else where
+
+    _one_line_naming(runner.invoke(app, _cli(*arguments(w, out))), where)
+    assert where.is_file() or not any(where.iterdir())
+
+
+# command: (arguments given its output folder, the disk's kilobytes or the built item whose size
+# fills the disk halfway)
+FULL_DISK = {
+    "import-features": (lambda w, out: _import(w, _npy_source(w), out / "cache"), 8),
+    "predict": (lambda w, out: _predict(w, f"--data={w / 'tree'}", out=out / "out.h5"), "val.h5"),
+    "smooth": (lambda w, out: ["smooth", w / "val.h5", f"--out={out / 'out.h5'}"], "val.h5"),
+    "ensemble": (
+        lambda w, out: ["ensemble", w / "val.h5", w / "val.h5", f"--out={out / 'out.h5'}"],
+        "val.h5",
+    ),
+    "train": (lambda w, out: _train(w, str(out / "run")), "run"),
+    "pretrain": (lambda w, out: _pretrain(w, str(out / "p1"), "--steps=2"), "p1"),
+    "convert": (
+        lambda w, out: ["convert", w / "run" / "last.pt", f"--out={out / 'out.safetensors'}"],
+        "run/best.safetensors",
+    ),
+}
+# HDF5 writers crashed the process (exit 139) on a full disk: run in a process of their own
+IN_A_PROCESS = {"import-features", "predict", "smooth", "ensemble"}
+
+
+def _size_kb(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) // 1024
+
+
+def _in_a_process(arguments: list) -> SimpleNamespace:
+    done = subprocess.run(
+        [sys.executable, "-m", "fercache", *_cli(*arguments)], capture_output=True, text=True
+    )
+    return SimpleNamespace(
+        exit_code=done.returncode,
+        exception=SystemExit(done.returncode),
+        stderr=done.stderr,
+        output=done.stdout + done.stderr,
+    )
+
+
+@pytest.mark.parametrize("command", FULL_DISK)
+def test_a_full_disk_gives_one_line_and_leaves_no_temporary_file(
+    built, tmp_path, small_disk, command
+):
+    w = _workspace(built, tmp_path, set())
+    arguments, sized_as = FULL_DISK[command]
+    half = sized_as if isinstance(sized_as, int) else _size_kb(built / sized_as) // 2
+    disk = small_disk(max(8, half))
+    invoke = _in_a_process if command in IN_A_PROCESS else lambda a: runner.invoke(app, _cli(*a))
+
+    line = _one_line_naming(invoke(arguments(w, disk)), disk, "No space left on device")
+
+    assert "Traceback" not in line
+    assert not [path for path in disk.rglob("*") if ".tmp-" in path.name]
+
+
+def test_extract_on_a_full_disk_keeps_the_finished_stores_and_resumes(built, tmp_path, small_disk):
+    w = _workspace(built, tmp_path, set())
+    largest = max(_size_kb(store) for store in (built / "cache").glob("*.h5"))
+    disk = small_disk(largest + 24)  # one store and the claims fit, not four
+    arguments = _cli(*_extract(w, str(disk / "cache"), *NET))
+
+    result = _in_a_process(arguments)
+
+    _one_line_naming(result, disk / "cache", "No space left on device", "a rerun resumes")
+    kept = sorted((disk / "cache").glob("*.h5"))
+    assert 1 <= len(kept) < 4, kept
+    for store in kept:
+        original = read_store(built / "cache" / store.name)
+        np.testing.assert_array_equal(read_store(store).frames, original.frames)
+    assert not [path for path in (disk / "cache").iterdir() if ".tmp-" in path.name]
+    small_disk.grow(disk, 4 * largest + 64)
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert f"{len(kept)} already done" in result.output
+
+
+def _bomb(path: Path) -> None:
+    """A valid 8x8 JPEG whose header declares 40000 x 40000 pixels."""
+    Image.new("RGB", (8, 8), (200, 120, 90)).save(path, format="JPEG")
+    data = bytearray(path.read_bytes())
+    start = data.index(b"\xff\xc0") + 5  # the frame header: length, precision, height, width
+    data[start : start + 4] = (40000).to_bytes(2, "big") * 2
+    path.write_bytes(bytes(data))
+
+
+def test_a_decompression_bomb_frame_is_skipped_and_reported(built, tmp_path):
+    w = _workspace(built, tmp_path, {"tree"})
+    frame = sorted((w / "tree" / "cropped_aligned" / VIDEO).iterdir())[2]
+    _bomb(frame)
+
+    result = runner.invoke(app, _cli(*_extract(w, "new", *NET)))
+
+    assert result.exit_code == 0, result.output
+    assert str(frame) in result.stderr.replace("\n", "") and "decompression bomb" in result.stderr
+    store = read_store(w / "new" / f"{VIDEO}.h5")
+    assert int(frame.stem) in store.skipped_frames.tolist()
+    assert int(frame.stem) not in store.frames.tolist()
+
+
+def test_pretrain_replaces_a_decompression_bomb_in_its_pool_and_lists_it(built, tmp_path):
+    w = _workspace(built, tmp_path, {"labelled.csv"})
+    bomb = w / "bomb.jpg"
+    _bomb(bomb)
+    rows = (w / "labelled.csv").read_text().splitlines()
+    (w / "labelled.csv").write_text("\n".join([*rows, f"{bomb},0"]) + "\n")
+
+    result = runner.invoke(app, _cli(*_pretrain(w, "p1-new", "--steps=2", "--set=batch_size=40")))
+
+    assert result.exit_code == 0, result.output
+    assert str(bomb) in (w / "p1-new" / "problems.txt").read_text()
+
+
+HUGE = (10**12, 4)
+
+
+def _huge_npy(handle) -> None:
+    header = {"descr": "<f4", "fortran_order": False, "shape": HUGE}
+    np.lib.format.write_array_header_1_0(handle, header)
+
+
+def _huge_source(w: Path, kind: str) -> Path:
+    """A source of every video of the tree whose VIDEO declares shape HUGE: its file."""
+    if kind == "hdf5":
+        with h5py.File(w / "src.h5", "w") as handle:
+            for video in _videos(w):
+                handle[video] = np.ones((_frames_of(w, video), 4), np.float32)
+            del handle[VIDEO]
+            handle.create_dataset(VIDEO, shape=HUGE, dtype="<f4", chunks=(1024, 4))
+        return w / "src.h5"
+    source = _npy_source(w)
+    if kind == "npy":
+        with open(source / f"{VIDEO}.npy", "wb") as handle:
+            _huge_npy(handle)
+        return source / f"{VIDEO}.npy"
+    for path in source.glob("*.npy"):
+        if path.stem == VIDEO:
+            archive = zipfile.ZipFile(path.with_suffix(".npz"), "w")
+            with archive, archive.open("features.npy", "w") as member:
+                _huge_npy(member)
+        else:
+            np.savez(path.with_suffix(".npz"), features=np.load(path))
+        path.unlink()
+    return source / f"{VIDEO}.npz"
+
+
+@pytest.mark.parametrize("kind", ["hdf5", "npy", "npz"])
+def test_import_refuses_a_huge_declared_shape_before_reading_it(built, tmp_path, kind):
+    w = _workspace(built, tmp_path, set())
+    damaged = _huge_source(w, kind)
+    source = damaged if kind == "hdf5" else damaged.parent
+
+    result = runner.invoke(app, _cli(*_import(w, source, w / "imported")))
+
+    _one_line_naming(result, damaged, f"'{VIDEO}'", str(HUGE))
+
+
+def _linked(w: Path, kind: str) -> None:
+    """src.h5 holding every video of the tree, VIDEO's data lying in another file as `kind`."""
+    rows = _frames_of(w, VIDEO)
+    with h5py.File(w / "other.h5", "w") as other:
+        other["x"] = np.ones((rows, 4), np.float32)
+    with h5py.File(w / "src.h5", "w") as handle:
+        for video in _videos(w):
+            if video != VIDEO:
+                handle[video] = np.ones((_frames_of(w, video), 4), np.float32)
+        if kind == "external-link":
+            handle[VIDEO] = h5py.ExternalLink(str(w / "other.h5"), "x")
+        elif kind == "soft-link-out":
+            handle["group/outside"] = h5py.ExternalLink(str(w / "other.h5"), "/")
+            handle[VIDEO] = h5py.SoftLink("/group/outside/x")
+        elif kind == "external-storage":
+            (w / "raw.bin").write_bytes(np.ones((rows, 4), "<f4").tobytes())
+            storage = [(str(w / "raw.bin"), 0, rows * 16)]
+            handle.create_dataset(VIDEO, shape=(rows, 4), dtype="<f4", external=storage)
+        else:
+            layout = h5py.VirtualLayout(shape=(rows, 4), dtype="<f4")
+            layout[:] = h5py.VirtualSource(str(w / "other.h5"), "x", shape=(rows, 4))
+            handle.create_virtual_dataset(VIDEO, layout)
+
+
+@pytest.mark.parametrize("kind", ["external-link", "soft-link-out", "external-storage", "virtual"])
+def test_import_refuses_a_dataset_whose_data_lies_outside_the_source_file(built, tmp_path, kind):
+    w = _workspace(built, tmp_path, set())
+    _linked(w, kind)
+
+    result = runner.invoke(app, _cli(*_import(w, w / "src.h5", w / "imported")))
+
+    _one_line_naming(result, w / "src.h5", f"'{VIDEO}'")
+    assert not (w / "imported").exists()

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,15 +182,13 @@ def test_a_full_disk_mid_checkpoint_keeps_the_last_one_and_leaves_no_partial_fil
     tmp_path, monkeypatch
 ):
     write_checkpoint(tmp_path, {"state": {"epochs_done": 1}})
-    real_save = torch.save
+    real_write = Path.write_bytes
 
-    def half_written(state, path):
-        real_save(state, path)
-        with open(path, "r+b") as handle:  # as if the disk filled up halfway through
-            handle.truncate(os.path.getsize(path) // 2)
+    def half_written(path, data):  # as if the disk filled up halfway through
+        real_write(path, bytes(data)[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", half_written)
+    monkeypatch.setattr(Path, "write_bytes", half_written)
     message = f"{tmp_path / CHECKPOINT_FILE}: could not write the checkpoint (No space left"
     with pytest.raises(FercacheError, match=f"^{re.escape(message)}"):
         write_checkpoint(tmp_path, {"state": {"epochs_done": 2}})

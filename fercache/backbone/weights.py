@@ -21,11 +21,11 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from fercache.errors import FercacheError
-from fercache.outputs import write_atomically
+from fercache.outputs import write_made_atomically
 
 WRAPPER_KEYS = ("state_dict", "model", "student", "teacher", "ema")
 ALWAYS_STRIPPED = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -305,7 +305,7 @@ def convert_checkpoint(checkpoint: Path, out: Path, trust_pickle: bool = False) 
         unpickled = True
     # safetensors refuses shared or strided storage (tied weights): every tensor its own copy
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state.items()}
-    write_atomically(out, lambda tmp: save_file(tensors, str(tmp)), "the converted weights")
+    write_made_atomically(out, lambda: save(tensors), "the converted weights")
     return Converted(out=out, tensors=len(tensors), unpickled=unpickled)
 
 

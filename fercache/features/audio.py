@@ -59,6 +59,7 @@ from fercache.features.store import (
     check_manifest,
     store_state,
 )
+from fercache.outputs import output_folder
 from fercache.progress import progress_bar
 from fercache.video.crop import video_sources
 from fercache.video.pyav import open_video, require
@@ -221,7 +222,7 @@ def compute_audio(videos: list[Path], out: Path, data: Path, options: AudioOptio
     provenance = _provenance(encoder, videos, options)
     out = Path(out)
     check_manifest(out, provenance, options.force)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     report = AudioReport()
     todo = []
     for path, names in plan.items():

@@ -42,6 +42,7 @@ from fercache.features.store import (
     write_manifest,
 )
 from fercache.features.store_writer import StoreWriter
+from fercache.outputs import output_folder
 from fercache.progress import progress_counters
 
 
@@ -135,7 +136,7 @@ def _extract(data: Path, out: Path, options: ExtractOptions, ranks: Ranks) -> Ex
     share = rank_share(jobs, ranks.rank, ranks.world_size)
     todo = [job for job in share if _needs_work(out, job, provenance, options.force)]
     report.resumed = sorted({job.video for job in share} - {job.video for job in todo})
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     with Claims(out) as claims:
         sharing = Sharing(out, provenance, options.force, started, claims, report.elsewhere)
 

@@ -12,11 +12,18 @@ Sources, one array per video:
   `timestamp`, `confidence`, `success`); a row with `success` 0 is a sample without features.
 A 1-D array is one feature per sample (T, 1). A sample is valid when all its features are
 finite (and its `success` is not 0).
+
+An array's declared shape is checked before it is read: more samples than the video can use
+(`Source.read`'s `most_rows`) or more than `MAX_FEATURES` features is refused, not allocated.
+An HDF5 source's datasets must hold their data in the file itself: external and soft links
+into other files, external storage and virtual datasets are refused, since the fingerprint
+hashes the source file's bytes and would not see the other files change.
 """
 
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import h5py
 import numpy as np
@@ -30,6 +37,7 @@ FRAME_COLUMN = "frame"
 TIME_COLUMNS = ("timestamp", "time")  # looked for in this order when none is named
 META_COLUMNS = frozenset({"frame", "face_id", "timestamp", "confidence", "success"})
 SUCCESS_COLUMN = "success"
+MAX_FEATURES = 1 << 16  # per sample; far above any embedding, far below an absurd header
 
 
 @dataclass(frozen=True)
@@ -42,11 +50,13 @@ class Source:
     index_column: str = ""  # CSV: the time or frame column
     by_frame: bool = False  # CSV: the index column holds frame numbers
 
-    def read(self, name: str, key: str | None) -> Samples:
+    def read(self, name: str, key: str | None, most_rows: int) -> Samples:
+        """The samples of source video `name`; an array declaring more than `most_rows` rows
+        is refused before it is read."""
         path = self.files[name]
         if self.kind == "csv":
             return _read_csv(path, name, self.index_column, self.by_frame)
-        return _array_samples(_read_array(self, name, key), name, path)
+        return _array_samples(_read_array(self, name, key, most_rows), name, path)
 
 
 def open_source(root: Path) -> Source:
@@ -65,12 +75,63 @@ def open_source(root: Path) -> Source:
 def _hdf5_names(path: Path) -> list[str]:
     try:
         with h5py.File(path, "r") as handle:
-            names = sorted(name for name, item in handle.items() if isinstance(item, h5py.Dataset))
+            names = sorted(name for name in handle if _hdf5_dataset(handle, path, name))
     except OSError as error:
         raise FercacheError(f"{path}: not a readable HDF5 file ({error})") from error
     if not names:
         raise FercacheError(f"{path}: empty source: no dataset (one per video) at its top level")
     return names
+
+
+def _hdf5_dataset(handle: h5py.File, path: Path, name: str) -> h5py.Dataset | None:
+    """The top-level dataset `name` of the source (None for a group); FercacheError when its
+    data lies outside the file."""
+    link = handle.get(name, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise _outside(path, name, f"an external link to {link.filename}:{link.path}")
+    item = handle.get(name)
+    if item is None:  # a soft link to nothing
+        raise _outside(path, name, f"a soft link to {link.path}, which is missing")
+    if Path(item.file.filename).resolve() != path.resolve():
+        raise _outside(path, name, f"a link into {item.file.filename}")
+    if not isinstance(item, h5py.Dataset):
+        return None
+    if item.is_virtual:
+        raise _outside(path, name, "a virtual dataset, mapped from other files")
+    if item.external:
+        files = ", ".join(str(entry[0]) for entry in item.external)
+        raise _outside(path, name, f"a dataset stored in external files ({files})")
+    return item
+
+
+def _outside(path: Path, name: str, what: str) -> FercacheError:
+    return FercacheError(
+        f"{path}: dataset '{name}' is {what}; fercache reads only data stored in the source "
+        "file itself (copy it in, e.g. with h5copy)"
+    )
+
+
+def _check_declared(
+    path: Path, name: str, what: str, shape: tuple[int, ...], most_rows: int
+) -> None:
+    """Refuse a declared shape that cannot be a video's features before it is allocated."""
+    width = int(np.prod(shape[1:], dtype=np.float64)) if len(shape) > 1 else 1
+    if len(shape) in (1, 2) and shape[0] <= most_rows and width <= MAX_FEATURES:
+        return
+    raise FercacheError(
+        f"video '{name}' ({path}): {what} declares shape {tuple(shape)}; a video's features "
+        f"are (T, D) with T at most {most_rows} here (the video's length at --rate, with the "
+        f"span tolerance) and D at most {MAX_FEATURES}: it is damaged or not this video's"
+    )
+
+
+def _npy_shape(handle: IO[bytes]) -> tuple[int, ...]:
+    """The shape an .npy stream's header declares, read without its data."""
+    version = np.lib.format.read_magic(handle)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+        version, np.lib.format.read_array_header_2_0
+    )
+    return tuple(read_header(handle)[0])
 
 
 def _folder_source(root: Path) -> Source:
@@ -122,13 +183,17 @@ def _csv_header(path: Path) -> list[str]:
         raise FercacheError(f"{path}: unreadable CSV header ({first_line(error)})") from error
 
 
-def _read_array(source: Source, name: str, key: str | None) -> np.ndarray:
+def _read_array(source: Source, name: str, key: str | None, most_rows: int) -> np.ndarray:
     path = source.files[name]
     try:
         if source.kind == "hdf5":
             with h5py.File(path, "r") as handle:
-                return np.asarray(handle[name][()])
+                dataset = _hdf5_dataset(handle, path, name)
+                _check_declared(path, name, f"dataset '{name}'", dataset.shape, most_rows)
+                return np.asarray(dataset[()])
         if source.kind == "npy":
+            with open(path, "rb") as handle:
+                _check_declared(path, name, "the array", _npy_shape(handle), most_rows)
             return np.load(path, allow_pickle=False)
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.keys())
@@ -143,6 +208,8 @@ def _read_array(source: Source, name: str, key: str | None) -> np.ndarray:
                     f"video '{name}' ({path}): no array '{chosen}' (it holds {', '.join(keys)}); "
                     "fix --key"
                 )
+            with archive.zip.open(f"{chosen}.npy") as member:
+                _check_declared(path, name, f"array '{chosen}'", _npy_shape(member), most_rows)
             return archive[chosen]
     except (OSError, ValueError) as error:
         raise FercacheError(f"video '{name}' ({path}): unreadable array ({error})") from error

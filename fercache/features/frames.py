@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from fercache.data.affwild2 import frame_filename
+from fercache.readers import UNREADABLE_IMAGE
 
 
 @dataclass
@@ -46,7 +47,7 @@ class FrameDataset(Dataset):
             with Image.open(path) as image:
                 pixels = np.array(image.convert("RGB"))
             return index, torch.from_numpy(pixels).permute(2, 0, 1), ""
-        except (UnidentifiedImageError, OSError, ValueError) as error:
+        except UNREADABLE_IMAGE as error:
             reason = getattr(error, "strerror", None) or str(error)
             return index, torch.empty(0, dtype=torch.uint8), f"{path}: {reason}"
 

@@ -16,12 +16,14 @@ the stores already written with the same fingerprint.
 """
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fercache.data.affwild2 import AffWild2
 from fercache.errors import FercacheError
 from fercache.features.alignment import (
+    SPAN_TOLERANCE,
     CacheOptions,
     Samples,
     Target,
@@ -37,6 +39,7 @@ from fercache.features.alignment import (
 )
 from fercache.features.foreign import Source, open_source, with_index_column
 from fercache.features.store import Provenance, check_manifest, store_path
+from fercache.outputs import output_folder
 from fercache.progress import progress_bar
 from fercache.video.crop import VIDEO_SUFFIXES
 from fercache.video.pyav import frame_rate
@@ -76,11 +79,12 @@ def import_features(
     opened = _open_source(Path(source), options)
     tree = AffWild2(data)
     targets = _targets(tree, opened, options)
-    first = opened.read(next(iter(opened.files)), options.key)
+    first_name = next(iter(opened.files))
+    first = opened.read(first_name, options.key, _most_rows(targets, first_name))
     provenance = _provenance(opened, targets, first, options)
     out = Path(out)
     check_manifest(out, provenance, options.force)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     report = ImportReport()
     entries: dict[str, dict] = {}
     todo = [
@@ -94,7 +98,8 @@ def import_features(
         last: dict[str, Samples] = {}  # X_left and X_right read X once
         for target in todo:
             if target.source not in last:
-                last = {target.source: opened.read(target.source, options.key)}
+                rows = _most_rows(targets, target.source)
+                last = {target.source: opened.read(target.source, options.key, rows)}
             samples = last[target.source]
             _check_same_features(samples, first, target, opened.root)
             covered, values = align_to_frames(samples, target, options.align)
@@ -192,6 +197,18 @@ def video_file_fps(folder: Path, names: list[str]) -> float:
 
 
 # --- checks, provenance ----------------------------------------------------------------------
+
+
+def _most_rows(targets: list[Target], source: str) -> int:
+    """The most samples an array of `source` may hold: more would fail the span check against
+    every video it feeds (`SPAN_TOLERANCE`), so it is refused before it is read."""
+    return max(
+        math.ceil(target.frames / target.fps * target.rate * (1 + SPAN_TOLERANCE)) + 1
+        if target.rate
+        else 0
+        for target in targets
+        if target.source == source
+    )
 
 
 def _check_same_features(samples: Samples, first: Samples, target: Target, root: Path) -> None:

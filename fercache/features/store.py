@@ -39,7 +39,7 @@ import numpy as np
 from fercache import __version__
 from fercache.errors import FercacheError
 from fercache.outputs import TMP_MARK as TEMPORARY
-from fercache.outputs import write_atomically, write_text_atomically
+from fercache.outputs import hdf5_image, write_made_atomically, write_text_atomically
 from fercache.readers import first_line, read_json_object, unreadable
 
 FORMAT_VERSION = 1
@@ -172,26 +172,25 @@ def write_store(
     """
     skipped = sorted(skipped)
 
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as store:
-            _write_datasets(store, frames, features, logits, provenance.dtype)
-            attrs = store.attrs
-            for key, value in provenance.to_json().items():
-                attrs[key] = value
-            attrs["format_version"] = FORMAT_VERSION
-            attrs["fercache_version"] = __version__
-            attrs["video"] = video
-            attrs["skipped_frames"] = np.array([f for f, _ in skipped], dtype=np.int32)
-            attrs["skipped_reasons"] = json.dumps([reason for _, reason in skipped])
-            if missing is not None:
-                attrs[MISSING_FRAMES] = np.asarray(missing, dtype=np.int32)
-            for key, value in (details or {}).items():
-                attrs[key] = value
-            attrs["complete"] = 1
+    def fill(store: h5py.File) -> None:
+        _write_datasets(store, frames, features, logits, provenance.dtype)
+        attrs = store.attrs
+        for key, value in provenance.to_json().items():
+            attrs[key] = value
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["fercache_version"] = __version__
+        attrs["video"] = video
+        attrs["skipped_frames"] = np.array([f for f, _ in skipped], dtype=np.int32)
+        attrs["skipped_reasons"] = json.dumps([reason for _, reason in skipped])
+        if missing is not None:
+            attrs[MISSING_FRAMES] = np.asarray(missing, dtype=np.int32)
+        for key, value in (details or {}).items():
+            attrs[key] = value
+        attrs["complete"] = 1
 
-    return write_atomically(
+    return write_made_atomically(
         store_path(cache_dir, video),
-        write,
+        lambda: hdf5_image(fill),
         "the feature store",
         "free disk space or choose another --out; finished stores are kept and a rerun resumes",
     )

@@ -37,7 +37,7 @@ from fercache import __version__
 from fercache.data.affwild2 import SPLITS
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
-from fercache.outputs import remove_dead_leftovers, write_atomically
+from fercache.outputs import hdf5_image, remove_dead_leftovers, write_made_atomically
 from fercache.readers import first_line
 
 FORMAT = "fercache-predictions"
@@ -183,11 +183,7 @@ class Predictions:
         path = Path(path)
         self.validate(path)
         remove_dead_leftovers(path.parent, path.name)
-        return write_atomically(path, self._write_file, "predictions")
-
-    def _write_file(self, path: Path) -> None:
-        with h5py.File(path, "w") as handle:
-            self._write_into(handle)
+        return write_made_atomically(path, lambda: hdf5_image(self._write_into), "predictions")
 
     def _write_into(self, handle: h5py.File) -> None:
         attrs = handle.attrs

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from fercache.backbone.network import MODEL_METADATA_KEY, DataConfig
 from fercache.data.tasks import EXPR_CLASSES
-from fercache.outputs import write_atomically, write_text_atomically
+from fercache.outputs import write_made_atomically, write_text_atomically
+from fercache.resume import RESUME_ADVICE
 
 
 def model_config(backbone: str, data_config: DataConfig, recipe: str, **extra: object) -> dict:
@@ -37,7 +38,7 @@ def export_model(model: torch.nn.Module, config: dict, out: Path) -> Path:
         for key, value in model.state_dict().items()
     }
     metadata = {MODEL_METADATA_KEY: json.dumps(config)}
-    write_atomically(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), "the model")
+    write_made_atomically(out, lambda: save(state, metadata=metadata), "the model", RESUME_ADVICE)
     write_text_atomically(
         out.with_suffix(".json"), json.dumps(config, indent=2) + "\n", "the model config"
     )

@@ -21,6 +21,7 @@ from torchvision import transforms as T
 
 from fercache.backbone.network import DataConfig
 from fercache.errors import FercacheError
+from fercache.readers import UNREADABLE_IMAGE
 
 INTERPOLATION = "bilinear"
 _MAX_SUBSTITUTES = 16  # unreadable images skipped in a row before giving up on one item
@@ -135,7 +136,7 @@ class _RobustImages(Dataset):
             try:
                 with Image.open(path) as image:
                     return image.convert("RGB"), "|".join(failed)
-            except (OSError, ValueError, Image.DecompressionBombError):
+            except UNREADABLE_IMAGE:
                 failed.append(str(path))
         raise FercacheError(
             f"{len(failed)} unreadable images in a row, starting at {failed[0]}: "

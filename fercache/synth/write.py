@@ -30,6 +30,7 @@ from fercache.data.layout import (
 )
 from fercache.data.tasks import AU, EXPR, VA
 from fercache.errors import FercacheError
+from fercache.outputs import output_folder
 from fercache.progress import progress_bar
 from fercache.synth.face import Geometry
 from fercache.synth.plan import N_CLASSES, SynthConfig, VideoPlan, plan_videos
@@ -181,7 +182,7 @@ def _prepare_output(out: Path, force: bool) -> None:
                 "or choose another folder"
             )
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "OUT")
 
 
 def _readme(config: SynthConfig) -> str:

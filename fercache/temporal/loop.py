@@ -38,7 +38,7 @@ from fercache.data.labels import (
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
-from fercache.outputs import remove_dead_leftovers
+from fercache.outputs import output_folder, remove_dead_leftovers
 from fercache.progress import progress_bar, progress_line
 from fercache.readers import read_json_object, unreadable
 from fercache.resume import holds_run, read_checkpoint, write_checkpoint, write_metrics
@@ -208,7 +208,7 @@ def _run(
     run_data = _load_data(caches, data, config, request, ranks)
     objective, sampling_weights = _objective(run_data, config, ranks.device)
     if ranks.is_main:  # only once every input was read: unreadable inputs leave no run folder
-        out.mkdir(parents=True, exist_ok=True)
+        output_folder(out)
         remove_dead_leftovers(out)  # weights and checkpoints of a killed run, half-written
         write_config(config, out)
         if request.videos is not None:

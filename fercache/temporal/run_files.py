@@ -20,10 +20,11 @@ import json
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from fercache.outputs import write_atomically, write_text_atomically
+from fercache.outputs import write_atomically, write_made_atomically, write_text_atomically
 from fercache.readers import read_json_object, unreadable
+from fercache.resume import RESUME_ADVICE
 
 BEST_WEIGHTS = "best.safetensors"
 FINAL_WEIGHTS = "final.safetensors"
@@ -51,7 +52,7 @@ def write_json(path: Path, value: dict) -> None:
 
 def write_weights(path: Path, state_dict: dict) -> None:
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp)), "the weights")
+    write_made_atomically(path, lambda: save(tensors), "the weights", RESUME_ADVICE)
 
 
 def write_best(run_dir: Path, state_dict: dict, model_details: dict) -> None:
