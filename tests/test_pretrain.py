@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from fercache.cli import app
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks
 from fercache.errors import FercacheError
-from fercache.pretrain import PretrainConfig, load_config, pretrain
+from fercache.pretrain import PretrainConfig, load_config, loop, pretrain
 from fercache.pretrain.loop import Progress, _load_state, _save_state
 from fercache.pretrain.mpl import (
     DistributionAlignment,
@@ -766,3 +767,43 @@ def test_the_command_resumes_a_run_killed_mid_way(synthetic_tree, tmp_path):
 def _has_checkpoint_after(run: Path, step: int) -> bool:
     checkpoint = run / "last.pt"  # renamed into place whole: never read half-written
     return checkpoint.is_file() and torch.load(checkpoint, weights_only=True)["progress"][0] >= step
+
+
+class _Killed(Exception):
+    """Stands for the kill of a run between two steps."""
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    ("recipe", "workers"), [("supervised", 0), ("fixmatch", 0), ("pseudo-label", 0), ("mpl", 2)]
+)
+def test_a_run_stopped_after_a_checkpoint_and_resumed_ends_bit_identical(
+    recipe, workers, synthetic_tree, tmp_path, monkeypatch
+):
+    pool = synthetic_tree / "pools"
+    labelled, unlabelled = [pool / "labelled.csv"], [pool / "unlabelled"]
+    settings = {**TINY, "backbone": "test_resnet", "batch_size": 8, "log_every": 1}
+    settings |= {"checkpoint_every": 2, "eval_every": 2, "warmup_steps": 1, "ema_decay": 0.5}
+    settings |= {"recipe": recipe, "steps": 4, "distribution_alignment": recipe != "supervised"}
+    config = PretrainConfig(**settings)
+    pretrain(labelled, unlabelled, tmp_path / "whole", config, progress=False)
+
+    real_step = loop._one_step
+
+    def killed_at_step_3(*args):  # args[-1]: the step about to be taken
+        if args[-1] == 3:  # after the checkpoint of step 2 and one step past it
+            raise _Killed
+        return real_step(*args)
+
+    run = tmp_path / "stopped"
+    monkeypatch.setattr(loop, "_one_step", killed_at_step_3)
+    with pytest.raises(_Killed):  # loader processes too, where asked: they draw the views
+        pretrain(labelled, unlabelled, run, replace(config, workers=workers), progress=False)
+    monkeypatch.undo()
+    assert torch.load(run / "last.pt", weights_only=True)["progress"][0] == 2
+    pretrain(labelled, unlabelled, run, config, resume=True, progress=False)
+
+    written = sorted(path.name for path in (tmp_path / "whole").iterdir())
+    assert ("teacher.safetensors" in written) == (recipe == "mpl")
+    for name in ["metrics.jsonl", *(name for name in written if name.endswith(".safetensors"))]:
+        assert (run / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name

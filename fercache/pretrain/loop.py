@@ -4,9 +4,8 @@ on GPU); rank 0 writes every file."""
 
 import contextlib
 import json
-import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from fercache.backbone.network import DataConfig
 from fercache.data.tasks import EXPR_CLASSES
@@ -26,7 +25,12 @@ from fercache.pretrain.config import CONFIG_HEADER, PretrainConfig, resumed_conf
 from fercache.pretrain.export import export_model, model_config
 from fercache.pretrain.recipe_base import Autocast, Recipe, StepBatch, create_network
 from fercache.pretrain.registry import recipe_for
-from fercache.pretrain.sampling import check_every_class, holdout_split
+from fercache.pretrain.sampling import (
+    SeededBatches,
+    UniformBatches,
+    check_every_class,
+    holdout_split,
+)
 from fercache.pretrain.sources import (
     LabelledImages,
     Problem,
@@ -39,6 +43,7 @@ from fercache.pretrain.sources import (
 )
 from fercache.pretrain.views import (
     LabelledDataset,
+    SeededViews,
     UnlabelledDataset,
     Views,
     build_views,
@@ -175,13 +180,16 @@ def _run(
         _write_label_summary(out, summary, progress)
     ranks.barrier()
 
-    stream_seed = [config.seed, ranks.rank, state.step]  # a resumed run draws a fresh stream
-    _seed_host_random(stream_seed)
+    # each rank its own streams; a resumed run takes them up at its step (docs: "Resume")
+    stream_seed = [config.seed, ranks.rank]
     labelled_batches = _labelled_batches(
-        recipe, labelled_images, train_index, views, config, stream_seed, ranks
+        recipe, labelled_images, train_index, views, config, stream_seed, ranks, state.step
     )
+    unlabelled_drawn = sum(map(recipe.draws_unlabelled, range(state.step)))
     unlabelled_batches = (
-        _unlabelled_batches(unlabelled_images.paths, views, config, stream_seed, ranks)
+        _unlabelled_batches(
+            unlabelled_images.paths, views, config, stream_seed, ranks, unlabelled_drawn
+        )
         if unlabelled_images
         else None
     )
@@ -194,13 +202,13 @@ def _run(
         advance(state.step)
         while state.step < config.steps:
             with_unlabelled = unlabelled_batches is not None and recipe.draws_unlabelled(state.step)
+            labelled_batch = next(labelled_batches)
+            unlabelled_batch = next(unlabelled_batches) if with_unlabelled else None
+            # the step's own draws (dropout, drop-path, token masks) from (seed, rank, step)
+            # alone: a resumed run repeats them, and the views' seeding cannot shift them
+            torch.manual_seed(_seed_of([*stream_seed, 2, state.step]))
             metrics, unreadable = _one_step(
-                recipe,
-                ranks.device,
-                autocast,
-                next(labelled_batches),
-                next(unlabelled_batches) if with_unlabelled else None,
-                state.step,
+                recipe, ranks.device, autocast, labelled_batch, unlabelled_batch, state.step
             )
             state.step += 1
             _accumulate(state, metrics)
@@ -297,13 +305,9 @@ def _evaluation_line(state: Progress, total: int, evaluation: dict[str, float]) 
     return f"step {state.step}/{total}  {losses}  held-out {scores}  {seconds:.1f} s"
 
 
-def _seed_host_random(stream_seed: list[int]) -> None:
-    """With workers=0 the views are drawn in this process, and timm's RandAugment draws from
-    Python's `random` and NumPy's global generator (loader workers are seeded by torch):
-    seeded here, a run repeats exactly whatever `workers` is."""
-    seed = int(np.random.SeedSequence([*stream_seed, 2]).generate_state(1)[0])
-    random.seed(seed)
-    np.random.seed(seed)
+def _seed_of(entropy: list[int]) -> int:
+    """A seed of the stream `entropy` names: (seed, rank), then which stream (and step)."""
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def _one_step(
@@ -355,15 +359,16 @@ def _labelled_batches(
     config: PretrainConfig,
     stream_seed: list[int],
     ranks: Ranks,
+    start: int,
 ) -> Iterator:
-    """The training batches of the labelled images at `index`, drawn as the recipe draws them."""
+    """The training batches of the labelled images at `index`, drawn as the recipe draws them,
+    from batch `start` on."""
     paths = [images.paths[i] for i in index]
     targets = np.asarray(images.targets)[index] if images.targets else None
-    seed = int(np.random.SeedSequence(stream_seed).generate_state(1)[0])
-    dataset, sampler = recipe.training_data(
-        paths, np.asarray(images.labels)[index], targets, views, seed
+    dataset, batches = recipe.training_data(
+        paths, np.asarray(images.labels)[index], targets, views, _seed_of(stream_seed), start
     )
-    return iter(DataLoader(dataset, batch_sampler=sampler, **_loader_options(config, ranks)))
+    return _batches(dataset, batches, _seed_of([*stream_seed, 3]), start, config, ranks)
 
 
 def _unlabelled_batches(
@@ -372,20 +377,28 @@ def _unlabelled_batches(
     config: PretrainConfig,
     stream_seed: list[int],
     ranks: Ranks,
+    start: int,
 ) -> Iterator:
-    generator = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([*stream_seed, 1]).generate_state(1)[0])
-    )
-    # with replacement and a practically endless length: the loader never runs dry
-    sampler = RandomSampler(range(len(paths)), True, 2**62, generator=generator)
-    loader = DataLoader(
-        UnlabelledDataset(paths, views),
-        batch_size=config.mu * config.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        **_loader_options(config, ranks),
-    )
-    return iter(loader)
+    """The unlabelled batches (uniform, with replacement) from batch `start` on."""
+    size = config.mu * config.batch_size
+    batches = UniformBatches(len(paths), size, _seed_of([*stream_seed, 1]), start)
+    dataset = UnlabelledDataset(paths, views)
+    return _batches(dataset, batches, _seed_of([*stream_seed, 4]), start, config, ranks)
+
+
+def _batches(
+    dataset: Dataset,
+    batches: Iterable[list[int]],
+    view_seed: int,
+    start: int,
+    config: PretrainConfig,
+    ranks: Ranks,
+) -> Iterator:
+    """The loaded batches of `dataset` at the indices `batches` gives (its batch `start` on),
+    each image's views drawn from its own seed (`SeededBatches`)."""
+    seeded = SeededBatches(batches, view_seed, start)
+    options = _loader_options(config, ranks)
+    return iter(DataLoader(SeededViews(dataset), batch_sampler=seeded, **options))
 
 
 def _evaluation_loader(
