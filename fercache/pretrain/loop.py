@@ -4,6 +4,7 @@ on GPU); rank 0 writes every file."""
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -66,12 +68,14 @@ PROBLEMS_FILE = "problems.txt"  # sources left out and unreadable images, one pe
 SOURCES_FILE = "sources.json"  # the labelled and unlabelled sources the run was given
 LABELS_FILE = "labels.json"  # each source's numbering and class counts, the per-class cap
 _EVAL_BATCH = 128
+_NO_STEP = 2**62  # `_earliest`: no diverged step
 
 
 @dataclass
 class Progress:
     """Counters that survive a restart (besides the weights), and the metrics of the steps
-    since the last log line, summed as device tensors so that logging needs no sync per step."""
+    since the last log line, summed as device tensors so that logging needs no sync per step
+    (and whether each step's were finite)."""
 
     step: int = 0
     feedback_sum: float = 0.0
@@ -79,6 +83,8 @@ class Progress:
     unreadable: int = 0
     window: dict[str, torch.Tensor] = field(default_factory=dict)
     window_steps: int = 0
+    finite: list[torch.Tensor] = field(default_factory=list)  # per step since the last line
+    checkpointed: int = 0  # the step of the last checkpoint written or resumed from
     history: list[dict] = field(default_factory=list)  # the records of metrics.jsonl
     problems: list[str] = field(default_factory=list)  # the lines of problems.txt
     logged: dict[str, float] = field(default_factory=dict)  # the last log window's means
@@ -431,6 +437,7 @@ def _accumulate(state: Progress, metrics: dict[str, torch.Tensor]) -> None:
     for key, value in metrics.items():
         state.window[key] = state.window[key] + value if key in state.window else value
     state.window_steps += 1
+    state.finite.append(torch.stack([value.float() for value in metrics.values()]).isfinite().all())
 
 
 def _maybe_log_and_save(
@@ -446,21 +453,74 @@ def _maybe_log_and_save(
     """Log every `log_every`, evaluate every `eval_every`, checkpoint every
     `checkpoint_every` steps, and all three at the last step. A checkpoint step is also
     logged, so the saved feedback mean counts every step before it. The recipe may ask for
-    more evaluations (the end of a stage)."""
+    more evaluations (the end of a stage). A diverged run stops before any of it."""
     last = state.step == config.steps
     checkpoint = last or state.step % config.checkpoint_every == 0
+    evaluates = last or recipe.evaluates_after(state.step) or state.step % config.eval_every == 0
+    if not (checkpoint or evaluates or state.step % config.log_every == 0):
+        return None
+    _stop_if_diverged(out, recipe, state, ranks)
     evaluation = None
-    extra = recipe.evaluates_after(state.step)
-    if ranks.is_main and (last or extra or state.step % config.eval_every == 0):
-        evaluation = _evaluate_networks(recipe, held_out, ranks.device, autocast)
-    if ranks.is_main and (checkpoint or evaluation or state.step % config.log_every == 0):
+    if ranks.is_main:
+        if evaluates:
+            evaluation = _evaluate_networks(recipe, held_out, ranks.device, autocast)
         _log_metrics(out, config, recipe, state, evaluation)
-    if ranks.is_main and checkpoint:
-        _save_state(out, recipe, state)
-        _export(out, config, recipe, data_config)
+        if checkpoint:
+            _save_state(out, recipe, state)
+            _export(out, config, recipe, data_config)
+    state.window, state.window_steps, state.finite = {}, 0, []
     if checkpoint:
+        state.checkpointed = state.step
         ranks.barrier()
     return evaluation
+
+
+def _stop_if_diverged(out: Path, recipe: Recipe, state: Progress, ranks: Ranks) -> None:
+    """A FercacheError when a loss of a step since the last log line was inf or NaN, or the
+    weights are no longer finite (a finite loss can take them there), naming the first such
+    step and what the folder keeps: nothing of a diverged step is logged, scored or saved.
+    Every process checks its own losses and all stop at the same step (the weights are the
+    same on every process)."""
+    finite = torch.stack(state.finite).tolist()  # one device sync per log line
+    first = state.step - len(finite) + 1
+    step = _earliest([first + i for i, ok in enumerate(finite) if not ok], ranks)
+    if step is not None:
+        sums = {key: float(value) for key, value in state.window.items()}
+        losses = [f"{key} {value}" for key, value in sums.items() if not math.isfinite(value)]
+        more = f" and {len(losses) - 1} more" if len(losses) > 1 else ""
+        when = f"at step {step}"
+        what = f"loss {losses[0]}{more}" if losses else "a loss of another process was inf or NaN"
+    else:
+        networks = [name for name, net in recipe.exported().items() if not _finite_weights(net)]
+        if not networks:
+            return
+        when = f"by step {state.step}"  # weights are checked at log lines only
+        what = f"the weights of the {' and '.join(networks)} are not finite"
+    kept = (
+        f"{out} keeps its last checkpoint, step {state.checkpointed} (last.pt and the exported "
+        "weights)"
+        if state.checkpointed
+        else f"{out} holds no weights (no checkpoint was written)"
+    )
+    raise FercacheError(
+        f"pretraining diverged {when}: {what}; {kept}. Lower the learning rates and pretrain "
+        "into a new --out (--resume would diverge again)"
+    )
+
+
+def _earliest(steps: list[int], ranks: Ranks) -> int | None:
+    """The first of `steps` over every process (None: none has one)."""
+    first = steps[0] if steps else _NO_STEP
+    if ranks.world_size > 1:
+        shared = torch.tensor(first, device=ranks.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MIN)
+        first = int(shared.item())
+    return None if first == _NO_STEP else first
+
+
+def _finite_weights(network: nn.Module) -> bool:
+    tensors = [t for t in network.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
 def _evaluate_networks(
@@ -495,7 +555,6 @@ def _log_metrics(
         record |= {f"heldout_{key}": value for key, value in evaluation.items()}
     state.history.append(record)
     write_metrics(out, state.history)
-    state.window, state.window_steps = {}, 0
 
 
 def _start_run_dir(
@@ -554,4 +613,5 @@ def _load_state(out: Path, recipe: Recipe) -> Progress:
         int(unreadable),
         history=history,
         problems=problems,
+        checkpointed=int(step),
     )
