@@ -865,3 +865,21 @@ def test_weights_gone_non_finite_after_a_finite_loss_are_never_saved(
     saved = load_file(run / "student.safetensors")
     assert all(weight.isfinite().all() for weight in saved.values())
     assert [record["step"] for record in _read_metrics(run)] == [2]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_removes_what_a_killed_run_left_half_written(synthetic_tree, tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = [run / f".{name}.tmp-{int(finished.stdout)}" for name in ("last.pt", "student.json")]
+    live = run / f".student.safetensors.tmp-{os.getppid()}"  # a process still writing it
+    for path in [*dead, live]:
+        path.write_bytes(b"half-written")
+
+    config = PretrainConfig(**{**SMALL, "steps": 1})
+    pretrain([synthetic_tree / "pools" / "labelled.csv"], [], run, config, progress=False)
+
+    assert not any(path.exists() for path in dead) and live.exists()
+    assert (run / "last.pt").is_file() and (run / "student.safetensors").is_file()

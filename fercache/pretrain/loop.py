@@ -22,7 +22,7 @@ from fercache.backbone.network import DataConfig
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
-from fercache.outputs import write_text_atomically
+from fercache.outputs import remove_dead_leftovers, write_text_atomically
 from fercache.pretrain.config import CONFIG_HEADER, PretrainConfig, resumed_config
 from fercache.pretrain.export import export_model, model_config
 from fercache.pretrain.recipe_base import Autocast, Recipe, StepBatch, create_network
@@ -562,6 +562,7 @@ def _start_run_dir(
 ) -> None:
     """The run folder as the checkpoint has it: settings, sources, metrics, problems (a resumed
     run drops what was logged after its checkpoint: it is about to be logged again)."""
+    remove_dead_leftovers(out)  # checkpoints and weights a killed run left half-written
     write_config(out, config.to_json(), CONFIG_HEADER)
     sources = {
         "labelled": [str(path) for path in labelled],
