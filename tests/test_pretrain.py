@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from fercache.cli import app
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks
 from fercache.errors import FercacheError
-from fercache.pretrain import PretrainConfig, load_config, pretrain
+from fercache.pretrain import PretrainConfig, load_config, loop, pretrain
 from fercache.pretrain.loop import Progress, _load_state, _save_state
 from fercache.pretrain.mpl import (
     DistributionAlignment,
@@ -766,3 +767,119 @@ def test_the_command_resumes_a_run_killed_mid_way(synthetic_tree, tmp_path):
 def _has_checkpoint_after(run: Path, step: int) -> bool:
     checkpoint = run / "last.pt"  # renamed into place whole: never read half-written
     return checkpoint.is_file() and torch.load(checkpoint, weights_only=True)["progress"][0] >= step
+
+
+class _Killed(Exception):
+    """Stands for the kill of a run between two steps."""
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    ("recipe", "workers"), [("supervised", 0), ("fixmatch", 0), ("pseudo-label", 0), ("mpl", 2)]
+)
+def test_a_run_stopped_after_a_checkpoint_and_resumed_ends_bit_identical(
+    recipe, workers, synthetic_tree, tmp_path, monkeypatch
+):
+    pool = synthetic_tree / "pools"
+    labelled, unlabelled = [pool / "labelled.csv"], [pool / "unlabelled"]
+    settings = {**TINY, "backbone": "test_resnet", "batch_size": 8, "log_every": 1}
+    settings |= {"checkpoint_every": 2, "eval_every": 2, "warmup_steps": 1, "ema_decay": 0.5}
+    settings |= {"recipe": recipe, "steps": 4, "distribution_alignment": recipe != "supervised"}
+    config = PretrainConfig(**settings)
+    pretrain(labelled, unlabelled, tmp_path / "whole", config, progress=False)
+
+    real_step = loop._one_step
+
+    def killed_at_step_3(*args):  # args[-1]: the step about to be taken
+        if args[-1] == 3:  # after the checkpoint of step 2 and one step past it
+            raise _Killed
+        return real_step(*args)
+
+    run = tmp_path / "stopped"
+    monkeypatch.setattr(loop, "_one_step", killed_at_step_3)
+    with pytest.raises(_Killed):  # loader processes too, where asked: they draw the views
+        pretrain(labelled, unlabelled, run, replace(config, workers=workers), progress=False)
+    monkeypatch.undo()
+    assert torch.load(run / "last.pt", weights_only=True)["progress"][0] == 2
+    pretrain(labelled, unlabelled, run, config, resume=True, progress=False)
+
+    written = sorted(path.name for path in (tmp_path / "whole").iterdir())
+    assert ("teacher.safetensors" in written) == (recipe == "mpl")
+    for name in ["metrics.jsonl", *(name for name in written if name.endswith(".safetensors"))]:
+        assert (run / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+# tiny enough for a few runs per test: timm's smallest ResNet, 8 images a batch
+SMALL = {**TINY, "backbone": "test_resnet", "batch_size": 8, "recipe": "supervised", "steps": 4}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_diverged_run_stops_naming_the_step_and_reports_no_success(synthetic_tree, tmp_path):
+    run = tmp_path / "run"
+    settings = {**SMALL, "log_every": 4, "eval_every": 4, "checkpoint_every": 4}
+    labelled = f"--labelled={synthetic_tree / 'pools' / 'labelled.csv'}"
+    command = ["pretrain", labelled, f"--out={run}", "--no-progress"]
+    command += [*(f"--set={key}={value}" for key, value in settings.items())]
+
+    infinite = runner.invoke(app, [*command, "--set=student_lr=inf", "--set=teacher_lr=.nan"])
+    assert infinite.exit_code == 2 and not run.exists()
+    assert infinite.output == "error: pretrain settings: teacher_lr, student_lr must be finite\n"
+
+    diverged = runner.invoke(app, [*command, "--set=student_lr=1e30"])  # finite, far too high
+
+    assert diverged.exit_code == 2
+    assert diverged.output.startswith(  # step 2 of the 4 before the first log line
+        "error: pretraining diverged at step 2: loss student_supervised nan; "
+        f"{run} holds no weights (no checkpoint was written)."
+    )
+    assert len(diverged.output.splitlines()) == 1 and "steps; wrote" not in diverged.output
+    assert not [path.name for path in run.iterdir() if path.suffix in (".pt", ".safetensors")]
+    assert (run / "metrics.jsonl").read_text() == ""
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_weights_gone_non_finite_after_a_finite_loss_are_never_saved(
+    synthetic_tree, tmp_path, monkeypatch
+):
+    from fercache.pretrain.supervised import Supervised
+
+    real_step = Supervised.train_step
+
+    def overflowing_in_step_4(self, batch, step, autocast):  # as an lr near float32's top can
+        metrics = real_step(self, batch, step, autocast)
+        if step == 3:  # the last: its loss is finite, the weights after it are not
+            with torch.no_grad():
+                self.student().get_classifier().weight.fill_(float("inf"))
+        return metrics
+
+    monkeypatch.setattr(Supervised, "train_step", overflowing_in_step_4)
+    run, config = tmp_path / "run", PretrainConfig(**{**SMALL, "checkpoint_every": 2})
+    message = re.escape(
+        "pretraining diverged by step 4: the weights of the student are not finite; "
+        f"{run} keeps its last checkpoint, step 2 (last.pt and the exported weights)."
+    )
+    with pytest.raises(FercacheError, match=message):
+        pretrain([synthetic_tree / "pools" / "labelled.csv"], [], run, config, progress=False)
+
+    assert torch.load(run / "last.pt", weights_only=True)["progress"][0] == 2
+    saved = load_file(run / "student.safetensors")
+    assert all(weight.isfinite().all() for weight in saved.values())
+    assert [record["step"] for record in _read_metrics(run)] == [2]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_removes_what_a_killed_run_left_half_written(synthetic_tree, tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = [run / f".{name}.tmp-{int(finished.stdout)}" for name in ("last.pt", "student.json")]
+    live = run / f".student.safetensors.tmp-{os.getppid()}"  # a process still writing it
+    for path in [*dead, live]:
+        path.write_bytes(b"half-written")
+
+    config = PretrainConfig(**{**SMALL, "steps": 1})
+    pretrain([synthetic_tree / "pools" / "labelled.csv"], [], run, config, progress=False)
+
+    assert not any(path.exists() for path in dead) and live.exists()
+    assert (run / "last.pt").is_file() and (run / "student.safetensors").is_file()

@@ -1,6 +1,7 @@
 """Settings of a pretraining run: defaults, `configs/pretrain.yaml`, `--set key=value` overrides."""
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -86,7 +87,13 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Checks that hold whatever the recipe; each recipe checks its own (Recipe.check)."""
+        non_finite = [
+            key
+            for key, value in self.to_json().items()
+            if isinstance(value, float) and not math.isfinite(value)
+        ]
         checks = [
+            (not non_finite, f"{', '.join(non_finite)} must be finite"),
             (self.steps >= 1, "steps must be at least 1"),
             (self.batch_size >= 1 and self.mu >= 1, "batch_size and mu must be at least 1"),
             (self.feedback_sign in (1, -1), "feedback_sign must be 1 or -1"),

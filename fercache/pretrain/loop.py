@@ -4,29 +4,35 @@ on GPU); rank 0 writes every file."""
 
 import contextlib
 import json
-import random
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from fercache.backbone.network import DataConfig
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
-from fercache.outputs import write_text_atomically
+from fercache.outputs import remove_dead_leftovers, write_text_atomically
 from fercache.pretrain.config import CONFIG_HEADER, PretrainConfig, resumed_config
 from fercache.pretrain.export import export_model, model_config
 from fercache.pretrain.recipe_base import Autocast, Recipe, StepBatch, create_network
 from fercache.pretrain.registry import recipe_for
-from fercache.pretrain.sampling import check_every_class, holdout_split
+from fercache.pretrain.sampling import (
+    SeededBatches,
+    UniformBatches,
+    check_every_class,
+    holdout_split,
+)
 from fercache.pretrain.sources import (
     LabelledImages,
     Problem,
@@ -39,6 +45,7 @@ from fercache.pretrain.sources import (
 )
 from fercache.pretrain.views import (
     LabelledDataset,
+    SeededViews,
     UnlabelledDataset,
     Views,
     build_views,
@@ -61,12 +68,14 @@ PROBLEMS_FILE = "problems.txt"  # sources left out and unreadable images, one pe
 SOURCES_FILE = "sources.json"  # the labelled and unlabelled sources the run was given
 LABELS_FILE = "labels.json"  # each source's numbering and class counts, the per-class cap
 _EVAL_BATCH = 128
+_NO_STEP = 2**62  # `_earliest`: no diverged step
 
 
 @dataclass
 class Progress:
     """Counters that survive a restart (besides the weights), and the metrics of the steps
-    since the last log line, summed as device tensors so that logging needs no sync per step."""
+    since the last log line, summed as device tensors so that logging needs no sync per step
+    (and whether each step's were finite)."""
 
     step: int = 0
     feedback_sum: float = 0.0
@@ -74,6 +83,8 @@ class Progress:
     unreadable: int = 0
     window: dict[str, torch.Tensor] = field(default_factory=dict)
     window_steps: int = 0
+    finite: list[torch.Tensor] = field(default_factory=list)  # per step since the last line
+    checkpointed: int = 0  # the step of the last checkpoint written or resumed from
     history: list[dict] = field(default_factory=list)  # the records of metrics.jsonl
     problems: list[str] = field(default_factory=list)  # the lines of problems.txt
     logged: dict[str, float] = field(default_factory=dict)  # the last log window's means
@@ -175,13 +186,16 @@ def _run(
         _write_label_summary(out, summary, progress)
     ranks.barrier()
 
-    stream_seed = [config.seed, ranks.rank, state.step]  # a resumed run draws a fresh stream
-    _seed_host_random(stream_seed)
+    # each rank its own streams; a resumed run takes them up at its step (docs: "Resume")
+    stream_seed = [config.seed, ranks.rank]
     labelled_batches = _labelled_batches(
-        recipe, labelled_images, train_index, views, config, stream_seed, ranks
+        recipe, labelled_images, train_index, views, config, stream_seed, ranks, state.step
     )
+    unlabelled_drawn = sum(map(recipe.draws_unlabelled, range(state.step)))
     unlabelled_batches = (
-        _unlabelled_batches(unlabelled_images.paths, views, config, stream_seed, ranks)
+        _unlabelled_batches(
+            unlabelled_images.paths, views, config, stream_seed, ranks, unlabelled_drawn
+        )
         if unlabelled_images
         else None
     )
@@ -194,13 +208,13 @@ def _run(
         advance(state.step)
         while state.step < config.steps:
             with_unlabelled = unlabelled_batches is not None and recipe.draws_unlabelled(state.step)
+            labelled_batch = next(labelled_batches)
+            unlabelled_batch = next(unlabelled_batches) if with_unlabelled else None
+            # the step's own draws (dropout, drop-path, token masks) from (seed, rank, step)
+            # alone: a resumed run repeats them, and the views' seeding cannot shift them
+            torch.manual_seed(_seed_of([*stream_seed, 2, state.step]))
             metrics, unreadable = _one_step(
-                recipe,
-                ranks.device,
-                autocast,
-                next(labelled_batches),
-                next(unlabelled_batches) if with_unlabelled else None,
-                state.step,
+                recipe, ranks.device, autocast, labelled_batch, unlabelled_batch, state.step
             )
             state.step += 1
             _accumulate(state, metrics)
@@ -297,13 +311,9 @@ def _evaluation_line(state: Progress, total: int, evaluation: dict[str, float]) 
     return f"step {state.step}/{total}  {losses}  held-out {scores}  {seconds:.1f} s"
 
 
-def _seed_host_random(stream_seed: list[int]) -> None:
-    """With workers=0 the views are drawn in this process, and timm's RandAugment draws from
-    Python's `random` and NumPy's global generator (loader workers are seeded by torch):
-    seeded here, a run repeats exactly whatever `workers` is."""
-    seed = int(np.random.SeedSequence([*stream_seed, 2]).generate_state(1)[0])
-    random.seed(seed)
-    np.random.seed(seed)
+def _seed_of(entropy: list[int]) -> int:
+    """A seed of the stream `entropy` names: (seed, rank), then which stream (and step)."""
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def _one_step(
@@ -355,15 +365,16 @@ def _labelled_batches(
     config: PretrainConfig,
     stream_seed: list[int],
     ranks: Ranks,
+    start: int,
 ) -> Iterator:
-    """The training batches of the labelled images at `index`, drawn as the recipe draws them."""
+    """The training batches of the labelled images at `index`, drawn as the recipe draws them,
+    from batch `start` on."""
     paths = [images.paths[i] for i in index]
     targets = np.asarray(images.targets)[index] if images.targets else None
-    seed = int(np.random.SeedSequence(stream_seed).generate_state(1)[0])
-    dataset, sampler = recipe.training_data(
-        paths, np.asarray(images.labels)[index], targets, views, seed
+    dataset, batches = recipe.training_data(
+        paths, np.asarray(images.labels)[index], targets, views, _seed_of(stream_seed), start
     )
-    return iter(DataLoader(dataset, batch_sampler=sampler, **_loader_options(config, ranks)))
+    return _batches(dataset, batches, _seed_of([*stream_seed, 3]), start, config, ranks)
 
 
 def _unlabelled_batches(
@@ -372,20 +383,28 @@ def _unlabelled_batches(
     config: PretrainConfig,
     stream_seed: list[int],
     ranks: Ranks,
+    start: int,
 ) -> Iterator:
-    generator = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([*stream_seed, 1]).generate_state(1)[0])
-    )
-    # with replacement and a practically endless length: the loader never runs dry
-    sampler = RandomSampler(range(len(paths)), True, 2**62, generator=generator)
-    loader = DataLoader(
-        UnlabelledDataset(paths, views),
-        batch_size=config.mu * config.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        **_loader_options(config, ranks),
-    )
-    return iter(loader)
+    """The unlabelled batches (uniform, with replacement) from batch `start` on."""
+    size = config.mu * config.batch_size
+    batches = UniformBatches(len(paths), size, _seed_of([*stream_seed, 1]), start)
+    dataset = UnlabelledDataset(paths, views)
+    return _batches(dataset, batches, _seed_of([*stream_seed, 4]), start, config, ranks)
+
+
+def _batches(
+    dataset: Dataset,
+    batches: Iterable[list[int]],
+    view_seed: int,
+    start: int,
+    config: PretrainConfig,
+    ranks: Ranks,
+) -> Iterator:
+    """The loaded batches of `dataset` at the indices `batches` gives (its batch `start` on),
+    each image's views drawn from its own seed (`SeededBatches`)."""
+    seeded = SeededBatches(batches, view_seed, start)
+    options = _loader_options(config, ranks)
+    return iter(DataLoader(SeededViews(dataset), batch_sampler=seeded, **options))
 
 
 def _evaluation_loader(
@@ -418,6 +437,7 @@ def _accumulate(state: Progress, metrics: dict[str, torch.Tensor]) -> None:
     for key, value in metrics.items():
         state.window[key] = state.window[key] + value if key in state.window else value
     state.window_steps += 1
+    state.finite.append(torch.stack([value.float() for value in metrics.values()]).isfinite().all())
 
 
 def _maybe_log_and_save(
@@ -433,21 +453,74 @@ def _maybe_log_and_save(
     """Log every `log_every`, evaluate every `eval_every`, checkpoint every
     `checkpoint_every` steps, and all three at the last step. A checkpoint step is also
     logged, so the saved feedback mean counts every step before it. The recipe may ask for
-    more evaluations (the end of a stage)."""
+    more evaluations (the end of a stage). A diverged run stops before any of it."""
     last = state.step == config.steps
     checkpoint = last or state.step % config.checkpoint_every == 0
+    evaluates = last or recipe.evaluates_after(state.step) or state.step % config.eval_every == 0
+    if not (checkpoint or evaluates or state.step % config.log_every == 0):
+        return None
+    _stop_if_diverged(out, recipe, state, ranks)
     evaluation = None
-    extra = recipe.evaluates_after(state.step)
-    if ranks.is_main and (last or extra or state.step % config.eval_every == 0):
-        evaluation = _evaluate_networks(recipe, held_out, ranks.device, autocast)
-    if ranks.is_main and (checkpoint or evaluation or state.step % config.log_every == 0):
+    if ranks.is_main:
+        if evaluates:
+            evaluation = _evaluate_networks(recipe, held_out, ranks.device, autocast)
         _log_metrics(out, config, recipe, state, evaluation)
-    if ranks.is_main and checkpoint:
-        _save_state(out, recipe, state)
-        _export(out, config, recipe, data_config)
+        if checkpoint:
+            _save_state(out, recipe, state)
+            _export(out, config, recipe, data_config)
+    state.window, state.window_steps, state.finite = {}, 0, []
     if checkpoint:
+        state.checkpointed = state.step
         ranks.barrier()
     return evaluation
+
+
+def _stop_if_diverged(out: Path, recipe: Recipe, state: Progress, ranks: Ranks) -> None:
+    """A FercacheError when a loss of a step since the last log line was inf or NaN, or the
+    weights are no longer finite (a finite loss can take them there), naming the first such
+    step and what the folder keeps: nothing of a diverged step is logged, scored or saved.
+    Every process checks its own losses and all stop at the same step (the weights are the
+    same on every process)."""
+    finite = torch.stack(state.finite).tolist()  # one device sync per log line
+    first = state.step - len(finite) + 1
+    step = _earliest([first + i for i, ok in enumerate(finite) if not ok], ranks)
+    if step is not None:
+        sums = {key: float(value) for key, value in state.window.items()}
+        losses = [f"{key} {value}" for key, value in sums.items() if not math.isfinite(value)]
+        more = f" and {len(losses) - 1} more" if len(losses) > 1 else ""
+        when = f"at step {step}"
+        what = f"loss {losses[0]}{more}" if losses else "a loss of another process was inf or NaN"
+    else:
+        networks = [name for name, net in recipe.exported().items() if not _finite_weights(net)]
+        if not networks:
+            return
+        when = f"by step {state.step}"  # weights are checked at log lines only
+        what = f"the weights of the {' and '.join(networks)} are not finite"
+    kept = (
+        f"{out} keeps its last checkpoint, step {state.checkpointed} (last.pt and the exported "
+        "weights)"
+        if state.checkpointed
+        else f"{out} holds no weights (no checkpoint was written)"
+    )
+    raise FercacheError(
+        f"pretraining diverged {when}: {what}; {kept}. Lower the learning rates and pretrain "
+        "into a new --out (--resume would diverge again)"
+    )
+
+
+def _earliest(steps: list[int], ranks: Ranks) -> int | None:
+    """The first of `steps` over every process (None: none has one)."""
+    first = steps[0] if steps else _NO_STEP
+    if ranks.world_size > 1:
+        shared = torch.tensor(first, device=ranks.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MIN)
+        first = int(shared.item())
+    return None if first == _NO_STEP else first
+
+
+def _finite_weights(network: nn.Module) -> bool:
+    tensors = [t for t in network.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
 def _evaluate_networks(
@@ -482,7 +555,6 @@ def _log_metrics(
         record |= {f"heldout_{key}": value for key, value in evaluation.items()}
     state.history.append(record)
     write_metrics(out, state.history)
-    state.window, state.window_steps = {}, 0
 
 
 def _start_run_dir(
@@ -490,6 +562,7 @@ def _start_run_dir(
 ) -> None:
     """The run folder as the checkpoint has it: settings, sources, metrics, problems (a resumed
     run drops what was logged after its checkpoint: it is about to be logged again)."""
+    remove_dead_leftovers(out)  # checkpoints and weights a killed run left half-written
     write_config(out, config.to_json(), CONFIG_HEADER)
     sources = {
         "labelled": [str(path) for path in labelled],
@@ -541,4 +614,5 @@ def _load_state(out: Path, recipe: Recipe) -> Progress:
         int(unreadable),
         history=history,
         problems=problems,
+        checkpointed=int(step),
     )

@@ -23,7 +23,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, Dataset, RandomSampler
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from fercache.backbone.network import read_weights
@@ -32,7 +32,7 @@ from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks
 from fercache.errors import FercacheError
 from fercache.pretrain.config import PretrainConfig
-from fercache.pretrain.sampling import BalancedBatchSampler
+from fercache.pretrain.sampling import BalancedBatchSampler, UniformBatches
 from fercache.pretrain.sources import LabelledImages, read_labelled
 from fercache.pretrain.views import LabelledDataset, Views
 from fercache.readers import first_line
@@ -98,15 +98,15 @@ class Recipe(ABC):
         targets: np.ndarray | None,
         views: Views,
         seed: int,
-    ) -> tuple[Dataset, BatchSampler | BalancedBatchSampler]:
+        start: int,
+    ) -> tuple[Dataset, BalancedBatchSampler | UniformBatches]:
+        """The dataset and its endless batches of indices from batch `start` on (a resumed
+        run's step)."""
         dataset = self.dataset(paths, labels, targets, self.training_view(views))
         batch = self.config.batch_size
         if self.balanced:
-            return dataset, BalancedBatchSampler(labels, NUM_CLASSES, batch, seed)
-        generator = torch.Generator().manual_seed(seed)
-        # with replacement and a practically endless length: the loader never runs dry
-        draws = RandomSampler(range(len(paths)), True, 2**62, generator=generator)
-        return dataset, BatchSampler(draws, batch, drop_last=True)
+            return dataset, BalancedBatchSampler(labels, NUM_CLASSES, batch, seed, start)
+        return dataset, UniformBatches(len(paths), batch, seed, start)
 
     def evaluates_after(self, step: int) -> bool:
         """Whether the held-out images are scored after `step` steps besides every

@@ -1,6 +1,12 @@
-"""Class-balanced batches of labelled images, and the held-out split used for evaluation."""
+"""The batches a run draws (class-balanced, or uniform), each item with the seed its views are
+drawn from, and the held-out split used for evaluation.
 
-from collections.abc import Iterator
+Every stream starts at a batch number: a run resumed at step k draws from batch k on exactly
+what the uninterrupted run drew there (docs/pretrain.md, "Resume").
+"""
+
+import itertools
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -28,9 +34,13 @@ class BalancedBatchSampler:
     Each class is walked through in its own reshuffled order, so a rare class repeats only
     after all its images were used. When `batch_size` is not a multiple of the number of
     classes, the left-over places go to classes drawn at random, so counts differ by at most 1.
+    The stream starts at batch `start`: each batch depends on all before it, so those are drawn
+    and dropped (index lists only, no image is read).
     """
 
-    def __init__(self, labels: np.ndarray, num_classes: int, batch_size: int, seed: int):
+    def __init__(
+        self, labels: np.ndarray, num_classes: int, batch_size: int, seed: int, start: int = 0
+    ):
         labels = np.asarray(labels)
         check_every_class(labels, num_classes)
         self.by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
@@ -38,6 +48,8 @@ class BalancedBatchSampler:
         self.rng = np.random.default_rng(seed)
         self._order = [self.rng.permutation(indices) for indices in self.by_class]
         self._position = [0] * num_classes
+        for _ in range(start):
+            self.next_batch()
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
@@ -60,6 +72,35 @@ class BalancedBatchSampler:
             taken.append(self._order[cls][self._position[cls]])
             self._position[cls] += 1
         return taken
+
+
+class UniformBatches:
+    """Endless batches of indices below `size`, drawn uniformly with replacement (the loader
+    never runs dry); batch k depends on (`seed`, k) alone, so the stream starts at batch `start`
+    at no cost."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int = 0):
+        self.size, self.batch_size, self.seed, self.start = size, batch_size, seed, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for number in itertools.count(self.start):
+            rng = np.random.default_rng([self.seed, number])
+            yield rng.integers(self.size, size=self.batch_size).tolist()
+
+
+class SeededBatches:
+    """`batches` (the stream from batch `start` on) with each index paired with the seed its
+    views are drawn from (`views.SeededViews`): a function of (`seed`, batch number, place in
+    the batch) alone, so an image's augmentation depends neither on the loader process that
+    makes it nor on what that process made before, nor on where the run was resumed."""
+
+    def __init__(self, batches: Iterable[list[int]], seed: int, start: int = 0):
+        self.batches, self.seed, self.start = batches, seed, start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for number, batch in enumerate(self.batches, start=self.start):
+            seeds = np.random.SeedSequence([self.seed, number]).generate_state(len(batch))
+            yield [(int(index), int(seed)) for index, seed in zip(batch, seeds, strict=True)]
 
 
 def holdout_split(

@@ -7,6 +7,7 @@ cannot be decoded is replaced by the next one of the same class (or the next one
 and its path is returned with the batch, so the run reports it instead of stopping.
 """
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,3 +173,20 @@ class UnlabelledDataset(_RobustImages):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         image, failed = self._open(index)
         return self.views.weak(image), self.views.strong(image), failed
+
+
+class SeededViews(Dataset):
+    """`dataset`'s items by (index, seed) (`sampling.SeededBatches`): the generators the views
+    draw from are seeded with the item's seed first (torchvision's transforms draw from torch,
+    timm's RandAugment from Python's `random` and NumPy's global generator), so the views are
+    the same whatever process makes them and whatever it made before."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple:
+        index, seed = item
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        return self.dataset[index]
