@@ -82,7 +82,7 @@ def typed_values(settings: type, values: dict[str, Any], what: str) -> dict[str,
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         try:
             typed[key] = _coerce(value, default)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise FercacheError(f"setting {key}={value!r} should be like {default!r}") from None
     return typed
 

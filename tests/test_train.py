@@ -558,6 +558,8 @@ def test_config_values_are_checked():
         replace(TemporalConfig(), width=10, heads=4).validate()
     with pytest.raises(FercacheError, match=r"setting lr='fast' should be like 0.0003"):
         load_config(None, ["lr=fast"])
+    with pytest.raises(FercacheError, match=r"setting epochs=inf should be like 20"):
+        load_config(None, ["epochs=.inf"])  # a whole number given infinity
 
 
 def test_task_settings_resolve_and_bad_ones_are_named():
