@@ -47,10 +47,15 @@ def remove_dead_leftovers(folder: Path, name: str = "") -> list[Path]:
 
 
 def write_atomically(
-    path: Path, write: Callable[[Path], object], what: str, advice: str = WRITE_ADVICE
+    path: Path,
+    write: Callable[[Path], object],
+    what: str,
+    advice: str = WRITE_ADVICE,
+    publish: Callable[[Path, Path], object] = os.replace,
 ) -> Path:
     """Create `path`'s folder, call `write` on a temporary name beside it, flush it to disk,
-    rename it to `path`.
+    rename it to `path` (`publish(tmp, path)`: a caller may check something first, or link
+    instead of renaming).
 
     A killed process, a power cut or a full disk leaves no half-written `path` (and no
     temporary file after an error or an interrupt); any OSError becomes a FercacheError naming
@@ -64,7 +69,7 @@ def write_atomically(
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         _flush_to_disk(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as error:
         raise FercacheError(
             f"{path}: could not write {what} ({error.strerror or error}); {advice}"
@@ -75,9 +80,34 @@ def write_atomically(
     return path
 
 
-def write_text_atomically(path: Path, text: str, what: str, advice: str = WRITE_ADVICE) -> Path:
+def write_text_atomically(
+    path: Path,
+    text: str,
+    what: str,
+    advice: str = WRITE_ADVICE,
+    publish: Callable[[Path, Path], object] = os.replace,
+) -> Path:
     """`write_atomically` for a text file (JSON, JSON lines, YAML, CSV), with Unix line ends."""
-    return write_atomically(path, lambda tmp: tmp.write_text(text, newline="\n"), what, advice)
+    return write_atomically(
+        path, lambda tmp: tmp.write_text(text, newline="\n"), what, advice, publish
+    )
+
+
+def create_text_exclusively(path: Path, text: str, what: str) -> bool:
+    """Write `path` whole unless it exists: False, and nothing written, when it does. Of several
+    processes creating it at once exactly one succeeds, and nobody reads it half-written: the
+    text is written under a temporary name and hard-linked to `path`, which fails if it exists."""
+    created = True
+
+    def link(tmp: Path, path: Path) -> None:
+        nonlocal created
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            created = False
+
+    write_text_atomically(path, text, what, publish=link)
+    return created
 
 
 def _flush_to_disk(path: Path) -> None:

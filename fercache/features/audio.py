@@ -56,7 +56,7 @@ from fercache.errors import FercacheError
 from fercache.features import alignment
 from fercache.features.store import (
     Provenance,
-    check_manifest,
+    prepare_cache,
     store_state,
 )
 from fercache.progress import progress_bar
@@ -220,8 +220,7 @@ def compute_audio(videos: list[Path], out: Path, data: Path, options: AudioOptio
         )
     provenance = _provenance(encoder, videos, options)
     out = Path(out)
-    check_manifest(out, provenance, options.force)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_cache(out, provenance, options.force)
     report = AudioReport()
     todo = []
     for path, names in plan.items():

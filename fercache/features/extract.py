@@ -34,9 +34,9 @@ from fercache.features.frames import ClaimedBatches, FrameDataset, VideoJob, col
 from fercache.features.sharing import Sharing, rank_share, remove_leftovers, share_work
 from fercache.features.store import (
     Provenance,
-    check_manifest,
     open_store,
     other_store,
+    prepare_cache,
     store_path,
     store_state,
     write_manifest,
@@ -128,14 +128,13 @@ def _extract(data: Path, out: Path, options: ExtractOptions, ranks: Ranks) -> Ex
     dataset = AffWild2(data)
     report = ExtractReport()
     jobs = _video_jobs(dataset, options.videos, report)
-    check_manifest(out, provenance, options.force)
+    prepare_cache(out, provenance, options.force)
     started = time.time()
     # Shares are cut from all selected videos, not from the unfinished ones, so every rank
     # computes the same split even while other ranks are already writing.
     share = rank_share(jobs, ranks.rank, ranks.world_size)
     todo = [job for job in share if _needs_work(out, job, provenance, options.force)]
     report.resumed = sorted({job.video for job in share} - {job.video for job in todo})
-    out.mkdir(parents=True, exist_ok=True)
     with Claims(out) as claims:
         sharing = Sharing(out, provenance, options.force, started, claims, report.elsewhere)
 

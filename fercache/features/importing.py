@@ -36,7 +36,7 @@ from fercache.features.alignment import (
     write_aligned,
 )
 from fercache.features.foreign import Source, open_source, with_index_column
-from fercache.features.store import Provenance, check_manifest, store_path
+from fercache.features.store import Provenance, prepare_cache, store_path
 from fercache.progress import progress_bar
 from fercache.video.crop import VIDEO_SUFFIXES
 from fercache.video.pyav import frame_rate
@@ -79,8 +79,7 @@ def import_features(
     first = opened.read(next(iter(opened.files)), options.key)
     provenance = _provenance(opened, targets, first, options)
     out = Path(out)
-    check_manifest(out, provenance, options.force)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_cache(out, provenance, options.force)
     report = ImportReport()
     entries: dict[str, dict] = {}
     todo = [
