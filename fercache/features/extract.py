@@ -35,7 +35,6 @@ from fercache.features.sharing import Sharing, rank_share, remove_leftovers, sha
 from fercache.features.store import (
     Provenance,
     open_store,
-    other_store,
     prepare_cache,
     store_path,
     store_state,
@@ -199,14 +198,10 @@ def _video_jobs(
 
 
 def _needs_work(out: Path, job: VideoJob, provenance: Provenance, force: bool) -> bool:
+    """Missing, incomplete or --force; and a store of other features, which `prepare_cache`
+    found to be no more than a stray in a cache of `provenance` (copied in, say)."""
     state, found = store_state(store_path(out, job.video))
-    if state != "complete":
-        return True
-    if found.fingerprint == provenance.fingerprint:
-        return force
-    if force:
-        return True
-    raise other_store(store_path(out, job.video), found, provenance)
+    return state != "complete" or force or found.fingerprint != provenance.fingerprint
 
 
 def _finished_stores(out: Path, provenance: Provenance) -> dict[str, dict]:

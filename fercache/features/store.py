@@ -525,4 +525,38 @@ class FeatureCache:
         return store_path(self.root, video)
 
     def load(self, video: str) -> VideoFeatures:
-        return read_store(self.path(video))
+        features = read_store(self.path(video))
+        self._check_fingerprint(self.path(video), features.provenance)
+        return features
+
+    @contextmanager
+    def open_store(self, video: str) -> Iterator[h5py.File]:
+        """The video's store opened for reading (`open_store`), refused when its features are
+        not those the manifest lists: every reader of a cache opens its stores here."""
+        path = self.path(video)
+        with open_store(path) as store:
+            self._check_fingerprint(path, Provenance.from_attrs(store.attrs))
+            yield store
+
+    def _check_fingerprint(self, path: Path, found: Provenance) -> None:
+        # A store copied in from another cache, or left by a writer of other settings, would
+        # otherwise be read as this cache's features.
+        expected = self.provenance["fingerprint"]
+        if found.fingerprint == expected:
+            return
+        raise FercacheError(
+            f"{path}: holds features of {describe(found.to_json())} (fingerprint "
+            f"{found.fingerprint}), not of its cache's (fingerprint {expected}, "
+            f"{self.root / MANIFEST_NAME}): it was copied from another cache or written with "
+            f"other settings. Rerun {_writer(self.provenance, self.root)} with the cache's "
+            "settings: it writes the store again."
+        )
+
+
+def _writer(provenance: dict, root: Path) -> str:
+    """The command that wrote a cache of `provenance`, for advice."""
+    if provenance.get("source_kind") == "audio":
+        return f"`fercache audio VIDEOS --data DATA --out {root}`"
+    if provenance.get("source_kind"):
+        return f"`fercache import-features SRC --data DATA --out {root}`"
+    return f"`fercache extract DATA --out {root}`"
