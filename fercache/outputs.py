@@ -96,7 +96,9 @@ def write_text_atomically(
 def create_text_exclusively(path: Path, text: str, what: str) -> bool:
     """Write `path` whole unless it exists: False, and nothing written, when it does. Of several
     processes creating it at once exactly one succeeds, and nobody reads it half-written: the
-    text is written under a temporary name and hard-linked to `path`, which fails if it exists."""
+    text is written under a temporary name and hard-linked to `path`, which fails if it exists.
+    Where the filesystem has no hard links (exFAT, some network shares) `path` is created with
+    O_EXCL and then written: still exactly one succeeds, but a reader may catch it empty."""
     created = True
 
     def link(tmp: Path, path: Path) -> None:
@@ -105,6 +107,16 @@ def create_text_exclusively(path: Path, text: str, what: str) -> bool:
             os.link(tmp, path)
         except FileExistsError:
             created = False
+        except OSError:  # no hard links here
+            try:
+                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                created = False
+                return
+            with os.fdopen(handle, "wb") as file, open(tmp, "rb") as written:
+                file.write(written.read())
+                file.flush()
+                os.fsync(file.fileno())
 
     write_text_atomically(path, text, what, publish=link)
     return created
