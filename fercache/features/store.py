@@ -374,8 +374,8 @@ def describe(provenance: dict) -> str:
 
 
 def prepare_cache(cache_dir: Path, provenance: Provenance, force: bool) -> None:
-    """Make OUT a cache of `provenance` before a writer (extract, import-features, audio) writes
-    a store into it; a FercacheError when it is another's, unless `force`.
+    """Make `cache_dir` a cache of `provenance` before a writer (extract, import-features,
+    audio) writes a store into it; a FercacheError when it is another's, unless `force`.
 
     The first writer records its settings in `provenance.json`, created exclusively: of several
     writers starting on one new cache at once, exactly one records them, and the others go on
@@ -525,8 +525,9 @@ class FeatureCache:
         return store_path(self.root, video)
 
     def load(self, video: str) -> VideoFeatures:
-        features = read_store(self.path(video))
-        self._check_fingerprint(self.path(video), features.provenance)
+        path = self.path(video)
+        features = read_store(path)
+        self._check_fingerprint(path, features.provenance)
         return features
 
     @contextmanager
