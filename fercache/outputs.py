@@ -54,10 +54,15 @@ def remove_dead_leftovers(folder: Path, name: str = "") -> list[Path]:
 
 
 def write_atomically(
-    path: Path, write: Callable[[Path], object], what: str, advice: str = WRITE_ADVICE
+    path: Path,
+    write: Callable[[Path], object],
+    what: str,
+    advice: str = WRITE_ADVICE,
+    publish: Callable[[Path, Path], object] = os.replace,
 ) -> Path:
     """Create `path`'s folder, call `write` on a temporary name beside it, flush it to disk,
-    rename it to `path`.
+    rename it to `path` (`publish(tmp, path)`: a caller may check something first, or link
+    instead of renaming).
 
     A killed process, a power cut or a full disk leaves no half-written `path` (and no
     temporary file after an error or an interrupt); any OSError becomes a FercacheError naming
@@ -71,7 +76,7 @@ def write_atomically(
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         _flush_to_disk(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as error:
         raise FercacheError(
             f"{path}: could not write {what} ({error.strerror or error}); {advice}"
@@ -83,14 +88,18 @@ def write_atomically(
 
 
 def write_made_atomically(
-    path: Path, make: Callable[[], bytes | memoryview], what: str, advice: str = WRITE_ADVICE
+    path: Path,
+    make: Callable[[], bytes | memoryview],
+    what: str,
+    advice: str = WRITE_ADVICE,
+    publish: Callable[[Path, Path], object] = os.replace,
 ) -> Path:
     """`write_atomically` of a file a library makes in memory (`make`): for HDF5, torch and
     safetensors, which fail on a full disk otherwise than with an OSError. h5py raises
     RuntimeError, and a flush that failed leaves the file open inside HDF5, which then crashes
     the process as it exits (exit 139); torch.save raises RuntimeError and safetensors
     SafetensorError. Here only Python's own write meets the disk."""
-    return write_atomically(path, lambda tmp: tmp.write_bytes(make()), what, advice)
+    return write_atomically(path, lambda tmp: tmp.write_bytes(make()), what, advice, publish)
 
 
 def hdf5_image(fill: Callable[[h5py.File], None]) -> memoryview:
@@ -125,9 +134,46 @@ def output_folder(folder: Path, option: str = "--out") -> Path:
     return folder
 
 
-def write_text_atomically(path: Path, text: str, what: str, advice: str = WRITE_ADVICE) -> Path:
+def write_text_atomically(
+    path: Path,
+    text: str,
+    what: str,
+    advice: str = WRITE_ADVICE,
+    publish: Callable[[Path, Path], object] = os.replace,
+) -> Path:
     """`write_atomically` for a text file (JSON, JSON lines, YAML, CSV), with Unix line ends."""
-    return write_atomically(path, lambda tmp: tmp.write_text(text, newline="\n"), what, advice)
+    return write_atomically(
+        path, lambda tmp: tmp.write_text(text, newline="\n"), what, advice, publish
+    )
+
+
+def create_text_exclusively(path: Path, text: str, what: str) -> bool:
+    """Write `path` whole unless it exists: False, and nothing written, when it does. Of several
+    processes creating it at once exactly one succeeds, and nobody reads it half-written: the
+    text is written under a temporary name and hard-linked to `path`, which fails if it exists.
+    Where the filesystem has no hard links (exFAT, some network shares) `path` is created with
+    O_EXCL and then written: still exactly one succeeds, but a reader may catch it empty."""
+    created = True
+
+    def link(tmp: Path, path: Path) -> None:
+        nonlocal created
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            created = False
+        except OSError:  # no hard links here
+            try:
+                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                created = False
+                return
+            with os.fdopen(handle, "wb") as file, open(tmp, "rb") as written:
+                file.write(written.read())
+                file.flush()
+                os.fsync(file.fileno())
+
+    write_text_atomically(path, text, what, publish=link)
+    return created
 
 
 def _flush_to_disk(path: Path) -> None:

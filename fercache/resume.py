@@ -8,7 +8,9 @@
 - `metrics.jsonl`  one JSON record per line, rewritten whole from the checkpointed history, so
                    it never holds a record the checkpoint does not (nor misses one it does)
 
-A folder holds a run once it holds a checkpoint (`holds_run`). A resumed run keeps its saved
+A folder holds a run once it holds a checkpoint (`holds_run`). While a process writes a run,
+it holds the folder (`writing_run`: the claim `.run.claim`, `fercache.features.claims`), so a
+second process writing into it, a new run or a `--resume`, is refused. A resumed run keeps its saved
 settings (`resumed_settings`): only the settings its config class declares safe to change on
 resume may differ from them; anything else given is refused, naming each change.
 
@@ -18,7 +20,8 @@ Every file is written whole under a temporary name, then renamed (`fercache.outp
 import io
 import json
 import pickle
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,11 @@ import torch
 import yaml
 
 from fercache.errors import FercacheError
+from fercache.features.claims import Claims
 from fercache.outputs import write_made_atomically, write_text_atomically
 from fercache.readers import first_line, read_text
 
+RUN_CLAIM = "run"  # `.run.claim`: the process writing a run folder
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "last.pt"
 # what to do when a run's checkpoint or weights cannot be written (a full disk)
@@ -176,3 +181,42 @@ def resumed_settings(
 def holds_run(run_dir: Path) -> bool:
     """Whether the folder holds a run that `--resume` can continue (it has a checkpoint)."""
     return (Path(run_dir) / CHECKPOINT_FILE).is_file()
+
+
+@contextmanager
+def writing_run(run_dir: Path, hold: bool = True) -> Iterator[None]:
+    """Hold `run_dir` for this process while the body writes a run into it (`hold` False: a
+    rank other than 0 under torchrun, for which rank 0 holds it).
+
+    A FercacheError naming the holder when a live process holds it (a second run into one
+    --out, or a `--resume` while the run's writer still runs); a dead process's claim is taken
+    over, as every claim of fercache is. The folder (and its missing parents) is created, and
+    removed again when the body fails before anything is written into it.
+    """
+    if not hold:
+        yield
+        return
+    run_dir = Path(run_dir)
+    created = [folder for folder in [run_dir, *run_dir.parents] if not folder.exists()]
+    claims = Claims(run_dir)
+    try:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            taken = claims.take(RUN_CLAIM)
+        except OSError as error:
+            raise FercacheError(
+                f"{run_dir}: cannot write into the run folder ({error.strerror or error}); "
+                "check it is a writable folder, or choose another --out"
+            ) from error
+        if not taken:
+            raise FercacheError(
+                f"{run_dir}: {claims.holder(RUN_CLAIM) or 'another process'} is writing a run "
+                "into this folder; wait until it ends (`--resume` then continues the run), or "
+                "choose another --out"
+            )
+        with claims, claims.kept_alive():
+            yield
+    finally:
+        with suppress(OSError):  # not empty: the run wrote something, which stays
+            for folder in created:
+                folder.rmdir()

@@ -22,7 +22,7 @@ from fercache.cli import app
 from fercache.errors import FercacheError
 from fercache.features import audio as audio_module
 from fercache.features.audio import AudioOptions, compute_audio, model_files_sha256
-from fercache.features.store import FeatureCache, read_manifest
+from fercache.features.store import PROVENANCE_NAME, TMP_MARK, FeatureCache, read_manifest
 from fercache.synth.sound import (
     ENCODER_RATE,
     ROW_RATE,
@@ -266,7 +266,8 @@ def _killed_before_the_second_rename(
 
     def flush(path: Path) -> None:
         real(path)
-        flushed.append(path)
+        if TMP_MARK in path.name:  # a store, not the cache's settings
+            flushed.append(path)
         if len(flushed) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -289,7 +290,11 @@ def test_a_killed_run_resumes_to_the_same_cache_and_a_rerun_skips_finished_video
     child.start()
     child.join(60)
     assert child.exitcode == -signal.SIGKILL
-    assert sorted(path.name for path in cache.iterdir()) == [".b.h5.tmp-" + str(child.pid), "a.h5"]
+    assert sorted(path.name for path in cache.iterdir()) == [
+        ".b.h5.tmp-" + str(child.pid),
+        "a.h5",
+        PROVENANCE_NAME,
+    ]
 
     report = compute_audio([videos], cache, data, options)
     assert report.resumed == ["a"] and report.computed == ["b", "c"]
@@ -298,6 +303,7 @@ def test_a_killed_run_resumes_to_the_same_cache_and_a_rerun_skips_finished_video
         "b.h5",
         "c.h5",
         "manifest.json",
+        PROVENANCE_NAME,
     ]
     assert read_manifest(cache) == read_manifest(reference)
     for name in ("a", "b", "c"):

@@ -25,7 +25,7 @@ from fercache.errors import FercacheError
 from fercache.features.extract import ExtractOptions, extract
 from fercache.features.frames import VideoJob, collate_frames
 from fercache.features.sharing import rank_share
-from fercache.features.store import FeatureCache, read_manifest, read_store
+from fercache.features.store import PROVENANCE_NAME, FeatureCache, read_manifest, read_store
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "resnet18"
@@ -143,7 +143,10 @@ def test_other_provenance_is_an_error_unless_forced(synthetic_tree, reference_ca
     before = _stores(cache)
     with pytest.raises(FercacheError, match="--force"):
         extract(synthetic_tree, cache, _options(input_size=32))
-    (cache / "manifest.json").unlink()  # a store alone is checked as well as the manifest
+    (cache / "manifest.json").unlink()  # as while its first extraction still runs
+    with pytest.raises(FercacheError, match=r"holds features of .*\[3, 64, 64\] there"):
+        extract(synthetic_tree, cache, _options(input_size=32))
+    (cache / PROVENANCE_NAME).unlink()  # a store alone (of a version without the record)
     with pytest.raises(FercacheError, match="already lies here"):
         extract(synthetic_tree, cache, _options(input_size=32))
     assert str(_stores(cache)) == str(before)

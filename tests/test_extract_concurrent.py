@@ -1,4 +1,5 @@
-"""Concurrent extraction: per-video claims, and two `extract` processes on one cache sharing it."""
+"""Concurrent extraction: per-video claims, two `extract` processes on one cache sharing it, and
+a second one with other settings refused."""
 
 import json
 import multiprocessing
@@ -13,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import fercache.features.extract
 import fercache.features.sharing
+from fercache.cli import app
 from fercache.data.affwild2 import AffWild2
 from fercache.errors import FercacheError
 from fercache.features.claims import (
@@ -27,7 +30,15 @@ from fercache.features.claims import (
     read_holder,
 )
 from fercache.features.extract import ExtractOptions, extract
-from fercache.features.store import read_manifest, read_store
+from fercache.features.store import (
+    PROVENANCE_NAME,
+    read_manifest,
+    read_store,
+    store_path,
+    store_state,
+    write_store,
+)
+from tests.train_data import fake_provenance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -229,3 +240,95 @@ def test_two_processes_started_at_once_share_the_videos(
         np.testing.assert_array_equal(shared.features, alone.features)
         assert shared.provenance == alone.provenance
     assert not list(cache.glob(".*")), "claims or temporaries were left behind"
+
+
+# --- another extraction's settings -------------------------------------------------------------
+
+TINY = "test_resnet"  # timm's test model, at 32 or 48 px: a fast extraction
+
+
+def _extract_or_refuse(data: Path, cache: Path, options: ExtractOptions, barrier) -> str:
+    barrier.wait(timeout=120)
+    try:
+        extract(data, cache, options)
+    except FercacheError as error:
+        return str(error)
+    return "extracted"
+
+
+def _other_settings_in_a_process(data, cache, options, barrier, results) -> None:
+    torch.set_num_threads(1)  # two processes on two cores
+    results.put(_extract_or_refuse(data, cache, options, barrier))
+
+
+def test_two_processes_of_other_settings_on_one_new_cache_one_is_refused(
+    synthetic_tree, videos, tmp_path
+):
+    cache, pair = tmp_path / "cache", videos[:2]
+    sizes = (32, 48)
+    spawn = multiprocessing.get_context("spawn")
+    barrier, results = spawn.Barrier(2), spawn.Queue()
+    other = spawn.Process(
+        target=_other_settings_in_a_process,
+        args=(
+            synthetic_tree,
+            cache,
+            _options(pair, backbone=TINY, input_size=sizes[1]),
+            barrier,
+            results,
+        ),
+    )
+    other.start()
+    mine = _extract_or_refuse(
+        synthetic_tree, cache, _options(pair, backbone=TINY, input_size=sizes[0]), barrier
+    )
+    theirs = results.get(timeout=240)
+    other.join(timeout=60)
+    assert other.exitcode == 0
+    outcomes = [mine, theirs]
+    assert outcomes.count("extracted") == 1, outcomes
+    (refusal,) = [outcome for outcome in outcomes if outcome != "extracted"]
+    assert str(cache) in refusal and "another --out" in refusal
+    winner = sizes[outcomes.index("extracted")]
+    manifest = read_manifest(cache)
+    assert sorted(manifest["videos"]) == sorted(pair)
+    assert manifest["provenance"]["input_size"] == [3, winner, winner]
+    for video in pair:
+        state, found = store_state(store_path(cache, video))
+        assert state == "complete" and found.fingerprint == manifest["provenance"]["fingerprint"]
+    assert not list(cache.glob(".*")), "claims or temporaries were left behind"
+
+
+def _record(cache: Path, backbone: str) -> str:
+    """The settings record a first writer (still running) left in `cache`; its fingerprint."""
+    provenance = fake_provenance(backbone, 16, 0)
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / PROVENANCE_NAME).write_text(json.dumps(provenance.to_json()))
+    return provenance.fingerprint
+
+
+def test_an_extraction_of_other_settings_than_the_cache_records_is_refused_in_one_line(
+    synthetic_tree, videos, tmp_path
+):
+    cache = tmp_path / "cache"
+    recorded = _record(cache, "another-net")  # before the first store: no manifest yet
+    arguments = [str(synthetic_tree), "--out", str(cache), "--videos", videos[0],
+                 "--backbone=test_resnet", "--input-size=32", "--device=cpu", "--workers=0",
+                 "--no-progress"]  # fmt: skip
+
+    result = CliRunner().invoke(app, ["extract", *arguments])
+
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {cache}: holds features of another-net") and recorded in line
+    assert "this run's test_resnet" in line and "another --out" in line
+    assert 'backbone "another-net" there, "test_resnet" here' in line
+    assert sorted(path.name for path in cache.iterdir()) == [PROVENANCE_NAME]
+
+
+def test_a_store_is_renamed_into_place_only_while_the_cache_records_its_settings(tmp_path):
+    recorded = _record(tmp_path, "another-net")  # as an `extract --force` of them leaves it
+    frames = np.arange(1, 4, dtype=np.int32)
+    with pytest.raises(FercacheError, match=f"not written: .*fingerprint {recorded}"):
+        write_store(tmp_path, "v1", frames, np.zeros((3, 16)), None, fake_provenance("net", 16, 0))
+    assert sorted(path.name for path in tmp_path.iterdir()) == [PROVENANCE_NAME]

@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.data.tasks import EXPR_CLASSES
-from fercache.features.store import MANIFEST_NAME, read_manifest, read_store
+from fercache.features.store import MANIFEST_NAME, Provenance, read_manifest, read_store
 from fercache.resume import CONFIG_FILE, METRICS_FILE
 from fercache.temporal.inference import write_thresholds
 from fercache.temporal.run_files import SUMMARY_FILE
@@ -124,6 +124,14 @@ def _copy_of(relative: str) -> Callable[[Path, Path], None]:
     return lambda path, built: shutil.copyfile(built / relative, path)
 
 
+def _other_extraction(path: Path, built: Path) -> None:
+    """The store as an extraction at another input size would have written it, copied in: whole,
+    but not of the features the manifest lists."""
+    with h5py.File(path, "r+") as store:
+        store.attrs["input_size"] = [3, 48, 48]
+        store.attrs["fingerprint"] = Provenance.from_attrs(store.attrs).fingerprint
+
+
 COMMON = {"truncated": _truncated, "garbage": _garbage, "empty": _empty, "missing": _missing}
 # the damages of a line-based text file (cut short, it is still a valid one)
 TEXT = {"garbage": _garbage, "empty": _empty}
@@ -141,7 +149,11 @@ class Artifact:
 
 
 ARTIFACTS = {
-    "store": Artifact(STORE, {**COMMON, "pred-hdf5": _copy_of("val.h5")}, ("cache",)),
+    "store": Artifact(
+        STORE,
+        {**COMMON, "pred-hdf5": _copy_of("val.h5"), "other-extraction": _other_extraction},
+        ("cache",),
+    ),
     "manifest": Artifact(
         "cache/manifest.json",
         {**COMMON, "json-list": _content(b"[]"), "json-object": _content(b"{}")},

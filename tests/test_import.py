@@ -2,6 +2,7 @@
 the errors, and fusion with extracted caches in train and predict."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from fercache.cli import app
 from fercache.errors import FercacheError
 from fercache.experiments.runs_table import runs_table
 from fercache.features.importing import ImportOptions, import_features
-from fercache.features.store import FeatureCache, read_manifest
+from fercache.features.store import PROVENANCE_NAME, FeatureCache, read_manifest
 from fercache.predictions.predict import PredictOptions, predict
 from fercache.temporal.features import CacheSet, LazyFeatures, MemoryFeatures
 from fercache.temporal.loop import TrainRequest, train
@@ -162,7 +163,8 @@ def test_a_csv_time_column_places_rows_in_time(tree, tmp_path, align):
     assert cache.provenance["time_column"] == "timestamp" and cache.feature_dim == 2
 
 
-def test_a_source_of_two_subjects_feeds_left_and_right_and_a_rerun_resumes(tmp_path):
+def _two_subjects(tmp_path: Path) -> Path:
+    """A tree of the videos v_left (90 frames) and v_right (96), and `src/v.npy` for both."""
     data = tmp_path / "data"
     folder = data / "Annotations" / "EXPR_Recognition_Challenge" / "Train_Set"
     folder.mkdir(parents=True)
@@ -172,7 +174,11 @@ def test_a_source_of_two_subjects_feeds_left_and_right_and_a_rerun_resumes(tmp_p
         (data / "cropped_aligned" / video / "00001.jpg").touch()
     (tmp_path / "src").mkdir()
     np.save(tmp_path / "src" / "v.npy", _signal(_samples(96)))
+    return data
 
+
+def test_a_source_of_two_subjects_feeds_left_and_right_and_a_rerun_resumes(tmp_path):
+    data = _two_subjects(tmp_path)
     cache = _import(tmp_path / "src", tmp_path / "out", data, rate=RATE, fps=FPS)
     assert sorted(cache.videos) == ["v_left", "v_right"]
     assert len(cache.load("v_left").frames) == 90 and len(cache.load("v_right").frames) == 96
@@ -189,6 +195,18 @@ def test_a_source_of_two_subjects_feeds_left_and_right_and_a_rerun_resumes(tmp_p
             tmp_path / "src", tmp_path / "out", data,
             ImportOptions(rate=RATE, fps=FPS, align="linear", progress=False),
         )  # fmt: skip
+
+
+def test_an_import_of_other_options_into_a_cache_being_imported_is_refused(tmp_path):
+    data = _two_subjects(tmp_path)
+    _import(tmp_path / "src", tmp_path / "first", data, rate=RATE, fps=FPS)
+    cache = tmp_path / "cache"  # a first import has recorded its settings, written no store yet
+    cache.mkdir()
+    shutil.copy(tmp_path / "first" / PROVENANCE_NAME, cache)
+    with pytest.raises(FercacheError, match=r"^\S+/cache: holds features of imported npy .*"
+                       r"align nearest.*: align \"nearest\" there, \"linear\" here"):  # fmt: skip
+        _import(tmp_path / "src", cache, data, rate=RATE, fps=FPS, align="linear")
+    assert sorted(path.name for path in cache.iterdir()) == [PROVENANCE_NAME]
 
 
 def test_video_dir_gives_each_video_its_own_fps_and_without_pyav_a_clear_error(

@@ -15,6 +15,7 @@ import torch
 
 from fercache.errors import FercacheError
 from fercache.outputs import (
+    create_text_exclusively,
     remove_dead_leftovers,
     temporary_name,
     write_atomically,
@@ -208,6 +209,20 @@ def test_an_interrupt_mid_write_leaves_the_old_file_and_no_temporary(tmp_path):
         write_atomically(tmp_path / METRICS_FILE, interrupted, "the metrics")
     assert read_metrics(tmp_path) == [{"epoch": 1}]
     assert _no_temporaries(tmp_path)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_file_created_exclusively_is_written_once_whole(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # as on exFAT or some network shares
+
+        def no_link(source, target):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+        monkeypatch.setattr(os, "link", no_link)
+    path = tmp_path / "settings.json"
+    assert create_text_exclusively(path, '{"first": 1}', "the settings")
+    assert not create_text_exclusively(path, '{"second": 2}', "the settings")
+    assert path.read_text() == '{"first": 1}' and _no_temporaries(tmp_path)
 
 
 def test_an_unwritable_folder_is_named_with_what_was_being_written(tmp_path):

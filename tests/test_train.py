@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from fercache.cli import app
 from fercache.errors import FercacheError
+from fercache.features.claims import HOST
 from fercache.features.store import FeatureCache
 from fercache.framewise.metrics import concordance
 from fercache.resume import read_metrics
@@ -426,8 +427,40 @@ def test_a_run_removes_what_a_killed_run_left_half_written(small, tmp_path):
     leftover = tmp_path / "run" / f".best.safetensors.tmp-{int(finished.stdout)}"
     leftover.parent.mkdir()
     leftover.write_bytes(b"75 MB in real life")
+    claim = tmp_path / "run" / ".run.claim"  # the killed run held the folder: taken over
+    record = {"pid": int(finished.stdout), "host": HOST, "started": time.time(), "token": "dead"}
+    claim.write_text(json.dumps(record))
     train([small["cache"]], small["data"], tmp_path / "run", _request(epochs=1))
     assert not leftover.exists() and (tmp_path / "run" / "best.safetensors").is_file()
+    assert not claim.exists(), "the run's own claim outlived it"
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_while_the_first_runs(small, tmp_path):
+    out, epochs = tmp_path / "run", 100_000  # the first writer is killed long before its end
+    arguments = [str(small["cache"]), "--data", str(small["data"]), "--out", str(out),
+                 "--epochs", str(epochs), "--device", "cpu", "--no-progress"]  # fmt: skip
+    for item in TINY_MODEL:
+        arguments += ["--set", item]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "fercache", "train", *arguments], env=_env(), stderr=subprocess.PIPE
+    )
+    try:
+        while not (out / "config.yaml").exists():
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.01)
+        second = CliRunner().invoke(app, ["train", *arguments])  # a second new run
+        assert second.exit_code == 2, second.output
+        (line,) = second.stderr.strip().splitlines()
+        assert line == (
+            f"error: {out}: pid {first.pid} is writing a run into this folder; wait until it "
+            "ends (`--resume` then continues the run), or choose another --out"
+        )
+        with pytest.raises(FercacheError, match=f"pid {first.pid} is writing a run"):
+            train([small["cache"]], small["data"], out, _request(epochs=epochs, resume=True))
+        assert first.poll() is None, "the writer refused to others must still be running"
+    finally:
+        first.kill()
+        first.wait()
 
 
 def test_config_file_holds_the_defaults():

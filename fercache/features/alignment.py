@@ -47,7 +47,6 @@ from fercache.features.store import (
     Provenance,
     missing_frames,
     open_store,
-    other_store,
     store_path,
     store_state,
     write_manifest,
@@ -260,15 +259,11 @@ def imageless_provenance(dtype: str, feature_dim: int, **fields) -> Provenance:
 
 
 def needs_work(out: Path, video: str, provenance: Provenance, force: bool) -> bool:
-    """Whether `video`'s store in OUT is to be written: missing, incomplete or --force; a
-    complete store of other features is an error."""
-    path = store_path(out, video)
-    state, found = store_state(path)
-    if state != "complete" or force:
-        return True
-    if found.fingerprint == provenance.fingerprint:
-        return False
-    raise other_store(path, found, provenance)
+    """Whether `video`'s store in OUT is to be written: missing, incomplete or --force; and a
+    store of other features, which `prepare_cache` found to be no more than a stray in a cache
+    of `provenance` (copied in, say)."""
+    state, found = store_state(store_path(out, video))
+    return state != "complete" or force or found.fingerprint != provenance.fingerprint
 
 
 def write_aligned(

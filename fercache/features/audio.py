@@ -56,7 +56,7 @@ from fercache.errors import FercacheError
 from fercache.features import alignment
 from fercache.features.store import (
     Provenance,
-    check_manifest,
+    prepare_cache,
     store_state,
 )
 from fercache.outputs import output_folder
@@ -221,8 +221,8 @@ def compute_audio(videos: list[Path], out: Path, data: Path, options: AudioOptio
         )
     provenance = _provenance(encoder, videos, options)
     out = Path(out)
-    check_manifest(out, provenance, options.force)
     output_folder(out)
+    prepare_cache(out, provenance, options.force)
     report = AudioReport()
     todo = []
     for path, names in plan.items():

@@ -23,7 +23,8 @@ import secrets
 import socket
 import threading
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +158,24 @@ class Claims:
         for item in items:
             with suppress(FileNotFoundError):
                 os.utime(claim_path(self.folder, item))
+
+    @contextmanager
+    def kept_alive(self) -> Iterator[None]:
+        """Touch the held claims from a background thread while the body runs: for a holder
+        whose single steps may outlast `STALE_SECONDS` (a training epoch, its validation)."""
+        stop = threading.Event()
+
+        def touch() -> None:
+            while not stop.wait(REFRESH_SECONDS):
+                self.refresh()
+
+        thread = threading.Thread(target=touch, name="fercache-claims", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _create(self, path: Path) -> bool:
         record = {"pid": os.getpid(), "host": HOST, "started": self.started, "token": self.token}

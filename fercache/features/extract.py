@@ -34,9 +34,8 @@ from fercache.features.frames import ClaimedBatches, FrameDataset, VideoJob, col
 from fercache.features.sharing import Sharing, rank_share, remove_leftovers, share_work
 from fercache.features.store import (
     Provenance,
-    check_manifest,
     open_store,
-    other_store,
+    prepare_cache,
     store_path,
     store_state,
     write_manifest,
@@ -129,14 +128,14 @@ def _extract(data: Path, out: Path, options: ExtractOptions, ranks: Ranks) -> Ex
     dataset = AffWild2(data)
     report = ExtractReport()
     jobs = _video_jobs(dataset, options.videos, report)
-    check_manifest(out, provenance, options.force)
+    output_folder(out)
+    prepare_cache(out, provenance, options.force)
     started = time.time()
     # Shares are cut from all selected videos, not from the unfinished ones, so every rank
     # computes the same split even while other ranks are already writing.
     share = rank_share(jobs, ranks.rank, ranks.world_size)
     todo = [job for job in share if _needs_work(out, job, provenance, options.force)]
     report.resumed = sorted({job.video for job in share} - {job.video for job in todo})
-    output_folder(out)
     with Claims(out) as claims:
         sharing = Sharing(out, provenance, options.force, started, claims, report.elsewhere)
 
@@ -205,14 +204,10 @@ def _video_jobs(
 
 
 def _needs_work(out: Path, job: VideoJob, provenance: Provenance, force: bool) -> bool:
+    """Missing, incomplete or --force; and a store of other features, which `prepare_cache`
+    found to be no more than a stray in a cache of `provenance` (copied in, say)."""
     state, found = store_state(store_path(out, job.video))
-    if state != "complete":
-        return True
-    if found.fingerprint == provenance.fingerprint:
-        return force
-    if force:
-        return True
-    raise other_store(store_path(out, job.video), found, provenance)
+    return state != "complete" or force or found.fingerprint != provenance.fingerprint
 
 
 def _finished_stores(out: Path, provenance: Provenance) -> dict[str, dict]:

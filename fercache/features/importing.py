@@ -38,7 +38,7 @@ from fercache.features.alignment import (
     write_aligned,
 )
 from fercache.features.foreign import Source, open_source, with_index_column
-from fercache.features.store import Provenance, check_manifest, store_path
+from fercache.features.store import Provenance, prepare_cache, store_path
 from fercache.outputs import output_folder
 from fercache.progress import progress_bar
 from fercache.video.crop import VIDEO_SUFFIXES
@@ -83,8 +83,8 @@ def import_features(
     first = opened.read(first_name, options.key, _most_rows(targets, first_name))
     provenance = _provenance(opened, targets, first, options)
     out = Path(out)
-    check_manifest(out, provenance, options.force)
     output_folder(out)
+    prepare_cache(out, provenance, options.force)
     report = ImportReport()
     entries: dict[str, dict] = {}
     todo = [

@@ -24,11 +24,18 @@ A store is written under `.<video>.h5.tmp-<pid>` and renamed when complete
 (`fercache.outputs.write_atomically`, as every file fercache writes), so a file under a final
 name is always whole. `manifest.json` lists the videos, their row counts and the provenance; it
 is written after every store exists.
+
+`provenance.json` records the settings a cache is written with, created exclusively by its first
+writer before any store (`prepare_cache`): a writer with other settings is refused even while
+the first still runs, and each store and manifest is checked against the record just before it
+is renamed into place. Readers (`FeatureCache`) refuse a store whose fingerprint is not the
+manifest's.
 """
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,12 +46,18 @@ import numpy as np
 from fercache import __version__
 from fercache.errors import FercacheError
 from fercache.outputs import TMP_MARK as TEMPORARY
-from fercache.outputs import hdf5_image, write_made_atomically, write_text_atomically
+from fercache.outputs import (
+    create_text_exclusively,
+    hdf5_image,
+    write_made_atomically,
+    write_text_atomically,
+)
 from fercache.readers import first_line, read_json_object, unreadable
 
 FORMAT_VERSION = 1
 CHUNK_FRAMES = 64
 MANIFEST_NAME = "manifest.json"
+PROVENANCE_NAME = "provenance.json"  # the settings of a cache, recorded before its first store
 STORE_SUFFIX = ".h5"
 TMP_MARK = STORE_SUFFIX + TEMPORARY  # what `write_atomically` names a store being written
 MISSING_FRAMES = "missing_frames"  # imported stores: the attribute of frames without a row
@@ -193,6 +206,7 @@ def write_store(
         lambda: hdf5_image(fill),
         "the feature store",
         "free disk space or choose another --out; finished stores are kept and a rerun resumes",
+        publish=_if_recorded(cache_dir, provenance),
     )
 
 
@@ -305,7 +319,12 @@ def write_manifest(
         "videos": dict(sorted(videos.items())),
         **({"without_images": sorted(without_images)} if without_images else {}),
     }
-    return write_text_atomically(path, json.dumps(manifest, indent=2), "the cache manifest")
+    return write_text_atomically(
+        path,
+        json.dumps(manifest, indent=2),
+        "the cache manifest",
+        publish=_if_recorded(cache_dir, provenance),
+    )
 
 
 def read_manifest(cache_dir: Path) -> dict:
@@ -356,6 +375,92 @@ def describe(provenance: dict) -> str:
     ]
     details = ", ".join([weights, size, provenance["dtype"], *readout])
     return f"{provenance['backbone']} [{details}]"
+
+
+def prepare_cache(cache_dir: Path, provenance: Provenance, force: bool) -> None:
+    """Make `cache_dir` a cache of `provenance` before a writer (extract, import-features,
+    audio) writes a store into it; a FercacheError when it is another's, unless `force`.
+
+    The first writer records its settings in `provenance.json`, created exclusively: of several
+    writers starting on one new cache at once, exactly one records them, and the others go on
+    only with the same settings (then they share the work). With `force` a writer's settings
+    replace the recorded ones, and a writer still running with those stops at its next store
+    (`write_store` checks the record). A cache written before the record existed is its
+    manifest's or, without one, its stores'.
+    """
+    root = Path(cache_dir)
+    check_manifest(root, provenance, force)
+    recorded = recorded_provenance(root)
+    if recorded is None:
+        if not force and not (root / MANIFEST_NAME).exists():
+            _check_unrecorded_stores(root, provenance)
+        text = json.dumps(provenance.to_json(), indent=2)
+        if create_text_exclusively(root / PROVENANCE_NAME, text, "the cache's settings"):
+            return
+        recorded = recorded_provenance(root)  # another writer recorded them first
+    if recorded["fingerprint"] == provenance.fingerprint:
+        return
+    if not force:
+        raise FercacheError(
+            f"{root}: holds features of {describe(recorded)} (fingerprint "
+            f"{recorded['fingerprint']}, recorded in {PROVENANCE_NAME} by its first writer), not "
+            f"of this run's {describe(provenance.to_json())} (fingerprint "
+            f"{provenance.fingerprint}): {_differences(recorded, provenance)}. Use another --out, "
+            "or the cache's settings to add to it (--force replaces them)."
+        )
+    write_text_atomically(
+        root / PROVENANCE_NAME, json.dumps(provenance.to_json(), indent=2), "the cache's settings"
+    )
+
+
+def recorded_provenance(cache_dir: Path) -> dict | None:
+    """The provenance `provenance.json` records (with its fingerprint); None when it is absent."""
+    path = Path(cache_dir) / PROVENANCE_NAME
+    if not path.exists():
+        return None
+    remedy = f"delete it; the next writer of {Path(cache_dir)} records its settings again"
+    recorded = read_json_object(path, "record of the cache's settings", remedy)
+    if not isinstance(recorded.get("fingerprint"), str):
+        raise unreadable(path, "record of the cache's settings", "no fingerprint", remedy)
+    return recorded
+
+
+def _differences(recorded: dict, provenance: Provenance) -> str:
+    """`key cache's value, this run's value` for every field of `provenance` that differs."""
+    given = json.loads(json.dumps(provenance.to_json()))  # tuples as the record's lists
+    changed = [
+        f"{key} {json.dumps(recorded.get(key))} there, {json.dumps(value)} here"
+        for key, value in given.items()
+        if key != "fingerprint" and recorded.get(key) != value
+    ]
+    return "; ".join(changed) or "the format differs"
+
+
+def _check_unrecorded_stores(root: Path, provenance: Provenance) -> None:
+    """A store of other features in a cache without a record or a manifest (one a run of an
+    earlier fercache version was killed in) is an error."""
+    for path in sorted(root.glob(f"*{STORE_SUFFIX}")):
+        state, found = store_state(path)
+        if state == "complete" and found.fingerprint != provenance.fingerprint:
+            raise other_store(path, found, provenance)
+
+
+def _if_recorded(cache_dir: Path, provenance: Provenance) -> Callable[[Path, Path], None]:
+    """`write_atomically`'s last step for a file of a cache of `provenance`: renamed into place
+    only while the cache records `provenance` (a cache without a record takes anything)."""
+
+    def publish(tmp: Path, path: Path) -> None:
+        recorded = recorded_provenance(cache_dir)
+        if recorded is not None and recorded["fingerprint"] != provenance.fingerprint:
+            raise FercacheError(
+                f"{path}: not written: {Path(cache_dir)} records features of "
+                f"{describe(recorded)} (fingerprint {recorded['fingerprint']}) now, not of this "
+                f"run's (fingerprint {provenance.fingerprint}): another run replaced its settings "
+                "(--force). Use another --out, or the cache's settings."
+            )
+        os.replace(tmp, path)
+
+    return publish
 
 
 def check_manifest(cache_dir: Path, provenance: Provenance, force: bool) -> None:
@@ -424,4 +529,39 @@ class FeatureCache:
         return store_path(self.root, video)
 
     def load(self, video: str) -> VideoFeatures:
-        return read_store(self.path(video))
+        path = self.path(video)
+        features = read_store(path)
+        self._check_fingerprint(path, features.provenance)
+        return features
+
+    @contextmanager
+    def open_store(self, video: str) -> Iterator[h5py.File]:
+        """The video's store opened for reading (`open_store`), refused when its features are
+        not those the manifest lists: every reader of a cache opens its stores here."""
+        path = self.path(video)
+        with open_store(path) as store:
+            self._check_fingerprint(path, Provenance.from_attrs(store.attrs))
+            yield store
+
+    def _check_fingerprint(self, path: Path, found: Provenance) -> None:
+        # A store copied in from another cache, or left by a writer of other settings, would
+        # otherwise be read as this cache's features.
+        expected = self.provenance["fingerprint"]
+        if found.fingerprint == expected:
+            return
+        raise FercacheError(
+            f"{path}: holds features of {describe(found.to_json())} (fingerprint "
+            f"{found.fingerprint}), not of its cache's (fingerprint {expected}, "
+            f"{self.root / MANIFEST_NAME}): it was copied from another cache or written with "
+            f"other settings. Rerun {_writer(self.provenance, self.root)} with the cache's "
+            "settings: it writes the store again."
+        )
+
+
+def _writer(provenance: dict, root: Path) -> str:
+    """The command that wrote a cache of `provenance`, for advice."""
+    if provenance.get("source_kind") == "audio":
+        return f"`fercache audio VIDEOS --data DATA --out {root}`"
+    if provenance.get("source_kind"):
+        return f"`fercache import-features SRC --data DATA --out {root}`"
+    return f"`fercache extract DATA --out {root}`"

@@ -35,7 +35,7 @@ from fercache.data.affwild2 import SPLITS, AffWild2
 from fercache.data.framelist import read_frame_list
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES
 from fercache.errors import FercacheError
-from fercache.features.store import FeatureCache, open_store
+from fercache.features.store import FeatureCache
 from fercache.framewise.metrics import pooled, tune_au_thresholds
 from fercache.framewise.pred_file import AU_THRESHOLD, Predictions, VideoPredictions
 from fercache.progress import progress_bar
@@ -245,7 +245,7 @@ def _student_source(caches: list[FeatureCache]) -> Source:
 
     def predict_video(video: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         path = cache.path(video)
-        with open_store(path) as store:
+        with cache.open_store(video) as store:
             if "logits" not in store:
                 raise FercacheError(
                     f"{path}: the store has no logits (the backbone had no classifier head); "

@@ -61,6 +61,7 @@ from fercache.resume import (
     write_checkpoint,
     write_config,
     write_metrics,
+    writing_run,
 )
 
 NUM_CLASSES = len(EXPR_CLASSES)
@@ -117,7 +118,7 @@ def pretrain(
     out = Path(out)
     recipe = recipe_for(config)
     _check_resumable(out, config, resume)
-    with distributed() as ranks:
+    with distributed() as ranks, writing_run(out, ranks.is_main):
         return _run(
             recipe,
             labelled,

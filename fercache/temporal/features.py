@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 
 from fercache.errors import FercacheError
-from fercache.features.store import FeatureCache, missing_frames, open_store, store_handle
+from fercache.features.store import FeatureCache, missing_frames, store_handle
 from fercache.progress import progress_bar
 
 FEATURE_DTYPE = np.float16
@@ -144,7 +144,7 @@ class CacheSet:
         """The video's fused features, each store opened once."""
         stores, features = [], []
         for cache in self.caches:
-            with open_store(cache.path(video)) as store:
+            with cache.open_store(video) as store:
                 stores.append(_StoreFrames.of(cache, store))
                 features.append(store["features"][:].astype(FEATURE_DTYPE, copy=False))
         layout = _fuse(video, stores)
@@ -158,7 +158,7 @@ class CacheSet:
 
 
 def _store_frames(cache: FeatureCache, video: str) -> _StoreFrames:
-    with open_store(cache.path(video)) as store:
+    with cache.open_store(video) as store:
         return _StoreFrames.of(cache, store)
 
 
@@ -288,6 +288,7 @@ class LazyFeatures:
             if key not in self._handles:
                 if len(self._handles) >= _open_store_limit():
                     self._handles.pop(next(iter(self._handles))).close()  # the oldest
+                # each store was checked against its cache's manifest by `open` (`layout`)
                 self._handles[key] = store_handle(cache.path(self.names[index]))
             yield self._handles[key]
 

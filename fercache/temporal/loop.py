@@ -41,7 +41,13 @@ from fercache.errors import FercacheError
 from fercache.outputs import output_folder, remove_dead_leftovers
 from fercache.progress import progress_bar, progress_line
 from fercache.readers import read_json_object, unreadable
-from fercache.resume import holds_run, read_checkpoint, write_checkpoint, write_metrics
+from fercache.resume import (
+    holds_run,
+    read_checkpoint,
+    write_checkpoint,
+    write_metrics,
+    writing_run,
+)
 from fercache.temporal.clips import (
     ClipBatches,
     RowTargets,
@@ -150,7 +156,9 @@ def train(cache_dirs: list[Path], data: Path, out: Path, request: TrainRequest) 
     """Train a temporal model into `out`; returns the run's summary (also `summary.json`)."""
     out = Path(out)
     request = _with_recorded_videos(out, request)
-    with distributed(request.device) as ranks:
+    # Held before the folder is looked at: whether it holds a run, and its checkpoint, are
+    # then those no other process is changing.
+    with distributed(request.device) as ranks, writing_run(out, ranks.is_main):
         config = _resolve_config(out, request)
         return _run(cache_dirs, Path(data), out, config, request, ranks)
 
