@@ -9,7 +9,7 @@
                    it never holds a record the checkpoint does not (nor misses one it does)
 
 A folder holds a run once it holds a checkpoint (`holds_run`). While a process writes a run,
-it holds the folder (`writing_run`: the claim `.run.claim`, `fercache.features.claims`), so a
+it holds the folder (`writing_run`: the claim `.run.claim`, `fercache.claims`), so a
 second process writing into it, a new run or a `--resume`, is refused. A resumed run keeps its saved
 settings (`resumed_settings`): only the settings its config class declares safe to change on
 resume may differ from them; anything else given is refused, naming each change.
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import yaml
 
+from fercache.claims import Claims
 from fercache.errors import FercacheError
-from fercache.features.claims import Claims
 from fercache.outputs import write_made_atomically, write_text_atomically
 from fercache.readers import first_line, read_text
 

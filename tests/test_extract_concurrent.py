@@ -18,10 +18,7 @@ from typer.testing import CliRunner
 
 import fercache.features.extract
 import fercache.features.sharing
-from fercache.cli import app
-from fercache.data.affwild2 import AffWild2
-from fercache.errors import FercacheError
-from fercache.features.claims import (
+from fercache.claims import (
     HOST,
     PROCESS_STARTED,
     STALE_SECONDS,
@@ -29,6 +26,9 @@ from fercache.features.claims import (
     claim_path,
     read_holder,
 )
+from fercache.cli import app
+from fercache.data.affwild2 import AffWild2
+from fercache.errors import FercacheError
 from fercache.features.extract import ExtractOptions, extract
 from fercache.features.store import (
     PROVENANCE_NAME,

@@ -596,7 +596,7 @@ def test_a_run_folder_another_live_process_writes_is_refused(mpl_run):
     run, _, _ = mpl_run
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from fercache.features.claims import Claims; "
+         "import sys, time; from fercache.claims import Claims; "
          f"Claims({str(run)!r}).take('run'); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip

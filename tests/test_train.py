@@ -22,9 +22,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
+from fercache.claims import HOST
 from fercache.cli import app
 from fercache.errors import FercacheError
-from fercache.features.claims import HOST
 from fercache.features.store import FeatureCache
 from fercache.framewise.metrics import concordance
 from fercache.resume import read_metrics

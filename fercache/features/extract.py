@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader
 
 from fercache.backbone.network import Backbone, load_backbone, preprocess, resize_mode
 from fercache.backbone.readout import DEFAULT_READOUT, Readout, check_readout, forward_readout
+from fercache.claims import Claims
 from fercache.data.affwild2 import AffWild2
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
-from fercache.features.claims import Claims
 from fercache.features.frames import ClaimedBatches, FrameDataset, VideoJob, collate_frames
 from fercache.features.sharing import Sharing, rank_share, remove_leftovers, share_work
 from fercache.features.store import (

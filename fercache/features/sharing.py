@@ -1,7 +1,7 @@
 """How `extract` processes share one cache. Under torchrun each rank takes a frame-count-balanced
 share of the videos (`rank_share`). Several `extract` processes on one cache (started at once,
 on one host or on several hosts sharing the folder) share the work through per-video claims
-(`fercache.features.claims`):
+(`fercache.claims`):
 
 1. The batch sampler (`fercache.features.frames.ClaimedBatches`) runs in the main process and
    walks the videos in order; before it hands out the first frame of a video it claims it
@@ -18,7 +18,7 @@ on one host or on several hosts sharing the folder) share the work through per-v
    and printing "waiting for N videos being extracted by pid P": a video whose store appears
    is done; a claim that disappears without a store (its holder failed) or is abandoned (the
    pid is dead on this host, or the claim has gone untouched for
-   `fercache.features.claims.STALE_SECONDS` on any host) is taken over in another pass. So no
+   `fercache.claims.STALE_SECONDS` on any host) is taken over in another pass. So no
    video is computed twice unless its holder dies, and no process waits forever on a dead one.
 4. Every process then writes `manifest.json` atomically from the complete stores it finds
    (all its videos are complete by then), so whichever writes last writes a whole, correct
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fercache.features.claims import CLAIM_SUFFIX, Claims, Holder
+from fercache.claims import CLAIM_SUFFIX, Claims, Holder
 from fercache.features.frames import VideoJob
 from fercache.features.store import TMP_MARK, Provenance, store_path, store_state
 from fercache.progress import progress_line
