@@ -519,6 +519,39 @@ def mpl_run(synthetic_tree, tmp_path_factory) -> tuple[Path, object, Path]:
     return run, report, scratch
 
 
+def test_a_teacher_export_is_refused_as_the_frozen_network_whatever_its_name(
+    mpl_run, synthetic_tree, tmp_path
+):
+    run, _, _ = mpl_run
+    posing = tmp_path / "elsewhere" / "student.safetensors"  # the teacher, under another name
+    posing.parent.mkdir()
+    shutil.copyfile(run / "teacher.safetensors", posing)
+    video = tmp_path / "clip.mp4"  # analyse refuses the checkpoint before it reads a video
+    video.write_bytes(b"not read")
+    video_folder = sorted((synthetic_tree / "cropped_aligned").iterdir())[0].name
+    net = ["--device=cpu", "--workers=0", "--no-progress", f"--videos={video_folder}"]
+    cache = f"--out={tmp_path / 'cache'}"
+    refused = (
+        f"error: {posing}: the teacher that `fercache pretrain` exported (its model config says "
+        "role 'teacher'); the frozen network is the student: pass the student's export, "
+        "student.safetensors of the same run"
+    )
+    for arguments in (
+        ["extract", synthetic_tree, cache, f"--checkpoint={posing}", *net],
+        ["analyse", video, f"--checkpoint={posing}", f"--out={tmp_path / 'analysed'}"],
+    ):
+        result = runner.invoke(app, [str(argument) for argument in arguments])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.splitlines() == [refused]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "analysed").exists()
+
+    student = run / "student.safetensors"
+    arguments = ["extract", synthetic_tree, cache, f"--checkpoint={student}", *net]
+    result = runner.invoke(app, [str(argument) for argument in arguments])
+    assert result.exit_code == 0, result.output
+    assert "extracted 1 videos" in result.output
+
+
 def test_a_run_writes_metrics_checkpoints_and_reports_problems(mpl_run):
     run, report, scratch = mpl_run
     assert report.steps == 8
@@ -559,6 +592,7 @@ def test_the_exported_student_is_the_extraction_contract(mpl_run):
         "interpolation": "bilinear",
         "classes": list(EXPR_CLASSES),
         "recipe": "mpl",
+        "role": "student",
     }
     assert keys == set(timm.create_model("resnet10t", num_classes=8).state_dict())
 

@@ -1,7 +1,8 @@
 """Build a frozen timm backbone from a name and an optional checkpoint file.
 
 Accepted checkpoints: fercache's own phase-1 files (`student.safetensors` with its model config
-in the safetensors metadata key `fercache_model` or in a sidecar `student.json`), a plain
+in the safetensors metadata key `fercache_model` or in a sidecar `student.json`; an export whose
+config says role "teacher" is refused), a plain
 PyTorch state dict (`.pt`/`.pth`/`.bin`, read with `weights_only=True`, nested wrappers and
 `module.`/`encoder.`/`backbone.`/`visual.` prefixes handled: `fercache.backbone.weights`) and plain
 safetensors. The classifier's width, when the checkpoint has one, sets `num_classes`; the
@@ -41,6 +42,10 @@ from fercache.readers import read_json_object
 
 DEFAULT_BACKBONE = "resnet50"
 MODEL_METADATA_KEY = "fercache_model"
+# The model config's key naming the network a `fercache pretrain` export holds: "student" (the
+# frozen network of phase 2) or "teacher" (what taught it; refused here). Older exports and
+# other weights have none.
+ROLE_KEY = "role"
 # What weights that do not fit the backbone ask of `extract`'s user (a caller without these
 # options gives its own `advice`)
 BACKBONE_ADVICE = "Pass the --backbone it was trained with."
@@ -161,6 +166,12 @@ def load_backbone(
     if pretrained:
         return _pretrained_backbone(pretrained, name, checkpoint, init_seed, input_size, mean, std)
     state, saved_config, digest = _read_checkpoint(checkpoint) if checkpoint else ({}, {}, "")
+    if saved_config.get(ROLE_KEY) == "teacher":
+        raise FercacheError(
+            f"{checkpoint}: the teacher that `fercache pretrain` exported (its model config "
+            "says role 'teacher'); the frozen network is the student: pass the student's export, "
+            "student.safetensors of the same run"
+        )
     name = _choose_name(name, saved_config, checkpoint)
     views = int(saved_config.get("views", 1))
     model_kwargs = saved_config.get("model_kwargs") or {}

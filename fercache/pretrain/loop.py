@@ -18,7 +18,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fercache.backbone.network import DataConfig
+from fercache.backbone.network import ROLE_KEY, DataConfig
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.distributed import Ranks, distributed
 from fercache.errors import FercacheError
@@ -582,7 +582,8 @@ def _write_problems(out: Path, problems: list[str]) -> None:
 def _export(out: Path, config: PretrainConfig, recipe: Recipe, data_config: DataConfig) -> None:
     described = model_config(config.backbone, data_config, config.recipe, **recipe.export_keys())
     for name, network in recipe.exported().items():
-        export_model(network, described, out / f"{name}.safetensors")
+        # the role lets a loader refuse a teacher passed where the student is meant
+        export_model(network, described | {ROLE_KEY: name}, out / f"{name}.safetensors")
 
 
 def _save_state(out: Path, recipe: Recipe, state: Progress) -> None:
