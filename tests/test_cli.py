@@ -12,6 +12,10 @@ from tests.test_affwild2 import EXPR_HEADER, write_annotation, write_images
 
 runner = CliRunner()
 COMMANDS = sorted(typer.main.get_command(app).commands)
+INTERRUPTED = (
+    "interrupted: what was finished is kept (every file fercache writes is whole or absent); "
+    "run the same command again to go on from there (train and pretrain: add --resume)"
+)
 
 
 def test_top_level_help_lists_every_command():
@@ -92,10 +96,53 @@ def test_ctrl_c_is_one_line_saying_what_was_kept_and_how_to_go_on(tmp_path, monk
     monkeypatch.setattr(inspect, "inspect_dataset", interrupted)
     result = runner.invoke(app, ["inspect", str(tmp_path)])
     assert result.exit_code == 130
-    assert result.stderr.strip().splitlines() == [
-        "interrupted: what was finished is kept (every file fercache writes is whole or absent); "
-        "run the same command again to go on from there (train and pretrain: add --resume)"
-    ]
+    assert result.stderr.strip().splitlines() == [INTERRUPTED]
+
+
+# each writing command: the module attribute its CLI function calls, and arguments that reach
+# that call (nothing is read: the call is interrupted at its entry)
+WRITERS = {
+    "extract": ("fercache.features.extract.extract", ["DATA", "--out=OUT"]),
+    "import-features": (
+        "fercache.features.importing.import_features",
+        ["SOURCE", "--out=OUT", "--data=DATA"],
+    ),
+    "audio": (
+        "fercache.features.audio.compute_audio",
+        ["VIDEOS", "--out=OUT", "--data=DATA", "--model=M"],
+    ),
+    "train": ("fercache.experiments.training.train_into", ["CACHE", "--data=DATA", "--out=OUT"]),
+    "predict": (
+        "fercache.experiments.training.predict_with",
+        ["RUN", "--cache=CACHE", "--data=DATA", "--split=val", "--out=OUT.h5"],
+    ),
+    "smooth": ("fercache.predictions.smooth.smooth_predictions", ["PRED.h5", "--out=OUT.h5"]),
+    "ensemble": ("fercache.predictions.ensemble.ensemble", ["A.h5", "B.h5", "--out=OUT.h5"]),
+    "pretrain": ("fercache.pretrain.pretrain", ["--labelled=POOL", "--out=OUT"]),
+    "convert": ("fercache.backbone.weights.convert_checkpoint", ["IN.pt", "--out=OUT.safetensors"]),
+    "crop": ("fercache.video.crop.crop_videos", ["VIDEOS", "--out=OUT"]),
+    "analyse": ("fercache.experiments.analyse.analyse", ["V.mp4", "--checkpoint=S", "--out=OUT"]),
+    "synth": ("fercache.synth.generate", ["OUT"]),
+}
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_ctrl_c_in_each_writing_command_is_exit_130_and_the_one_line(
+    tmp_path, monkeypatch, command
+):
+    target, arguments = WRITERS[command]
+    called = []
+
+    def interrupted(*given, **options):
+        called.append(command)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupted)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [command, *arguments])
+    assert called == [command], result.output
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines() == [INTERRUPTED]
 
 
 def test_inspect_tabulates_a_tree_and_writes_json(tmp_path):
