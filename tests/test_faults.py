@@ -529,6 +529,48 @@ def _import(w: Path, source: Path, out: Path) -> list:
     return ["import-features", source, f"--out={out}", f"--data={w / 'tree'}", *RATE]
 
 
+def _face_video(w: Path) -> Path:
+    """videos/VIDEO.mov: a face (the astronaut photograph, moving a little) for each of VIDEO's
+    frames at 30 fps, and a tone as its sound track."""
+    from skimage.data import astronaut
+
+    from fercache.synth.sound import tone
+    from fercache.video.pyav import write_video_with_sound
+
+    face = Image.fromarray(astronaut()[:256, 96:352]).resize((96, 96))
+    frames = []
+    for index in range(_frames_of(w, VIDEO)):
+        canvas = Image.new("RGB", (128, 112), (110, 110, 110))
+        canvas.paste(face, (4 + index % 16, 8))
+        frames.append(np.asarray(canvas))
+    path = w / "videos" / f"{VIDEO}.mov"
+    path.parent.mkdir()
+    sound = tone(len(frames) / 30, 440, 16000)[None]
+    write_video_with_sound(path, 30, frames, sound, 16000)
+    return path
+
+
+def _audio(w: Path, out: Path, encoder: Path) -> list:
+    common = ["--device=cpu", "--dtype=float32", "--no-progress"]
+    arguments = [_face_video(w).parent, f"--out={out}", f"--data={w / 'tree'}", *common]
+    return ["audio", *arguments, f"--model={encoder}"]
+
+
+def _encoder(w: Path) -> Path:
+    from fercache.synth.sound import save_speech_encoder
+
+    return save_speech_encoder(w / "encoder")
+
+
+def _crop(w: Path, out: Path) -> list:
+    return ["crop", _face_video(w), f"--out={out}", "--device=cpu", "--no-progress"]
+
+
+def _analyse(w: Path, out: Path) -> list:
+    common = ["--device=cpu", "--size=32", "--no-progress"]
+    return ["analyse", _face_video(w), f"--checkpoint={w / STUDENT}", f"--out={out}", *common]
+
+
 # command: (its arguments given where it writes, and the file it writes: "" for a folder)
 WRITERS: dict[str, tuple[Callable[[Path, Path], list], str]] = {
     "extract": (lambda w, out: _extract(w, str(out), *NET), ""),
@@ -549,6 +591,10 @@ WRITERS: dict[str, tuple[Callable[[Path, Path], list], str]] = {
         lambda w, out: ["convert", w / "run" / "last.pt", f"--out={out}"],
         "out.safetensors",
     ),
+    # refused before the encoder or the face detector loads: no model is needed
+    "audio": (lambda w, out: _audio(w, out, w / "no-encoder"), ""),
+    "crop": (_crop, ""),
+    "analyse": (_analyse, ""),
 }
 
 
@@ -594,6 +640,15 @@ FULL_DISK = {
     "convert": (
         lambda w, out: ["convert", w / "run" / "last.pt", f"--out={out / 'out.safetensors'}"],
         "run/best.safetensors",
+    ),
+    "audio": (lambda w, out: _audio(w, out / "cache", _encoder(w)), 8),
+    "crop": (lambda w, out: _crop(w, out / "crops"), 32),
+    # full during the crop (a 4 KB page per crop on a tmpfs); the later writes are extract's,
+    # predict's and smooth's, each tested above, and write_atomically's
+    "analyse": (lambda w, out: _analyse(w, out / "analysed"), 64),
+    "synth": (
+        lambda w, out: ["synth", out / "tree", "--videos=4", "--frames=64", "--workers=1"],
+        64,
     ),
 }
 # HDF5 writers crashed the process (exit 139) on a full disk: run in a process of their own

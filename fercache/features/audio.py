@@ -61,7 +61,7 @@ from fercache.features.store import (
 )
 from fercache.outputs import output_folder
 from fercache.progress import progress_bar
-from fercache.video.crop import video_sources
+from fercache.video.crop import check_out_folder, video_sources
 from fercache.video.pyav import open_video, require
 
 INSTALL_HINT = "fercache audio needs transformers and PyAV: pip install 'fercache[audio,video]'"
@@ -205,6 +205,7 @@ def compute_audio(videos: list[Path], out: Path, data: Path, options: AudioOptio
     to DATA's frames, into the cache OUT; resumes where stores exist."""
     _check_options(options)
     _require_extras()
+    check_out_folder(out)  # before the encoder loads; nothing is created yet
     files = video_sources(videos)
     if not files:
         raise FercacheError(

@@ -30,7 +30,7 @@ from fercache.data.layout import (
 )
 from fercache.data.tasks import AU, EXPR, VA
 from fercache.errors import FercacheError
-from fercache.outputs import output_folder
+from fercache.outputs import output_folder, write_text_atomically
 from fercache.progress import progress_bar
 from fercache.synth.face import Geometry
 from fercache.synth.plan import N_CLASSES, SynthConfig, VideoPlan, plan_videos
@@ -204,6 +204,19 @@ def generate(out: Path, config: SynthConfig, progress: bool = True, *, force: bo
     config.validate()
     out = Path(out)
     _prepare_output(out, force)
+    advice = (
+        f"the tree is incomplete (no {SYNTH_JSON}): delete {out}, make room and run the command "
+        "again"
+    )
+    try:
+        return _write_tree(out, config, progress, advice)
+    except OSError as error:  # a full disk: in a worker too, which passes the error on
+        raise FercacheError(
+            f"{out}: could not write the synthetic tree ({error.strerror or error}); {advice}"
+        ) from error
+
+
+def _write_tree(out: Path, config: SynthConfig, progress: bool, advice: str) -> dict:
     plans = plan_videos(config)
     labelled = plan_labelled_pool(config)
     tasks = _tasks(out, config, plans, labelled)
@@ -236,5 +249,7 @@ def generate(out: Path, config: SynthConfig, progress: bool = True, *, force: bo
         },
     }
     (out / "README.txt").write_text(_readme(config), newline="\n")
-    (out / SYNTH_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", newline="\n")
+    # whole or absent: its presence marks a whole tree
+    text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+    write_text_atomically(out / SYNTH_JSON, text, "the tree's record", advice)
     return info

@@ -421,24 +421,23 @@ def _crop_frames(video: Path, cropper: _VideoCropper, options: CropOptions) -> f
     return fps
 
 
-def crop_video(video: Path, out: Path, options: CropOptions, detector) -> list[VideoCrop]:
-    """Crop one source video into `out`; its record is written last, as the completion mark."""
+def crop_video(video: Path, out: Path, options: CropOptions, detector) -> dict:
+    """Crop one source video into `out`'s images; its record, to be written last as the
+    completion mark. A FercacheError is the video's own (it cannot be decoded); an OSError is
+    `out`'s (a full disk), and no partial folder is left."""
     started = time.monotonic()
     names = subject_names(video.stem, options.subjects)
     partial = _partial_folders(out, names)
     cropper = _VideoCropper(options, detector, partial)
     try:
         fps = _crop_frames(video, cropper, options)
+        if cropper.frames == 0:
+            raise FercacheError(f"{video}: no frames could be decoded")
+        _move_into_place(out / IMAGES_DIRNAME, names, partial)
     except BaseException:
-        _remove_folders(partial)
+        _remove_folders(partial)  # those not moved into place yet
         raise
-    if cropper.frames == 0:
-        _remove_folders(partial)
-        raise FercacheError(f"{video}: no frames could be decoded")
-    _move_into_place(out / IMAGES_DIRNAME, names, partial)
-    record = cropper.record(video, fps, names, time.monotonic() - started)
-    write_text_atomically(record_path(out, video.stem), json.dumps(record), "the crop record")
-    return read_crop_record(out, video.stem)
+    return cropper.record(video, fps, names, time.monotonic() - started)
 
 
 def _confident(boxes, probs, min_confidence: float) -> np.ndarray:
@@ -448,14 +447,21 @@ def _confident(boxes, probs, min_confidence: float) -> np.ndarray:
 
 
 def check_out_folder(out: Path) -> None:
-    """A FercacheError when `out`, or the nearest of its parents that exists, is a file: said
-    before any work, not as each video's first write fails."""
+    """A FercacheError when `out`, or the nearest of its parents that exists, is a file or
+    cannot be written (a read-only file system, no permission): said before any work, not as
+    each video's first write fails. Nothing is created, so a refusal later leaves no folder."""
     out = Path(out)
     existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    where = "it" if existing == out else existing
     if not existing.is_dir():
-        where = "it" if existing == out else existing
         raise FercacheError(
             f"--out {out}: {where} is a file, not a folder; give a new or existing folder"
+        )
+    # access() says EROFS on a read-only file system even to root, who ignores file modes
+    if not os.access(existing, os.W_OK):
+        raise FercacheError(
+            f"--out {out}: {where} cannot be written (a read-only file system, or no "
+            "permission); give a folder you can write into"
         )
 
 
@@ -528,13 +534,27 @@ def crop_videos(sources: list[Path], out: Path, options: CropOptions) -> CropRep
     if not todo:
         return report
     detector = MTCNN(keep_all=True, device=_device(options.device))
-    for video in todo:
-        try:
-            report.videos += crop_video(video, out, options, detector)
-        except FercacheError as error:  # a video PyAV cannot decode past its first frame, too
-            report.failed.append((str(video), _reason(video, error)))
-        except OSError as error:
-            report.failed.append((str(video), f"could not read or write: {error}"))
-    with suppress(OSError):  # left when another crop is writing into `out` at the same time
-        (out / PARTIAL_DIRNAME).rmdir()
+    # a write that fails (a full disk) ends the run: every later video would fail the same way
+    kept = (
+        "the videos cropped before are kept; make room (or give another --out) and run the "
+        "command again: it skips them"
+    )
+    try:
+        for video in todo:
+            try:
+                record = crop_video(video, out, options, detector)
+            except FercacheError as error:  # a video PyAV cannot decode past its first frame
+                report.failed.append((str(video), _reason(video, error)))
+                continue
+            except OSError as error:
+                raise FercacheError(
+                    f"{out}: could not write the crops of {video} ({error.strerror or error}); "
+                    f"{kept}"
+                ) from error
+            path = record_path(out, video.stem)
+            write_text_atomically(path, json.dumps(record), "the crop record", kept)
+            report.videos += read_crop_record(out, video.stem)
+    finally:
+        with suppress(OSError):  # left when another crop is writing into `out` at the same time
+            (out / PARTIAL_DIRNAME).rmdir()
     return report
