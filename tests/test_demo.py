@@ -129,7 +129,7 @@ def test_the_command_refuses_fine_tuning_that_leaves_no_mpl_step(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--finetune-steps", "5"], "they need the mpl recipe, not fixmatch"),
+        (["--finetune-steps", "5"], f"they need the mpl recipe, not {DemoSettings().ssl_recipe}"),
         (["--ssl-recipe", "supervised"], "SSL recipe 'supervised' is none of mpl, fixmatch"),
     ],
 )
