@@ -4,6 +4,7 @@ failure names the file instead of a stack trace. Every file fercache writes goes
 `write_atomically`; a command writing many files into one folder first checks it can
 (`output_folder`)."""
 
+import glob
 import io
 import os
 from collections.abc import Callable
@@ -41,10 +42,11 @@ def process_alive(pid: int) -> bool:
 
 def remove_dead_leftovers(folder: Path, name: str = "") -> list[Path]:
     """Delete the temporary files (`temporary_name`) in `folder` that processes no longer
-    running left when they were killed mid-write, only of the file `name` when given; a live
-    process's are kept. Returns what was deleted."""
+    running left when they were killed mid-write, only those of the file `name` when given; a
+    live process's are kept. Returns what was deleted."""
     removed = []
-    for path in Path(folder).glob(f".{name}*{TMP_MARK}*"):
+    pattern = f".{glob.escape(name)}{TMP_MARK}*" if name else f".*{TMP_MARK}*"
+    for path in Path(folder).glob(pattern):
         pid = path.name.rpartition(TMP_MARK)[2]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             with suppress(OSError):
@@ -65,7 +67,8 @@ def write_atomically(
     instead of renaming).
 
     A killed process, a power cut or a full disk leaves no half-written `path` (and no
-    temporary file after an error or an interrupt); any OSError becomes a FercacheError naming
+    temporary file after an error or an interrupt; what a killed writer of `path` left is
+    deleted by the next one: `remove_dead_leftovers`); any OSError becomes a FercacheError naming
     `path`, what was being written and `advice`. The temporary name does not end in `path`'s
     suffix (`temporary_name`): a writer that picks its format from the name (matplotlib's
     `savefig`) must be given the format.
@@ -74,6 +77,7 @@ def write_atomically(
     tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_leftovers(path.parent, path.name)
         write(tmp)
         _flush_to_disk(tmp)
         publish(tmp, path)

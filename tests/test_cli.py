@@ -112,12 +112,18 @@ WRITERS = {
         ["VIDEOS", "--out=OUT", "--data=DATA", "--model=M"],
     ),
     "train": ("fercache.experiments.training.train_into", ["CACHE", "--data=DATA", "--out=OUT"]),
+    "sweep": (
+        "fercache.experiments.sweep.sweep",
+        ["CACHE", "--data=DATA", "--out=OUT", "--grid", "lr=0.001"],
+    ),
     "predict": (
         "fercache.experiments.training.predict_with",
         ["RUN", "--cache=CACHE", "--data=DATA", "--split=val", "--out=OUT.h5"],
     ),
     "smooth": ("fercache.predictions.smooth.smooth_predictions", ["PRED.h5", "--out=OUT.h5"]),
     "ensemble": ("fercache.predictions.ensemble.ensemble", ["A.h5", "B.h5", "--out=OUT.h5"]),
+    "submit": ("fercache.predictions.submit.write_submission", ["PRED.h5", "--out=OUT.csv"]),
+    "evaluate": ("fercache.predictions.evaluate.evaluate", ["PRED.h5", "--data=DATA"]),
     "pretrain": ("fercache.pretrain.pretrain", ["--labelled=POOL", "--out=OUT"]),
     "convert": ("fercache.backbone.weights.convert_checkpoint", ["IN.pt", "--out=OUT.safetensors"]),
     "crop": ("fercache.video.crop.crop_videos", ["VIDEOS", "--out=OUT"]),

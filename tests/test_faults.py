@@ -11,8 +11,10 @@ every reader is given, one PRED, one tiny phase-1 run) and copied per case befor
 """
 
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -27,6 +29,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from fercache import outputs
 from fercache.cli import app
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.features.store import MANIFEST_NAME, Provenance, read_manifest, read_store
@@ -636,6 +639,21 @@ FULL_DISK = {
         "val.h5",
     ),
     "train": (lambda w, out: _train(w, str(out / "run")), "run"),
+    "sweep": (
+        lambda w, out: [*_sweep(w, LR)[:3], f"--out={out / 'sweep'}", *_sweep(w, LR)[4:]],
+        "sweep",
+    ),
+    # files of a few kilobytes: the disk is full before the command starts
+    "submit": (lambda w, out: ["submit", w / "val.h5", f"--out={out / 'out.csv'}"], 0),
+    "evaluate": (
+        lambda w, out: [
+            "evaluate",
+            w / "val.h5",
+            f"--data={w / 'tree'}",
+            f"--json={out / 'o.json'}",
+        ],
+        0,
+    ),
     "pretrain": (lambda w, out: _pretrain(w, str(out / "p1"), "--steps=2"), "p1"),
     "convert": (
         lambda w, out: ["convert", w / "run" / "last.pt", f"--out={out / 'out.safetensors'}"],
@@ -672,6 +690,17 @@ def _in_a_process(arguments: list) -> SimpleNamespace:
     )
 
 
+def _fill(disk: Path) -> None:
+    """Write into `disk` until it has no space left."""
+    filler = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                os.write(filler, b"x" * 4096)
+    finally:
+        os.close(filler)
+
+
 @pytest.mark.parametrize("command", FULL_DISK)
 def test_a_full_disk_gives_one_line_and_leaves_no_temporary_file(
     built, tmp_path, small_disk, command
@@ -680,6 +709,8 @@ def test_a_full_disk_gives_one_line_and_leaves_no_temporary_file(
     arguments, sized_as = FULL_DISK[command]
     half = sized_as if isinstance(sized_as, int) else _size_kb(built / sized_as) // 2
     disk = small_disk(max(8, half))
+    if half == 0:
+        _fill(disk)
     invoke = _in_a_process if command in IN_A_PROCESS else lambda a: runner.invoke(app, _cli(*a))
 
     line = _one_line_naming(invoke(arguments(w, disk)), disk, "No space left on device")
@@ -707,6 +738,45 @@ def test_extract_on_a_full_disk_keeps_the_finished_stores_and_resumes(built, tmp
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert f"{len(kept)} already done" in result.output
+
+
+# the commands that write one file: a kill mid-write leaves nothing under its name
+ONE_FILE_WRITERS = [command for command, (_, written) in WRITERS.items() if written]
+
+
+def _killed_as_it_writes(arguments: list, out: Path) -> None:
+    """Runs in a forked child: the command, SIGKILLed once `out`'s temporary file is written
+    and flushed, before its rename (what a kill or a power cut at that moment leaves)."""
+    real = outputs._flush_to_disk
+
+    def flush(path: Path) -> None:
+        real(path)
+        if path == outputs.temporary_name(out):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    outputs._flush_to_disk = flush
+    runner.invoke(app, _cli(*arguments))
+
+
+@pytest.mark.parametrize("command", ONE_FILE_WRITERS)
+def test_a_kill_mid_write_leaves_no_file_and_the_rerun_writes_it_and_clears_the_leftover(
+    built, tmp_path, command
+):
+    w = _workspace(built, tmp_path, set())
+    arguments, written = WRITERS[command]
+    out = tmp_path / "out" / written
+    child = multiprocessing.get_context("fork").Process(
+        target=_killed_as_it_writes, args=(arguments(w, out), out)
+    )
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    assert [path.name for path in out.parent.iterdir()] == [f".{written}.tmp-{child.pid}"]
+
+    result = runner.invoke(app, _cli(*arguments(w, out)))
+
+    assert result.exit_code == 0, result.output
+    assert [path.name for path in out.parent.iterdir()] == [written]
 
 
 def _bomb(path: Path) -> None:

@@ -37,7 +37,7 @@ from fercache import __version__
 from fercache.data.affwild2 import SPLITS
 from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
-from fercache.outputs import hdf5_image, remove_dead_leftovers, write_made_atomically
+from fercache.outputs import hdf5_image, write_made_atomically
 from fercache.readers import first_line
 
 FORMAT = "fercache-predictions"
@@ -179,10 +179,9 @@ class Predictions:
         return replace(self, videos=videos, smoothing=(*self.smoothing, smoothing))
 
     def write(self, path: Path) -> Path:
-        """Validate, then write atomically to `path` (deleting what killed writers of it left)."""
+        """Validate, then write atomically to `path`."""
         path = Path(path)
         self.validate(path)
-        remove_dead_leftovers(path.parent, path.name)
         return write_made_atomically(path, lambda: hdf5_image(self._write_into), "predictions")
 
     def _write_into(self, handle: h5py.File) -> None:
