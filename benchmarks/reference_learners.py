@@ -85,6 +85,15 @@ def _commit() -> str:
     return result.stdout.strip() + (" plus uncommitted changes" if dirty else "")
 
 
+def machine() -> str:
+    """The machine a benchmark ran on, as results/ files name it."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.machine()}, {torch.get_num_threads()} threads, "
+        f"Python {platform.python_version()}, {gpu}"
+    )
+
+
 def markdown(results: dict[int, dict], command: str, seconds: float) -> str:
     seeds = sorted(results)
     header = "| learner | trained on | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |"
@@ -101,8 +110,6 @@ def markdown(results: dict[int, dict], command: str, seconds: float) -> str:
         f"({r['network']['still']:.2f} against {r['hog']['still']:.2f})"
         for s, r in sorted(results.items())
     ]
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, Python "
-    machine += f"{platform.python_version()}, no GPU" if not torch.cuda.is_available() else ""
     return "\n".join(
         [
             "# How hard the synthetic tree is: reference learners",
@@ -129,7 +136,7 @@ def markdown(results: dict[int, dict], command: str, seconds: float) -> str:
             "",
             f"- Command: `{command}` ({seconds / 60:.0f} min)",
             f"- Commit: {_commit()}",
-            f"- Machine: {machine}",
+            f"- Machine: {machine()}",
             "",
         ]
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from phase1_rows import predictions, unlabelled_faces
-from reference_learners import _commit, demo_tree
+from reference_learners import _commit, demo_tree, machine
 
 from fercache.experiments.demo import DemoSettings
 from fercache.experiments.references import macro_f1, validation_sample
@@ -80,7 +80,7 @@ def markdown(results: dict[int, dict[str, dict]], command: str, seconds: float) 
             values = [results[s][recipe][name] for s in seeds]
             cells += [" / ".join(f"{v:.2f}" for v in values), f"{np.mean(values):.2f}"]
         means[recipe] = np.mean([results[s][recipe]["heldout"] for s in seeds])
-        shares = " / ".join(f"{results[s][recipe]['confident']:.1f} %" for s in seeds)
+        shares = " / ".join(_share(results[s][recipe]["confident"]) for s in seeds)
         lines.append(f"| {recipe} | " + " | ".join(cells) + f" | {shares} |")
     best = max((r for r in RECIPES if r != "supervised"), key=means.get)
     chosen = DemoSettings().ssl_recipe
@@ -91,15 +91,34 @@ def markdown(results: dict[int, dict[str, dict]], command: str, seconds: float) 
     )
     return "\n".join(
         [
+            "# Row 2 of the demo: which semi-supervised recipe",
+            "",
+            "Each recipe the demo may use for its SSL row, and the supervised baseline of row 1, "
+            "trained with the demo's shared phase-1 settings (`DemoSettings`) on the demo tree of "
+            "each seed: labelled, the training videos' frames; unlabelled, the unlabelled face "
+            "pool. Macro-F1 (%, 8 classes) of the exported network: *heldout* on the run's own "
+            "held-out split (whole training videos it did not train on), the only figure the "
+            "choice is made on; *validation* on the validation frames the demo's rows are scored "
+            f"on (people never seen in training), reported, never chosen on; *pseudo_label* on "
+            f"the unlabelled faces drawn with intensity >= {VISIBLE} against the class the "
+            "generator drew (what the recipe teaches; MPL: its teacher). The confident share is "
+            "the unlabelled images over the pseudo-label threshold in the last logged step "
+            "(none for supervised).",
+            "",
             *lines,
             "",
             verdict,
             "",
             f"- Command: `{command}` ({seconds / 60:.0f} min)",
             f"- Commit: {_commit()}",
+            f"- Machine: {machine()}",
             "",
         ]
     )
+
+
+def _share(percent: float) -> str:
+    return "-" if np.isnan(percent) else f"{percent:.1f} %"
 
 
 def main() -> None:
