@@ -54,7 +54,7 @@ def demo(
         typer.Option(
             help="The semi-supervised recipe of rows 2 and 3, one of the recipes that read "
             "unlabelled images: {ssl-recipes} (see `fercache pretrain --help`); default: the one "
-            "that scored best on held-out training videos (results/demo.md).",
+            "that scored best on held-out training videos (results/ssl-variants.md).",
             show_default=False,
         ),
     ] = None,

@@ -120,7 +120,7 @@ class DemoSettings:
     # (results/synthetic.md)
     grayscale_prob: float = 0.5
     # row 2's semi-supervised recipe: the variant that scored best on held-out training
-    # videos (results/demo.md)
+    # videos, never the validation people (results/ssl-variants.md)
     ssl_recipe: str = "pseudo-label"
     mu: int = 1  # unlabelled images per labelled one: cheaper semi-supervised steps
     # the confidence a pseudo label needs: below the 0.9125 that label smoothing 0.1 lets a
