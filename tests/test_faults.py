@@ -779,6 +779,52 @@ def test_a_kill_mid_write_leaves_no_file_and_the_rerun_writes_it_and_clears_the_
     assert [path.name for path in out.parent.iterdir()] == [written]
 
 
+def test_a_killed_import_keeps_its_finished_stores_and_the_rerun_completes_the_cache(
+    built, tmp_path
+):
+    w = _workspace(built, tmp_path, set())
+    source = _npy_source(w)
+    reference, cache = tmp_path / "import-reference", tmp_path / "imported"
+    assert runner.invoke(app, _cli(*_import(w, source, reference))).exit_code == 0
+    stores = sorted(path.name for path in reference.glob("*.h5"))
+    killed_at = cache / stores[-1]  # as its store is written: the others are finished
+    child = multiprocessing.get_context("fork").Process(
+        target=_killed_as_it_writes, args=(_import(w, source, cache), killed_at)
+    )
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    assert sorted(path.name for path in cache.glob("*.h5")) == stores[:-1]
+
+    result = runner.invoke(app, _cli(*_import(w, source, cache)))
+
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in cache.glob("*.h5")) == stores
+    for name in stores:
+        np.testing.assert_array_equal(
+            read_store(cache / name).features, read_store(reference / name).features
+        )
+    assert not [path for path in cache.iterdir() if ".tmp-" in path.name]
+
+
+def test_a_killed_synth_leaves_no_mark_of_a_whole_tree_and_the_rerun_says_to_delete_it(
+    tmp_path,
+):
+    tree = tmp_path / "tree"
+    arguments = ["synth", tree, "--videos=4", "--frames=64", "--workers=1"]
+    child = multiprocessing.get_context("fork").Process(
+        target=_killed_as_it_writes, args=(arguments, tree / "synth.json")
+    )
+    child.start()
+    child.join(300)
+    assert child.exitcode == -signal.SIGKILL
+    assert not (tree / "synth.json").exists() and any(tree.iterdir())
+
+    line = _one_line_naming(runner.invoke(app, _cli(*arguments)), tree, "synth.json")
+
+    assert "delete the folder" in line
+
+
 def _bomb(path: Path) -> None:
     """A valid 8x8 JPEG whose header declares 40000 x 40000 pixels."""
     Image.new("RGB", (8, 8), (200, 120, 90)).save(path, format="JPEG")
