@@ -414,3 +414,34 @@ def test_a_rerun_with_other_settings_is_refused_not_skipped(tmp_path, monkeypatc
         f"as asked now; give another --out, or delete this record and "
         f"{out / IMAGES_DIRNAME / 'solo'} to crop it again"
     )
+
+
+def _pages_kb(folder: Path) -> int:
+    """What `folder`'s files take on a tmpfs, which gives each file whole 4 KB pages."""
+    return sum(-(-path.stat().st_size // 4096) * 4 for path in folder.rglob("*") if path.is_file())
+
+
+def test_a_full_disk_keeps_the_videos_cropped_before_and_the_rerun_skips_them(
+    tmp_path, monkeypatch, small_disk
+):
+    monkeypatch.setattr(crop_module, "_detector_class", lambda: _OneFaceDetector)
+    (tmp_path / "videos").mkdir()
+    first, second = (_small_video(tmp_path / "videos" / f"{n}.mp4", 16) for n in ("a", "b"))
+    crop_videos([first], tmp_path / "one", OPTIONS)
+    one = _pages_kb(tmp_path / "one")
+    disk = small_disk(one + one // 2)  # the first video's crops fit, not the second's
+    out = disk / "out"
+
+    result = runner.invoke(app, ["crop", str(tmp_path / "videos"), "--out", str(out),
+                                 "--no-progress"])  # fmt: skip
+
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert str(out) in line and "No space left on device" in line
+    assert sorted(path.name for path in (out / IMAGES_DIRNAME).iterdir()) == ["a"]
+    assert len(list((out / IMAGES_DIRNAME / "a").glob("*.jpg"))) == 16
+    assert not (out / PARTIAL_DIRNAME).exists() or not any((out / PARTIAL_DIRNAME).iterdir())
+    small_disk.grow(disk, 4 * one)
+    report = crop_videos([first, second], out, OPTIONS)
+    assert report.skipped == [str(first)] and [crop.frames for crop in report.videos] == [16]
+    assert len(list((out / IMAGES_DIRNAME / "b").glob("*.jpg"))) == 16
