@@ -4,6 +4,7 @@ a kill, and the errors without the extra or offline."""
 
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 from fractions import Fraction
@@ -384,3 +385,14 @@ def test_bad_options_are_refused_before_any_folder(encoder, tmp_path):
         compute_audio([videos], tmp_path / "out", data, _options(encoder))
     assert not (tmp_path / "out").exists()
     assert audio_module.INSTALL_HINT.endswith("pip install 'fercache[audio,video]'")
+
+
+def test_audio_of_other_options_into_a_cache_being_written_is_refused(encoder, tmp_path):
+    videos, data = _three_videos(tmp_path)
+    compute_audio([videos], tmp_path / "first", data, _options(encoder))
+    cache = tmp_path / "cache"  # a first run has recorded its settings, written no store yet
+    cache.mkdir()
+    shutil.copy(tmp_path / "first" / PROVENANCE_NAME, cache)
+    with pytest.raises(FercacheError, match=r"^\S+/cache: holds features of .*float32.*float16"):
+        compute_audio([videos], cache, data, _options(encoder, dtype="float16"))
+    assert sorted(path.name for path in cache.iterdir()) == [PROVENANCE_NAME]
