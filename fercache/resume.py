@@ -34,6 +34,7 @@ from fercache.outputs import write_made_atomically, write_text_atomically
 from fercache.readers import first_line, read_text
 
 RUN_CLAIM = "run"  # `.run.claim`: the process writing a run folder
+RUN_WAIT = "wait until it ends (`--resume` then continues the run), or choose another --out"
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "last.pt"
 # what to do when a run's checkpoint or weights cannot be written (a full disk)
@@ -184,14 +185,17 @@ def holds_run(run_dir: Path) -> bool:
 
 
 @contextmanager
-def writing_run(run_dir: Path, hold: bool = True) -> Iterator[None]:
-    """Hold `run_dir` for this process while the body writes a run into it (`hold` False: a
+def writing_run(
+    run_dir: Path, hold: bool = True, what: str = "a run", wait: str = RUN_WAIT
+) -> Iterator[None]:
+    """Hold `run_dir` for this process while the body writes `what` into it (`hold` False: a
     rank other than 0 under torchrun, for which rank 0 holds it).
 
-    A FercacheError naming the holder when a live process holds it (a second run into one
-    --out, or a `--resume` while the run's writer still runs); a dead process's claim is taken
-    over, as every claim of fercache is. The folder (and its missing parents) is created, and
-    removed again when the body fails before anything is written into it.
+    A FercacheError naming the holder and saying to `wait` when a live process holds it (a
+    second run into one --out, or a `--resume` while the run's writer still runs); a dead
+    process's claim is taken over, as every claim of fercache is. The folder (and its missing
+    parents) is created, and removed again when the body fails before anything is written into
+    it. The hold is the hidden file `claim_path(run_dir, RUN_CLAIM)`.
     """
     if not hold:
         yield
@@ -210,9 +214,8 @@ def writing_run(run_dir: Path, hold: bool = True) -> Iterator[None]:
             ) from error
         if not taken:
             raise FercacheError(
-                f"{run_dir}: {claims.holder(RUN_CLAIM) or 'another process'} is writing a run "
-                "into this folder; wait until it ends (`--resume` then continues the run), or "
-                "choose another --out"
+                f"{run_dir}: {claims.holder(RUN_CLAIM) or 'another process'} is writing {what} "
+                f"into this folder; {wait}"
             )
         with claims, claims.kept_alive():
             yield

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fercache.claims import claim_path
 from fercache.data.affwild2 import IMAGES_DIRNAME, frame_filename
 from fercache.data.layout import (
     ANNOTATION_FOLDERS,
@@ -32,6 +33,7 @@ from fercache.data.tasks import AU, EXPR, VA
 from fercache.errors import FercacheError
 from fercache.outputs import output_folder, write_text_atomically
 from fercache.progress import progress_bar
+from fercache.resume import RUN_CLAIM, writing_run
 from fercache.synth.face import Geometry
 from fercache.synth.plan import N_CLASSES, SynthConfig, VideoPlan, plan_videos
 from fercache.synth.pools import (
@@ -167,9 +169,10 @@ def _results(tasks: list[Callable[[], _Done]], workers: int) -> Iterator[_Done]:
 
 
 def _prepare_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FercacheError(f"{out} is a file, not a folder: choose another output folder")
-    if out.is_dir() and any(out.iterdir()):
+    """Empty `out` (held by this process: its claim is kept) for a new tree, or refuse."""
+    hold = claim_path(out, RUN_CLAIM)
+    contents = [path for path in out.iterdir() if path != hold]
+    if contents:
         if not (out / SYNTH_JSON).is_file():
             raise FercacheError(
                 f"{out} is not empty and holds no synth.json, so it is not a complete synthetic "
@@ -181,8 +184,11 @@ def _prepare_output(out: Path, force: bool) -> None:
                 f"{out} already holds a synthetic tree: pass --force to replace it, "
                 "or choose another folder"
             )
-        shutil.rmtree(out)
-    output_folder(out, "OUT")
+        for path in contents:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def _readme(config: SynthConfig) -> str:
@@ -203,17 +209,22 @@ def generate(out: Path, config: SynthConfig, progress: bool = True, *, force: bo
     """
     config.validate()
     out = Path(out)
-    _prepare_output(out, force)
+    if out.exists() and not out.is_dir():
+        raise FercacheError(f"{out} is a file, not a folder: choose another output folder")
+    output_folder(out, "OUT")
     advice = (
         f"the tree is incomplete (no {SYNTH_JSON}): delete {out}, make room and run the command "
         "again"
     )
-    try:
-        return _write_tree(out, config, progress, advice)
-    except OSError as error:  # a full disk: in a worker too, which passes the error on
-        raise FercacheError(
-            f"{out}: could not write the synthetic tree ({error.strerror or error}); {advice}"
-        ) from error
+    wait = "wait until it ends, or choose another folder"
+    with writing_run(out, what="a synthetic tree", wait=wait):
+        _prepare_output(out, force)
+        try:
+            return _write_tree(out, config, progress, advice)
+        except OSError as error:  # a full disk: in a worker too, which passes the error on
+            raise FercacheError(
+                f"{out}: could not write the synthetic tree ({error.strerror or error}); {advice}"
+            ) from error
 
 
 def _write_tree(out: Path, config: SynthConfig, progress: bool, advice: str) -> dict:
