@@ -1,7 +1,10 @@
 """`fercache analyse`: crop -> extract -> predict -> smooth on a video, then CSV, PNG and MP4."""
 
 import csv
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -387,3 +390,26 @@ def test_the_timeline_is_titled_its_legend_runs_as_the_stack_and_no_face_is_mark
         bands = [patch for patch in axes.patches if patch.get_hatch() == "//"]
         spans = sorted((band.get_x(), band.get_x() + band.get_width()) for band in bands)
         assert spans == [(0.5, 1.5), (2.5, 3.0)]  # frames 2-3 and 6, half a second each
+
+
+def test_an_out_another_live_process_analyses_into_is_refused_before_the_crop(
+    video, student, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(analyse_module, "_crop", _no_crop)
+    out = tmp_path / "out"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time; from fercache.claims import Claims; "
+         f"Claims({str(out)!r}).take('run'); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(FercacheError, match=f"pid {holder.pid} is writing an analysis"):
+            analyse([video], student, out, _options())
+        assert [path.name for path in out.iterdir()] == [".run.claim"]  # the holder's, alone
+    finally:
+        holder.kill()
+        holder.wait()

@@ -41,6 +41,7 @@ from fercache.data.tasks import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from fercache.errors import FercacheError
 from fercache.framewise.pred_file import Predictions, VideoPredictions
 from fercache.outputs import write_atomically, write_text_atomically
+from fercache.resume import writing_run
 
 # One colour per EXPR class (matplotlib's tab10 without its grey), RGB 0-255.
 COLOURS = (
@@ -100,8 +101,10 @@ def analyse(
     if not videos:
         raise FercacheError("give at least one video file (or a folder of videos) to analyse")
     _check(Path(checkpoint), options)
-    crops = _crop(videos, out / "work" / "data", options)
-    return analyse_cropped(videos, crops, checkpoint, out, options)
+    # held: two analyses into one OUT would mix their videos' outputs
+    with writing_run(out, what="an analysis", wait="wait until it ends, or choose another --out"):
+        crops = _crop(videos, out / "work" / "data", options)
+        return analyse_cropped(videos, crops, checkpoint, out, options)
 
 
 def _crop(videos: list[Path], data: Path, options: AnalyseOptions):
