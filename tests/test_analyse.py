@@ -3,6 +3,7 @@
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -413,3 +414,50 @@ def test_an_out_another_live_process_analyses_into_is_refused_before_the_crop(
     finally:
         holder.kill()
         holder.wait()
+
+
+# Run in a process of its own (a fork of this one could deadlock in torch's thread pool):
+# `analyse` with the test's face detector, SIGKILLed once the timeline PNG's temporary file is
+# written and flushed, before its rename (the CSV is written by then).
+KILLED_WRITING_THE_TIMELINE = """
+import os, signal, sys
+from pathlib import Path
+from fercache import outputs
+from fercache.experiments.analyse import analyse
+from fercache.video import crop as crop_module
+from tests.test_analyse import _FaceDetector, _options
+
+video, student, out = map(Path, sys.argv[1:])
+crop_module._detector_class = lambda: _FaceDetector
+real = outputs._flush_to_disk
+
+def flush(path):
+    real(path)
+    if path == outputs.temporary_name(out / "clip.png"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+outputs._flush_to_disk = flush
+analyse([video], student, out, _options())
+"""
+
+
+def test_a_killed_analysis_reruns_to_whole_outputs_and_leaves_nothing_of_it(
+    video, student, tmp_path, fake_detector
+):
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITING_THE_TIMELINE, str(video), str(student), str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert child.wait(timeout=120) == -signal.SIGKILL
+    assert sorted(path.name for path in out.iterdir()) == [
+        f".clip.png.tmp-{child.pid}",
+        ".run.claim",  # the dead process's hold
+        "clip.csv",
+        "work",
+    ]
+
+    report = analyse([video], student, out, _options())
+
+    assert sorted(path.name for path in report.written) == ["clip.csv", "clip.png"]
+    assert sorted(path.name for path in out.iterdir()) == ["clip.csv", "clip.png", "work"]

@@ -11,7 +11,6 @@ every reader is given, one PRED, one tiny phase-1 run) and copied per case befor
 """
 
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -29,7 +28,6 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from fercache import outputs
 from fercache.cli import app
 from fercache.data.tasks import EXPR_CLASSES
 from fercache.features.store import MANIFEST_NAME, Provenance, read_manifest, read_store
@@ -744,18 +742,14 @@ def test_extract_on_a_full_disk_keeps_the_finished_stores_and_resumes(built, tmp
 ONE_FILE_WRITERS = [command for command, (_, written) in WRITERS.items() if written]
 
 
-def _killed_as_it_writes(arguments: list, out: Path) -> None:
-    """Runs in a forked child: the command, SIGKILLed once `out`'s temporary file is written
-    and flushed, before its rename (what a kill or a power cut at that moment leaves)."""
-    real = outputs._flush_to_disk
-
-    def flush(path: Path) -> None:
-        real(path)
-        if path == outputs.temporary_name(out):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    outputs._flush_to_disk = flush
-    runner.invoke(app, _cli(*arguments))
+def _killed_as_it_writes(arguments: list, out: Path) -> int:
+    """Run the command in a process of its own (tests/killed_mid_write.py), SIGKILLed once
+    `out`'s temporary file is written and flushed; the process's pid."""
+    command = [sys.executable, "-m", "tests.killed_mid_write", out, *arguments]
+    child = subprocess.run(_cli(*command), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    (pid,) = {path.name.rpartition(".tmp-")[2] for path in out.parent.glob(f".{out.name}.tmp-*")}
+    return int(pid)
 
 
 @pytest.mark.parametrize("command", ONE_FILE_WRITERS)
@@ -765,13 +759,8 @@ def test_a_kill_mid_write_leaves_no_file_and_the_rerun_writes_it_and_clears_the_
     w = _workspace(built, tmp_path, set())
     arguments, written = WRITERS[command]
     out = tmp_path / "out" / written
-    child = multiprocessing.get_context("fork").Process(
-        target=_killed_as_it_writes, args=(arguments(w, out), out)
-    )
-    child.start()
-    child.join(120)
-    assert child.exitcode == -signal.SIGKILL
-    assert [path.name for path in out.parent.iterdir()] == [f".{written}.tmp-{child.pid}"]
+    pid = _killed_as_it_writes(arguments(w, out), out)
+    assert [path.name for path in out.parent.iterdir()] == [f".{written}.tmp-{pid}"]
 
     result = runner.invoke(app, _cli(*arguments(w, out)))
 
@@ -788,12 +777,7 @@ def test_a_killed_import_keeps_its_finished_stores_and_the_rerun_completes_the_c
     assert runner.invoke(app, _cli(*_import(w, source, reference))).exit_code == 0
     stores = sorted(path.name for path in reference.glob("*.h5"))
     killed_at = cache / stores[-1]  # as its store is written: the others are finished
-    child = multiprocessing.get_context("fork").Process(
-        target=_killed_as_it_writes, args=(_import(w, source, cache), killed_at)
-    )
-    child.start()
-    child.join(120)
-    assert child.exitcode == -signal.SIGKILL
+    _killed_as_it_writes(_import(w, source, cache), killed_at)
     assert sorted(path.name for path in cache.glob("*.h5")) == stores[:-1]
 
     result = runner.invoke(app, _cli(*_import(w, source, cache)))
@@ -812,12 +796,7 @@ def test_a_killed_synth_leaves_no_mark_of_a_whole_tree_and_the_rerun_says_to_del
 ):
     tree = tmp_path / "tree"
     arguments = ["synth", tree, "--videos=4", "--frames=64", "--workers=1"]
-    child = multiprocessing.get_context("fork").Process(
-        target=_killed_as_it_writes, args=(arguments, tree / "synth.json")
-    )
-    child.start()
-    child.join(300)
-    assert child.exitcode == -signal.SIGKILL
+    _killed_as_it_writes(arguments, tree / "synth.json")
     assert not (tree / "synth.json").exists() and any(tree.iterdir())
 
     line = _one_line_naming(runner.invoke(app, _cli(*arguments)), tree, "synth.json")
