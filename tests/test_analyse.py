@@ -1,7 +1,6 @@
 """`fercache analyse`: crop -> extract -> predict -> smooth on a video, then CSV, PNG and MP4."""
 
 import csv
-import os
 import shutil
 import signal
 import subprocess
@@ -30,6 +29,7 @@ from fercache.predictions.smooth import smooth_predictions
 from fercache.pretrain.export import export_model, model_config
 from fercache.temporal.loop import TrainRequest, train
 from fercache.video import crop as crop_module
+from tests.holder import another_process_holding
 from tests.train_data import ANNOTATIONS, TINY_TEMPORAL
 
 FRAMES, FPS, SIDE, FACE = 36, 12, 160, (40, 20, 120, 110)  # face box of frame 1 (x0, y0, x1, y1)
@@ -399,21 +399,10 @@ def test_an_out_another_live_process_analyses_into_is_refused_before_the_crop(
     monkeypatch.setattr(analyse_module, "_crop", _no_crop)
     out = tmp_path / "out"
     out.mkdir()
-    root = Path(__file__).resolve().parents[1]
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import time; from fercache.claims import Claims; "
-         f"Claims({str(out)!r}).take('run'); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)},
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(FercacheError, match=f"pid {holder.pid} is writing an analysis"):
+    with another_process_holding(out) as pid:
+        with pytest.raises(FercacheError, match=f"pid {pid} is writing an analysis"):
             analyse([video], student, out, _options())
         assert [path.name for path in out.iterdir()] == [".run.claim"]  # the holder's, alone
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 # Run in a process of its own (a fork of this one could deadlock in torch's thread pool):

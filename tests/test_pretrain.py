@@ -47,6 +47,7 @@ from fercache.pretrain.registry import recipe_for
 from fercache.pretrain.sampling import BalancedBatchSampler, holdout_split
 from fercache.pretrain.sources import other_from_videos_only, read_labelled, read_unlabelled
 from fercache.pretrain.views import LabelledDataset, build_views, data_config_of, strong_augment
+from tests.holder import another_process_holding
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -628,22 +629,12 @@ def test_resume_refuses_changed_settings_and_a_new_run_refuses_a_used_folder(mpl
 
 def test_a_run_folder_another_live_process_writes_is_refused(mpl_run):
     run, _, _ = mpl_run
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from fercache.claims import Claims; "
-         f"Claims({str(run)!r}).take('run'); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with another_process_holding(run) as pid:
         before = {path.name: path.stat().st_mtime_ns for path in run.iterdir()}
         saved = load_config(run / "config.yaml")
-        with pytest.raises(FercacheError, match=f"pid {holder.pid} is writing a run"):
+        with pytest.raises(FercacheError, match=f"pid {pid} is writing a run"):
             pretrain([run], [run], run, saved, resume=True, progress=False)
         assert {path.name: path.stat().st_mtime_ns for path in run.iterdir()} == before
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_print_config_shows_the_resolved_or_saved_settings_and_runs_nothing(mpl_run, tmp_path):

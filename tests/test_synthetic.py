@@ -7,10 +7,7 @@ headers), not through the generator's code, and compare with what synth.json cla
 import hashlib
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +34,7 @@ from fercache.synth import (
 )
 from fercache.synth.plan import MIN_POOL_IMAGES_PER_CLASS
 from fercache.synth.pools import plan_labelled_pool, pool_draw, pool_image, pool_kinds
+from tests.holder import another_process_holding
 
 TASK_FOLDERS = {
     EXPR: "EXPR_Recognition_Challenge",
@@ -386,18 +384,7 @@ def test_the_labelled_pool_holds_every_class_at_least_its_minimum(size):
 def test_a_folder_another_live_process_writes_a_tree_into_is_refused(tmp_path):
     out = tmp_path / "tree"
     out.mkdir()
-    root = Path(__file__).resolve().parents[1]
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import time; from fercache.claims import Claims; "
-         f"Claims({str(out)!r}).take('run'); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)},
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(FercacheError, match=f"pid {holder.pid} is writing a synthetic tree"):
+    with another_process_holding(out) as pid:
+        with pytest.raises(FercacheError, match=f"pid {pid} is writing a synthetic tree"):
             generate(out, SynthConfig(videos=4, frames=64, workers=1), progress=False)
         assert [path.name for path in out.iterdir()] == [".run.claim"]  # the holder's, alone
-    finally:
-        holder.kill()
-        holder.wait()
