@@ -1,12 +1,15 @@
 """The kill tests' process: the fercache command line, SIGKILLed once FILE's temporary file is
 written and flushed, before its rename (what a kill or a power cut at that moment leaves).
 
-    python -m tests.killed_mid_write FILE COMMAND [OPTIONS...]
+    python -m tests.killed_mid_write FILE [--setup MODULE:FUNCTION] COMMAND [OPTIONS...]
+
+`--setup` names a function called first (a test's stand-in for a model it does not load).
 
 A process of its own, not a fork of the test's: a fork of a process whose torch thread pool has
 run can deadlock in it.
 """
 
+import importlib
 import os
 import signal
 import sys
@@ -20,6 +23,10 @@ from fercache.cli import app
 
 def main() -> None:
     target, *arguments = sys.argv[1:]
+    if arguments[0] == "--setup":
+        module, _, function = arguments[1].partition(":")
+        getattr(importlib.import_module(module), function)()
+        arguments = arguments[2:]
     real = outputs._flush_to_disk
 
     def flush(path: Path) -> None:

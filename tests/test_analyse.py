@@ -405,42 +405,27 @@ def test_an_out_another_live_process_analyses_into_is_refused_before_the_crop(
         assert [path.name for path in out.iterdir()] == [".run.claim"]  # the holder's, alone
 
 
-# Run in a process of its own (a fork of this one could deadlock in torch's thread pool):
-# `analyse` with the test's face detector, SIGKILLed once the timeline PNG's temporary file is
-# written and flushed, before its rename (the CSV is written by then).
-KILLED_WRITING_THE_TIMELINE = """
-import os, signal, sys
-from pathlib import Path
-from fercache import outputs
-from fercache.experiments.analyse import analyse
-from fercache.video import crop as crop_module
-from tests.test_analyse import _FaceDetector, _options
-
-video, student, out = map(Path, sys.argv[1:])
-crop_module._detector_class = lambda: _FaceDetector
-real = outputs._flush_to_disk
-
-def flush(path):
-    real(path)
-    if path == outputs.temporary_name(out / "clip.png"):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-outputs._flush_to_disk = flush
-analyse([video], student, out, _options())
-"""
+def use_the_test_detector() -> None:
+    """The killed analysis's set-up (tests/killed_mid_write.py --setup): `_FaceDetector`."""
+    crop_module._detector_class = lambda: _FaceDetector
 
 
 def test_a_killed_analysis_reruns_to_whole_outputs_and_leaves_nothing_of_it(
     video, student, tmp_path, fake_detector
 ):
     out = tmp_path / "out"
-    child = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WRITING_THE_TIMELINE, str(video), str(student), str(out)],
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert child.wait(timeout=120) == -signal.SIGKILL
+    options = ["--size=48", "--batch=16", "--window=5", "--device=cpu", "--no-progress"]
+    analysis = ["analyse", video, f"--checkpoint={student}", f"--out={out}", *options]
+    # killed once the timeline PNG is written, before its rename: the CSV is written by then
+    killer = ["-m", "tests.killed_mid_write", out / "clip.png"]
+    setup = ["--setup", "tests.test_analyse:use_the_test_detector"]
+    child = subprocess.run([sys.executable, *map(str, [*killer, *setup, *analysis])],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    (leftover,) = out.glob(".clip.png.tmp-*")
     assert sorted(path.name for path in out.iterdir()) == [
-        f".clip.png.tmp-{child.pid}",
+        leftover.name,
         ".run.claim",  # the dead process's hold
         "clip.csv",
         "work",

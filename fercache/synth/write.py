@@ -209,9 +209,7 @@ def generate(out: Path, config: SynthConfig, progress: bool = True, *, force: bo
     """
     config.validate()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FercacheError(f"{out} is a file, not a folder: choose another output folder")
-    output_folder(out, "OUT")
+    output_folder(out, "OUT")  # a file, a read-only or full disk: one line before any work
     advice = (
         f"the tree is incomplete (no {SYNTH_JSON}): delete {out}, make room and run the command "
         "again"
